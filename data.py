@@ -1,0 +1,94 @@
+"""Token windows from nanoGPT .bin files (raw little-endian uint16 ids, no header), read via np.memmap.
+
+A training example is a window of T+1 consecutive tokens: inputs w[:-1], targets w[1:].
+The file is cut into non-overlapping windows; each epoch visits them in a fresh permutation, so
+the batch at any step is a pure function of (seed, step) — what makes resume exact.
+"""
+import functools, glob, os, queue, sysconfig, threading
+import numpy as np
+import jax
+from utils import PicodoError
+
+
+def open_tokens(path, vocab_size, seq_len, batch_size):
+    """Memory-map a .bin file after checking it can feed batches of windows for this model."""
+    if not os.path.isfile(path):
+        raise PicodoError(f'data file not found: {path}')
+    if os.path.getsize(path) % 2:
+        raise PicodoError(f'{path}: odd byte size {os.path.getsize(path)}, not a uint16 .bin file')
+    tokens = np.memmap(path, dtype='<u2', mode='r')
+    n_windows = (len(tokens) - 1) // seq_len
+    if n_windows < batch_size:
+        raise PicodoError(f'{path}: {len(tokens)} tokens give {n_windows} windows of {seq_len + 1}, '
+                          f'fewer than one batch of {batch_size}')
+    chunk = 1 << 20  # check ids in 16 evenly spaced 1M-token chunks: cheap even for a 5 GB file
+    max_id = max(int(tokens[i:i + chunk].max()) for i in np.linspace(0, len(tokens) - 1, 16, dtype=np.int64))
+    if max_id >= vocab_size:
+        raise PicodoError(f'{path}: token id {max_id} >= model.vocab_size {vocab_size}')
+    return tokens
+
+
+@functools.lru_cache(maxsize=4)
+def permutation(n_windows, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(n_windows)
+
+
+def window_ids(n_windows, seed, step, batch_size):
+    """Indices of the windows in the global batch at `step`: epoch after epoch of permutations."""
+    epoch, i = np.divmod(step * batch_size + np.arange(batch_size), n_windows)
+    ids = np.empty(batch_size, np.int64)
+    for e in np.unique(epoch):
+        ids[epoch == e] = permutation(n_windows, seed, int(e))[i[epoch == e]]
+    return ids
+
+
+def get_batch(tokens, seq_len, seed, step, batch_size, rows=slice(None)):
+    """Rows `rows` of the global batch at `step`: int32 [rows, T+1], exact slices of the file."""
+    starts = window_ids((len(tokens) - 1) // seq_len, seed, step, batch_size)[rows] * seq_len
+    return np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
+
+
+class Batches:
+    """Global batches [A, B/A, T+1] (A micro-batches) from `start_step` on, sharded by `sharding`.
+    Each process reads only its own rows; a background thread keeps the next batches ready."""
+
+    def __init__(self, tokens, seq_len, seed, start_step, batch_size, accum, sharding, prefetch=2):
+        n, i = jax.process_count(), jax.process_index()
+        rows = slice(i * batch_size // n, (i + 1) * batch_size // n)
+        def fill():
+            step = start_step
+            try:
+                while True:
+                    local = get_batch(tokens, seq_len, seed, step, batch_size, rows)
+                    local = local.reshape(accum, -1, seq_len + 1)
+                    self.queue.put(jax.make_array_from_process_local_data(sharding, local))
+                    step += 1
+            except Exception as e:  # hand the failure to the training loop instead of hanging it
+                self.queue.put(e)
+        self.queue = queue.Queue(maxsize=prefetch)
+        threading.Thread(target=fill, daemon=True).start()
+
+    def __next__(self):
+        batch = self.queue.get()
+        if isinstance(batch, Exception):
+            raise batch
+        return batch
+
+
+def write_bin(path, tokens):
+    """Write token ids as a nanoGPT .bin file; the final name appears only once the file is complete."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path + '.tmp', 'wb') as f:
+        np.asarray(tokens, dtype='<u2').tofile(f)
+    os.replace(path + '.tmp', path)
+
+
+def build_stdlib_bytes(train_path, val_path, val_every=10):
+    """The offline default corpus: this Python's standard-library .py sources as byte tokens (vocab
+    256). Files are sorted; every `val_every`-th file goes to validation."""
+    root = sysconfig.get_paths()['stdlib']
+    files = sorted(f for f in glob.glob(os.path.join(root, '**', '*.py'), recursive=True) if 'site-packages' not in f)
+    docs = [open(f, 'rb').read() for f in files]
+    for path, part in ((train_path, [d for i, d in enumerate(docs) if i % val_every]), (val_path, docs[::val_every])):
+        write_bin(path, np.frombuffer(b''.join(part), np.uint8))
+    print(f'built byte-level corpus from {len(files)} stdlib files in {root}: {train_path}, {val_path}')

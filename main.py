@@ -1,0 +1,17 @@
+"""Entry point: `python main.py` (configs/local.yaml) or `python main.py -cn colab opt.peak_lr=0.004`."""
+import sys
+import hydra
+from hydra.core.hydra_config import HydraConfig
+import train, utils
+
+
+@hydra.main(config_path='configs', config_name='local', version_base=None)
+def main(cfg):
+    try:
+        train.train(cfg, HydraConfig.get().runtime.output_dir)
+    except utils.PicodoError as e:
+        sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+    main()

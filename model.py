@@ -1,0 +1,93 @@
+"""GPT decoder in Flax NNX, its parameter count and its FLOPs per token.
+
+Dims: B batch, T sequence, D model width, H heads, K head width (D/H), V vocab, L layers.
+Parameters are fp32; activations and matmuls run in `dtype`; logits and loss are fp32.
+Every weight carries an FSDP sharding annotation over the mesh axis 'data'.
+"""
+import math
+from functools import partial
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+REMAT_POLICIES = {'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  'full': jax.checkpoint_policies.nothing_saveable}
+
+
+def init(std, sharding):
+    return nnx.with_partitioning(nnx.initializers.normal(std), sharding)
+
+
+def padded_vocab(vocab_size):
+    return -(-vocab_size // 128) * 128  # round up: matmuls and softmax run faster on multiples of 128
+
+
+class Block(nnx.Module):
+    def __init__(self, c, rngs):
+        D, std = c.d_model, 0.02
+        proj_std = std / math.sqrt(2 * c.n_layers)  # GPT-2: residual projections shrink with depth
+        norm = partial(nnx.LayerNorm, D, dtype=c.dtype, rngs=rngs,
+                       scale_init=nnx.with_partitioning(nnx.initializers.ones, ('data',)),
+                       bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('data',)))
+        dense = partial(nnx.Linear, use_bias=False, dtype=c.dtype, rngs=rngs)
+        self.ln1, self.ln2 = norm(), norm()
+        self.qkv = dense(D, 3 * D, kernel_init=init(std, ('data', None)))
+        self.attn_out = dense(D, D, kernel_init=init(proj_std, ('data', None)))
+        self.mlp_in = dense(D, 4 * D, kernel_init=init(std, ('data', None)))
+        self.mlp_out = dense(4 * D, D, kernel_init=init(proj_std, ('data', None)))
+        self.n_heads, self.attn_impl = c.n_heads, c.attn_impl
+
+    def __call__(self, x):  # [B, T, D]
+        B, T, D = x.shape
+        qkv = self.qkv(self.ln1(x)).reshape(B, T, 3, self.n_heads, D // self.n_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, K]
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)
+        x = x + self.attn_out(y.reshape(B, T, D))
+        return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x))))
+
+
+class GPT(nnx.Module):
+    def __init__(self, c, rngs):
+        D, L = c.d_model, c.n_layers
+        self.vocab_size, self.scan, self.remat = c.vocab_size, c.scan, c.remat
+        self.token_embed = nnx.Embed(padded_vocab(c.vocab_size), D, dtype=c.dtype, rngs=rngs,
+                                     embedding_init=init(0.02, ('data', None)))
+        self.pos_embed = nnx.Embed(c.seq_len, D, dtype=c.dtype, rngs=rngs,
+                                   embedding_init=init(0.01, (None, 'data')))
+        if c.scan:  # one stacked Block with a leading [L] axis, so compile time is flat in depth
+            make = nnx.vmap(lambda r: Block(c, r), in_axes=0, out_axes=0,
+                            transform_metadata={nnx.PARTITION_NAME: None})
+            self.blocks = make(rngs.split(L))
+        else:
+            self.blocks = nnx.List([Block(c, rngs) for _ in range(L)])
+        self.ln_f = nnx.LayerNorm(D, dtype=c.dtype, rngs=rngs,
+                                  scale_init=nnx.with_partitioning(nnx.initializers.ones, ('data',)),
+                                  bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('data',)))
+
+    def __call__(self, tokens):  # [B, T] int -> logits [B, T, V_padded] fp32
+        x = self.token_embed(tokens) + self.pos_embed.embedding[:tokens.shape[1]].astype(self.token_embed.dtype)
+        block_fn = lambda block, x: block(x)
+        if self.remat != 'none':
+            block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat])
+        if self.scan:
+            x = nnx.scan(lambda x, block: block_fn(block, x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+        else:
+            for block in self.blocks:
+                x = block_fn(block, x)
+        x = self.ln_f(x)
+        # weight tying: the output head is the token embedding; logits accumulate in fp32
+        logits = jnp.einsum('btd,vd->btv', x, self.token_embed.embedding[...].astype(x.dtype),
+                            preferred_element_type=jnp.float32)
+        return jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -jnp.inf)  # never predict padding
+
+
+def n_params(model):
+    return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def flops_per_token(c):
+    """Training FLOPs per token, forward + backward (PaLM appendix B): 6N + 12·L·D·T, where N counts
+    the weights in matmuls: the tied embedding (unpadded vocab) and 12·D² per block."""
+    D, L = c.d_model, c.n_layers
+    n_matmul = c.vocab_size * D + 12 * L * D * D
+    return 6 * n_matmul + 12 * L * D * c.seq_len

@@ -1,0 +1,92 @@
+import os
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+import data
+from conftest import write_tokens
+from utils import PicodoError
+
+T, B = 8, 4
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    tokens = np.arange(T * 40 + 1) % 1000  # 40 windows, every window distinguishable by its content
+    return write_tokens(tmp_path / 'x.bin', tokens), tokens
+
+
+def test_batches_are_exact_slices_of_the_file(token_file):
+    path, tokens = token_file
+    mm = data.open_tokens(path, 1000, T, B)
+    batch = data.get_batch(mm, T, seed=3, step=5, batch_size=B)
+    assert batch.shape == (B, T + 1) and batch.dtype == np.int32
+    for row in batch:
+        start = row[0]  # tokens[i] == i here, so the first id is the offset
+        assert start % T == 0
+        np.testing.assert_array_equal(row, tokens[start:start + T + 1])
+
+
+def test_batches_deterministic_disjoint_and_covering_an_epoch(token_file):
+    path, _ = token_file
+    mm = data.open_tokens(path, 1000, T, B)
+    epoch = [data.get_batch(mm, T, 7, s, B) for s in range(10)]  # 10 steps x 4 = the 40 windows
+    starts = np.concatenate([b[:, 0] for b in epoch])
+    assert sorted(starts) == list(range(0, 40 * T, T))  # every window exactly once
+    again = [data.get_batch(mm, T, 7, s, B) for s in range(10)]
+    np.testing.assert_array_equal(epoch, again)
+    other_seed = np.concatenate([data.get_batch(mm, T, 8, s, B)[:, 0] for s in range(10)])
+    assert not np.array_equal(starts, other_seed)
+    next_epoch = np.concatenate([data.get_batch(mm, T, 7, s, B)[:, 0] for s in range(10, 20)])
+    assert sorted(next_epoch) == sorted(starts) and not np.array_equal(next_epoch, starts)
+
+
+def test_rows_are_the_process_share_of_the_global_batch(token_file):
+    mm = data.open_tokens(token_file[0], 1000, T, B)
+    full = data.get_batch(mm, T, 0, 3, B)
+    np.testing.assert_array_equal(data.get_batch(mm, T, 0, 3, B, slice(2, 4)), full[2:4])
+
+
+def test_prefetched_batches_are_sharded_and_in_order(token_file):
+    mm = data.open_tokens(token_file[0], 1000, T, 8)
+    mesh = jax.make_mesh((8,), ('data',), (jax.sharding.AxisType.Auto,))
+    batches = data.Batches(mm, T, seed=1, start_step=2, batch_size=16, accum=2,
+                           sharding=NamedSharding(mesh, P(None, 'data')))
+    for step in [2, 3]:
+        batch = next(batches)
+        assert batch.shape == (2, 8, T + 1)
+        assert len({s.device for s in batch.addressable_shards}) == 8
+        np.testing.assert_array_equal(np.asarray(batch).reshape(16, T + 1), data.get_batch(mm, T, 1, step, 16))
+
+
+def test_stdlib_corpus_is_byte_tokens(stdlib_data):
+    train = np.memmap(stdlib_data[0], dtype='<u2', mode='r')
+    val = np.memmap(stdlib_data[1], dtype='<u2', mode='r')
+    assert len(train) > 10 * 2**20 and len(val) > 2**20 and train.max() < 256
+    assert b'def ' in train[:100_000].astype(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize('case,message', [
+    ('missing', 'data file not found'),
+    ('odd', 'odd byte size'),
+    ('big_id', 'token id 5000 >= model.vocab_size 1000'),
+    ('short', 'fewer than one batch'),
+])
+def test_bad_files_get_a_clear_error(tmp_path, case, message):
+    path = tmp_path / 'bad.bin'
+    if case == 'odd':
+        path.write_bytes(b'\x01\x00' * 100 + b'\x01')
+    elif case == 'big_id':
+        write_tokens(path, [1] * 500 + [5000] + [1] * 500)
+    elif case == 'short':
+        write_tokens(path, [1] * (B * T))  # one token short of B windows of T+1
+    with pytest.raises(PicodoError, match=message) as e:
+        data.open_tokens(str(path), 1000, T, B)
+    assert str(path) in str(e.value) and '\n' not in str(e.value)
+
+
+def test_write_bin_roundtrip(tmp_path):
+    path = str(tmp_path / 'sub' / 'a.bin')
+    data.write_bin(path, [0, 1, 65535])
+    assert np.fromfile(path, dtype='<u2').tolist() == [0, 1, 65535]
+    assert not os.path.exists(path + '.tmp')

@@ -1,0 +1,60 @@
+"""The user's commands, run as a user runs them: `python main.py ...` in a fresh directory."""
+import glob, json, os, subprocess, sys
+import pytest
+import train
+from conftest import REPO, TINY, make_cfg, write_tokens
+
+
+def run_main(cwd, *overrides):
+    env = dict(os.environ, WANDB_MODE='offline', HYDRA_FULL_ERROR='0')
+    return subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), *overrides],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize('name', [os.path.basename(f)[:-5] for f in glob.glob(os.path.join(REPO, 'configs', '*.yaml'))])
+def test_every_config_composes_and_has_only_known_keys(name):
+    cfg = make_cfg(name=name)
+    train.check_config(cfg)
+    c = train.model_config(cfg.model)
+    assert c.d_model % c.n_heads == 0 and cfg.batch_size % cfg.grad_accum == 0
+
+
+def test_default_is_gpt2_small():
+    m = make_cfg(name='default').model
+    assert (m.vocab_size, m.seq_len, m.d_model, m.n_layers, m.n_heads) == (50257, 1024, 768, 12, 12)
+
+
+def test_colab_with_peak_lr_override():
+    cfg = make_cfg('opt.peak_lr=0.004', name='colab')
+    assert cfg.opt.peak_lr == 0.004 and cfg.data.train_path.startswith('/content/')
+    assert max(train.lr_schedule(cfg.opt, 1000)(s) for s in range(0, 1000, 5)) == pytest.approx(0.004)
+
+
+def test_local_run_builds_its_data_and_trains(tmp_path):
+    """`python main.py` with no data: builds the stdlib byte corpus, trains, evaluates, exits 0."""
+    r = run_main(tmp_path, 'train_tokens=20480', 'eval_every=5', 'hydra.run.dir=run')  # 5 steps of 32x128
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'built byte-level corpus' in r.stdout
+    assert (tmp_path / 'data' / 'stdlib_bytes_train.bin').exists()
+    records = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
+    assert records[-1]['eval_loss'] < 5.6
+    assert glob.glob(str(tmp_path / 'run' / 'wandb' / 'offline-run-*'))  # wandb offline, no prompt
+
+
+@pytest.mark.parametrize('args,message', [
+    (['-cn', 'colab'], 'error: data file not found: /content/fineweb_edu_gpt2_train.bin'),
+    (['opt.peak_lrr=1'], "Key 'peak_lrr' is not in struct"),
+    (['batch_size=30'], 'error: batch_size 30 must split into grad_accum=1 micro-batches'),
+])
+def test_bad_input_exits_nonzero_with_a_clear_line(tmp_path, args, message):
+    r = run_main(tmp_path, *TINY[:-3], 'data.build_if_missing=false', *args)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert 'Traceback' not in r.stderr
+
+
+def test_odd_sized_file_from_the_command_line(tmp_path):
+    write_tokens(tmp_path / 'train.bin', [1] * 10_000)
+    (tmp_path / 'val.bin').write_bytes(b'\x01' * 20001)
+    r = run_main(tmp_path, *TINY, 'data.train_path=train.bin', 'data.val_path=val.bin')
+    assert r.returncode == 1 and 'error: val.bin: odd byte size 20001' in r.stderr, r.stderr[-2000:]

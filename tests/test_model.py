@@ -1,0 +1,105 @@
+import math
+from types import SimpleNamespace
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+import model as gpt
+
+
+@pytest.fixture(autouse=True)
+def one_device_mesh():  # weights carry FSDP annotations, so they are created under a mesh
+    with jax.set_mesh(jax.make_mesh((1,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])):
+        yield
+
+
+def config(**kw):
+    c = dict(vocab_size=300, seq_len=16, d_model=64, n_layers=3, n_heads=4, dtype=jnp.float32,
+             scan=True, remat='none', attn_impl='xla')
+    return SimpleNamespace(**(c | kw))
+
+
+def tokens(B=2, T=16, V=300, seed=0):
+    return jax.random.randint(jax.random.key(seed), (B, T), 0, V)
+
+
+@pytest.mark.parametrize('scan', [True, False])
+def test_shapes(scan):
+    c = config(scan=scan)
+    logits = gpt.GPT(c, nnx.Rngs(0))(tokens())
+    assert logits.shape == (2, 16, gpt.padded_vocab(300)) == (2, 16, 384)
+    assert logits.dtype == jnp.float32
+
+
+def test_bf16_activations_keep_fp32_params_and_logits():
+    model = gpt.GPT(config(dtype=jnp.bfloat16), nnx.Rngs(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert model(tokens()).dtype == jnp.float32
+
+
+def test_padded_vocab_is_never_predicted():
+    logits = gpt.GPT(config(), nnx.Rngs(0))(tokens())
+    assert jnp.all(logits[..., 300:] == -jnp.inf) and jnp.all(jnp.isfinite(logits[..., :300]))
+
+
+@pytest.mark.parametrize('scan', [True, False])
+def test_causal(scan):
+    """Changing token t+1 leaves the logits at positions <= t unchanged."""
+    model = gpt.GPT(config(scan=scan), nnx.Rngs(0))
+    x = tokens()
+    for t in [0, 7, 14]:
+        y = x.at[:, t + 1].set((x[:, t + 1] + 1) % 300)
+        a, b = model(x), model(y)
+        np.testing.assert_array_equal(a[:, :t + 1], b[:, :t + 1])
+        assert not np.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_param_count_matches_formula():
+    c = config()
+    V, T, D, L = gpt.padded_vocab(c.vocab_size), c.seq_len, c.d_model, c.n_layers
+    per_block = 3 * D * D + D * D + 4 * D * D + 4 * D * D + 2 * 2 * D  # qkv, out, mlp in/out, 2 LayerNorms
+    expected = V * D + T * D + L * per_block + 2 * D
+    assert gpt.n_params(gpt.GPT(c, nnx.Rngs(0))) == expected
+
+
+def test_gpt2_small_param_count():
+    c = config(vocab_size=50257, seq_len=1024, d_model=768, n_layers=12, n_heads=12)
+    n = gpt.n_params(nnx.eval_shape(lambda: gpt.GPT(c, nnx.Rngs(0))))
+    assert 124e6 < n < 125e6, n
+
+
+def test_flops_formula_by_hand():
+    # L=2, D=8, T=4, V=10. Forward matmul FLOPs per token = 2 x (weights touched):
+    # per block qkv 8*24 + out 8*8 + mlp 8*32 + 32*8 = 768 weights; head 10*8 = 80 weights;
+    # attention scores and weighted sum: 2 * T * D per layer per token in multiply-adds.
+    c = config(vocab_size=10, seq_len=4, d_model=8, n_layers=2, n_heads=2)
+    weights = 2 * 768 + 80
+    attention_macs = 2 * (2 * 4 * 8)  # layers * (QK^T + AV) * T * D
+    forward = 2 * weights + 2 * attention_macs
+    assert gpt.flops_per_token(c) == 3 * forward  # backward = 2x forward
+
+
+def test_scan_and_loop_models_agree():
+    c = config()
+    scanned = gpt.GPT(c, nnx.Rngs(0))
+    looped = gpt.GPT(config(scan=False), nnx.Rngs(1))
+    # copy the stacked [L, ...] weights of the scanned model into the per-layer blocks
+    stacked = nnx.state(scanned.blocks)
+    for i, block in enumerate(looped.blocks):
+        nnx.update(block, jax.tree.map(lambda x: x[i], stacked))
+    for name in ['token_embed', 'pos_embed', 'ln_f']:
+        nnx.update(getattr(looped, name), nnx.state(getattr(scanned, name)))
+    x = tokens()
+    np.testing.assert_allclose(scanned(x), looped(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('remat', ['dots', 'full'])
+def test_remat_gives_same_gradients(remat):
+    x = tokens()
+    def grads(model):
+        loss = lambda m: m(x)[..., :300].mean()
+        return nnx.grad(loss)(model)
+    ref = grads(gpt.GPT(config(), nnx.Rngs(0)))
+    got = grads(gpt.GPT(config(remat=remat), nnx.Rngs(0)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ref, got)

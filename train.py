@@ -1,0 +1,153 @@
+"""The training loop: config in, sharded model and optimizer built, one jitted step, metrics out."""
+import json, os, time
+from functools import partial
+from types import SimpleNamespace
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+import data, model as gpt, utils
+
+DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.yaml')
+
+
+def check_config(cfg):
+    """Every key must exist in configs/default.yaml (catches typos in config files, not just overrides)."""
+    defaults = OmegaConf.load(DEFAULTS)
+    OmegaConf.set_struct(defaults, True)
+    try:
+        OmegaConf.merge(defaults, cfg)
+    except Exception as e:  # omegaconf's ConfigKeyError names the key
+        raise utils.PicodoError(f'unknown config key: {getattr(e, "full_key", e)}') from None
+
+
+def model_config(c):
+    c = SimpleNamespace(**OmegaConf.to_container(c, resolve=True))
+    c.dtype = jnp.dtype(c.dtype)
+    if c.attn_impl == 'auto':  # cuDNN flash attention on NVIDIA GPUs in bf16, XLA elsewhere
+        c.attn_impl = 'cudnn' if jax.default_backend() == 'gpu' and c.dtype == jnp.bfloat16 else 'xla'
+    return c
+
+
+def lr_schedule(c, total_steps):
+    warmup = int(c.warmup_frac * total_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, c.peak_lr, warmup, max(total_steps, warmup + 1),
+                                              end_value=c.peak_lr * c.min_lr_frac)
+
+
+def make_optimizer(c, schedule):
+    # weight decay on matmul weights and embedding tables, not on LayerNorm scales and biases
+    decay = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: any(getattr(k, 'key', None) in ('kernel', 'embedding') for k in path), params)
+    return optax.chain(optax.clip_by_global_norm(c.clip_norm),
+                       optax.adamw(schedule, c.b1, c.b2, weight_decay=c.weight_decay, mask=decay))
+
+
+def create_state(cfg, mesh, tx):
+    """Model and optimizer, each weight and its Adam moments split over the mesh's 'data' axis."""
+    @nnx.jit
+    def create():
+        model = gpt.GPT(model_config(cfg.model), nnx.Rngs(cfg.seed))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+    with jax.set_mesh(mesh):
+        return nnx.split(create())
+
+
+def loss_fn(model, tokens):  # tokens [B, T+1]
+    logits = model(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def train_step(graphdef, state, batch):  # batch [A, B/A, T+1]: A micro-batches whose gradients add up
+    model, optimizer = nnx.merge(graphdef, state)
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+    grad_fn = jax.value_and_grad(lambda params, tokens: loss_fn(nnx.merge(model_def, params, rest), tokens))
+    if batch.shape[0] == 1:
+        loss, grads = grad_fn(params, batch[0])
+    else:
+        def add_micro_batch(acc, tokens):
+            return jax.tree.map(jnp.add, acc, grad_fn(params, tokens)), None
+        zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), params))
+        loss, grads = jax.tree.map(lambda x: x / batch.shape[0], jax.lax.scan(add_micro_batch, zeros, batch)[0])
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), {'train_loss': loss, 'grad_norm': optax.tree.norm(grads)}
+
+
+def eval_step(graphdef, state, tokens):
+    model, _ = nnx.merge(graphdef, state)
+    return loss_fn(model, tokens)
+
+
+def compile_steps(graphdef, state, batch_sharding):
+    """Jitted train and eval steps; the state keeps its FSDP layout across steps and is donated."""
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    train = jax.jit(partial(train_step, graphdef), donate_argnums=0, out_shardings=(state_sharding, None))
+    evaluate = jax.jit(partial(eval_step, graphdef))
+    return train, evaluate
+
+
+def train(cfg, out_dir):
+    check_config(cfg)
+    mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+    B, A, T = cfg.batch_size, cfg.grad_accum, cfg.model.seq_len
+    if B % A or (B // A) % jax.device_count():
+        raise utils.PicodoError(f'batch_size {B} must split into grad_accum={A} micro-batches, '
+                                f'each divisible over {jax.device_count()} devices')
+    if cfg.data.build_if_missing and not (os.path.exists(cfg.data.train_path) and os.path.exists(cfg.data.val_path)):
+        data.build_stdlib_bytes(cfg.data.train_path, cfg.data.val_path)
+    train_tokens = data.open_tokens(cfg.data.train_path, cfg.model.vocab_size, T, B)
+    val_tokens = data.open_tokens(cfg.data.val_path, cfg.model.vocab_size, T, B)
+
+    total_steps = cfg.train_tokens // (B * T)
+    schedule = lr_schedule(cfg.opt, total_steps)
+    graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
+    n_params = sum(x.size for x in jax.tree.leaves(state[0]))
+    train_step_fn, eval_step_fn = compile_steps(graphdef, state, None)
+    batch_sharding = NamedSharding(mesh, P(None, 'data'))
+    batches = data.Batches(train_tokens, T, cfg.seed, 0, B, A, batch_sharding)
+    val_sharding = NamedSharding(mesh, P('data'))  # a fixed set of validation windows (seed 0), same for every run
+    val_batches = [jax.make_array_from_process_local_data(val_sharding, data.get_batch(
+        val_tokens, T, 0, i, B, slice(jax.process_index() * B // jax.process_count(), (jax.process_index() + 1) * B // jax.process_count())))
+        for i in range(cfg.eval_batches)]
+
+    flops_per_token = gpt.flops_per_token(model_config(cfg.model))
+    peak = utils.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
+    config = utils.flatten(OmegaConf.to_container(cfg, resolve=True))
+    run = utils.init_wandb(cfg.wandb, config | {'n_params': n_params, 'flops_per_token': flops_per_token}, out_dir)
+    print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} '
+          f'{jax.devices()[0].device_kind}; logging to {out_dir}')
+
+    log_file = open(os.path.join(out_dir, 'metrics.jsonl'), 'a')
+    def log(record):
+        log_file.write(json.dumps(record) + '\n'); log_file.flush()
+        run.log(record, step=record['step'])
+
+    pending, t0 = [], time.perf_counter()
+    bar = tqdm(range(total_steps), disable=jax.process_index() != 0)
+    for step in bar:
+        state, metrics = train_step_fn(state, next(batches))
+        pending.append(metrics)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            metrics = jax.device_get(pending)  # the only host sync between evals
+            losses = np.array([m['train_loss'] for m in metrics])
+            if not np.isfinite(losses).all():
+                raise utils.PicodoError(f'non-finite loss at step {done - len(losses) + np.argmin(np.isfinite(losses)) + 1}')
+            dt = (time.perf_counter() - t0) / len(metrics)
+            record = dict(step=done, train_loss=float(losses.mean()), grad_norm=float(metrics[-1]['grad_norm']),
+                          lr=float(schedule(step)), tokens_seen=done * B * T, tokens_per_sec=B * T / dt, step_time=dt,
+                          mfu=utils.mfu(flops_per_token * B * T / dt, jax.device_count(), peak))
+            log(record)
+            bar.set_postfix(loss=f'{record["train_loss"]:.3f}', tok_s=f'{record["tokens_per_sec"]:.3g}')
+            pending, t0 = [], time.perf_counter()
+        if done % cfg.eval_every == 0 or done == total_steps:
+            eval_loss = float(np.mean(jax.device_get([eval_step_fn(state, b) for b in val_batches])))
+            log(dict(step=done, eval_loss=eval_loss))
+            bar.write(f'step {done}: eval_loss {eval_loss:.4f}')
+            t0 = time.perf_counter()  # eval time does not count against training throughput
+    run.finish()
+    return state, record | {'eval_loss': eval_loss}

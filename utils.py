@@ -1,0 +1,54 @@
+"""MFU, the peak FLOP/s table, wandb setup and small helpers."""
+import netrc, os
+import wandb
+
+
+class PicodoError(Exception):
+    """Bad input or a failed run: main.py prints the message as one line and exits non-zero."""
+
+
+# Peak dense bf16 FLOP/s per JAX device (vendor figures); first match in device_kind wins.
+# TPU v2/v3 expose each core as a device (half a chip); v4 and later expose whole chips.
+PEAK_FLOPS = [('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L4', 121e12), ('T4', 65e12),
+              ('TPU v2', 22.5e12), ('TPU v3', 61.5e12), ('TPU v4', 275e12), ('TPU v5 lite', 197e12),
+              ('TPU v5e', 197e12), ('TPU v5', 459e12), ('TPU v6', 918e12)]
+
+
+def peak_flops(device_kind, override=None):
+    """Peak FLOP/s of one device: the config's override, else the table, else None (CPU, Apple...)."""
+    if override:
+        return float(override)
+    return next((flops for name, flops in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
+
+
+def mfu(model_flops_per_sec, n_devices, peak):
+    return None if peak is None else model_flops_per_sec / (peak * n_devices)
+
+
+def flatten(d, prefix=''):
+    """{'opt': {'peak_lr': 1}} -> {'opt.peak_lr': 1}"""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+    return out
+
+
+def has_wandb_key():
+    try:
+        return bool(os.environ.get('WANDB_API_KEY') or netrc.netrc().authenticators('api.wandb.ai'))
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def init_wandb(cfg, config, out_dir):
+    """Start a wandb run that can never block or crash training: WANDB_MODE wins over the config;
+    online without an API key falls back to offline; if wandb cannot start, logging is disabled."""
+    mode = os.environ.get('WANDB_MODE') or cfg.mode
+    if mode == 'online' and not has_wandb_key():
+        print('wandb: no API key found, logging offline (upload later with `wandb sync`)')
+        mode = 'offline'
+    try:
+        return wandb.init(project=cfg.project, name=cfg.name, config=config, dir=out_dir, mode=mode)
+    except Exception as e:  # no network, bad key, ...
+        print(f'wandb: could not start ({e}); continuing without it')
+        return wandb.init(mode='disabled')
