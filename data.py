@@ -75,20 +75,15 @@ class Batches:
         return batch
 
 
-def write_bin(path, tokens):
-    """Write token ids as a nanoGPT .bin file; the final name appears only once the file is complete."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(path + '.tmp', 'wb') as f:
-        np.asarray(tokens, dtype='<u2').tofile(f)
-    os.replace(path + '.tmp', path)
-
-
-def build_stdlib_bytes(train_path, val_path, val_every=10):
-    """The offline default corpus: this Python's standard-library .py sources as byte tokens (vocab
-    256). Files are sorted; every `val_every`-th file goes to validation."""
+def build_stdlib_bytes(train_path, val_path):
+    """The offline default corpus: this Python's standard-library .py sources as byte tokens (vocab 256), built
+    by the code behind `python prepare.py bytes`: one document per file, 10% of them (seed 0) for validation."""
+    import prepare  # the data tool beside the trainer, needed only on this first run
     root = sysconfig.get_paths()['stdlib']
     files = sorted(f for f in glob.glob(os.path.join(root, '**', '*.py'), recursive=True) if 'site-packages' not in f)
-    docs = [open(f, 'rb').read() for f in files]
-    for path, part in ((train_path, [d for i, d in enumerate(docs) if i % val_every]), (val_path, docs[::val_every])):
-        write_bin(path, np.frombuffer(b''.join(part), np.uint8))
+    try:
+        prepare.write_splits(prepare.FileDocs(files), prepare.ByteTokens(), train_path, val_path, val_fraction=0.1,
+                             force=True, progress=False)
+    except prepare.PrepareError as e:
+        raise PicodoError(str(e)) from None
     print(f'built byte-level corpus from {len(files)} stdlib files in {root}: {train_path}, {val_path}')

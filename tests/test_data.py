@@ -84,9 +84,3 @@ def test_bad_files_get_a_clear_error(tmp_path, case, message):
         data.open_tokens(str(path), 1000, T, B)
     assert str(path) in str(e.value) and '\n' not in str(e.value)
 
-
-def test_write_bin_roundtrip(tmp_path):
-    path = str(tmp_path / 'sub' / 'a.bin')
-    data.write_bin(path, [0, 1, 65535])
-    assert np.fromfile(path, dtype='<u2').tolist() == [0, 1, 65535]
-    assert not os.path.exists(path + '.tmp')

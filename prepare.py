@@ -1,0 +1,425 @@
+"""Data tools beside the trainer: get, make and check nanoGPT .bin files (raw little-endian uint16 ids).
+
+  python prepare.py download --out data                         # the public fineweb-edu GPT-2 sample
+  python prepare.py tokenize my_texts/ --out data/mine           # text -> train.bin, val.bin (GPT-2 BPE)
+  python prepare.py tokenize --hf-dataset NAME --text-field text --out data/hf
+  python prepare.py bytes my_texts/ --out data/mine_bytes        # the same with byte tokens (vocab 256)
+  python prepare.py inspect data/mine/train.bin --vocab 50257 --seq-len 1024
+
+Bad input (a missing path, no text, an existing output without --force, a cut-off download...) is one
+line on stderr and exit code 1; a .bin file appears under its final name only once it is complete.
+"""
+import argparse, collections, http.client, multiprocessing, os, re, sys, urllib.error, urllib.request
+import numpy as np
+
+SAMPLE_URL = 'https://pub-e8bbdcbe8f6243b2a9933704a9b1d8bc.r2.dev/datasets/fineweb_edu_gpt2_{split}.bin'
+
+
+class PrepareError(Exception):
+    """Bad input: main() prints it as one line and exits non-zero."""
+
+
+# ---------------------------------------------------------------------------------------------- download
+
+class CutOff(Exception):
+    """A transfer that ended early; the .part file keeps what arrived, so the next try resumes."""
+
+
+def download(url, path, retries=3, force=False):
+    """Fetch `url` to `path` through `path`.part, resuming with an HTTP Range request after a cut-off."""
+    if os.path.exists(path) and not force:
+        raise PrepareError(f'{path} already exists (--force replaces it)')
+    make_dir(os.path.dirname(path))
+    for attempt in range(retries + 1):
+        try:
+            return fetch(url, path)
+        except CutOff as e:
+            if attempt == retries:
+                raise PrepareError(f'{e}; run the same command again to resume') from None
+            print(f'{e}; resuming (retry {attempt + 1} of {retries})', file=sys.stderr)
+
+
+def fetch(url, path):
+    from tqdm import tqdm
+    part = path + '.part'
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={'Range': f'bytes={have}-'} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416:  # nothing left to send: the .part file is complete, or stale
+            total = re.fullmatch(r'bytes \*/(\d+)', e.headers.get('Content-Range', ''))
+            if total and int(total[1]) == have:
+                return finish(url, part, path, have)
+            os.remove(part)
+            raise CutOff(f'{url}: stale partial file {part} removed') from None
+        raise PrepareError(f'{url}: HTTP {e.code} {e.reason}') from None
+    except (urllib.error.URLError, OSError) as e:
+        raise PrepareError(f'{url}: {getattr(e, "reason", e)}') from None
+    with response:
+        if response.status == 206:  # the rest of the file, after the `have` bytes we kept
+            m = re.fullmatch(r'bytes (\d+)-\d+/(\d+)', response.headers.get('Content-Range', ''))
+            if not m or int(m[1]) != have:
+                raise PrepareError(f'{url}: bad Content-Range {response.headers.get("Content-Range")!r}')
+            total = int(m[2])
+        else:  # the server ignored the Range header and sends the whole file again
+            have, total = 0, int(response.headers.get('Content-Length') or -1)
+        if total < 0:
+            raise PrepareError(f'{url}: the server does not say how big the file is, so it cannot be checked')
+        if total % 2:
+            raise PrepareError(f'{url}: {total} bytes, an odd size: not a uint16 .bin file')
+        with open(part, 'ab' if have else 'wb') as f, \
+                tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=os.path.basename(path)) as bar:
+            try:
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    bar.update(len(block))
+            except (http.client.IncompleteRead, OSError):
+                pass  # judged by the size below
+    return finish(url, part, path, total)
+
+
+def finish(url, part, path, total):
+    size = os.path.getsize(part)
+    if size < total:
+        raise CutOff(f'{url}: cut off after {size} of {total} bytes')
+    if size > total:
+        os.remove(part)
+        raise PrepareError(f'{url}: got {size} bytes, the server said {total}; removed {part}')
+    os.replace(part, path)
+    print(f'{path}: {total} bytes, {total // 2} tokens')
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+
+class ByteTokens:
+    """Byte-level tokens, vocab 256. The end-of-text token is the NUL byte, which text never contains."""
+    name, eot, n_vocab = 'bytes', 0, 256
+
+    def encode(self, docs):
+        return [np.frombuffer(d if isinstance(d, bytes) else d.encode(), np.uint8) for d in docs]
+
+    def decode(self, ids):
+        return bytes(np.asarray(ids, np.uint8)).decode('utf-8', 'replace')
+
+
+class TiktokenTokens:
+    """A tiktoken Encoding: GPT-2's by name, or one built locally (GPT-2's vocabulary is a download)."""
+
+    def __init__(self, encoding):
+        if isinstance(encoding, str):
+            import tiktoken
+            try:
+                encoding = tiktoken.get_encoding(encoding)
+            except Exception as e:  # unknown name, or no network for the vocabulary download
+                raise PrepareError(f'cannot load tiktoken encoding {encoding!r}: {str(e).splitlines()[0]}') from None
+        if encoding.n_vocab > 1 << 16:
+            raise PrepareError(f'encoding {encoding.name} has {encoding.n_vocab} ids, more than uint16 holds')
+        self.encoding, self.name, self.eot, self.n_vocab = encoding, encoding.name, encoding.eot_token, encoding.n_vocab
+
+    def encode(self, docs):
+        texts = [d.decode('utf-8', 'replace') if isinstance(d, bytes) else d for d in docs]
+        return self.encoding.encode_ordinary_batch(texts, num_threads=1)  # the pool gives the parallelism
+
+    def decode(self, ids):
+        return self.encoding.decode([int(i) for i in ids])
+
+
+# ---------------------------------------------------------------------------------------------- documents
+
+class FileDocs:
+    """Documents from text files (directories are walked, hidden files skipped): one document per file,
+    or per piece between occurrences of `separator`. Only (file, start, end) offsets are kept in memory."""
+
+    def __init__(self, inputs, separator=None):
+        self.files = []
+        for path in inputs:
+            if os.path.isdir(path):
+                self.files += text_files(path)
+            elif os.path.isfile(path):
+                self.files.append(path)
+            else:
+                raise PrepareError(f'input not found: {path}')
+        sep = separator.encode() if separator else None
+        spans = [(i, a, b) for i, f in enumerate(self.files) for a, b in doc_spans(f, sep)]
+        self.spans = np.array(spans, np.int64).reshape(-1, 3)
+        self.where = inputs[0] + (f' and {len(inputs) - 1} more' if len(inputs) > 1 else '')
+
+    def __len__(self):
+        return len(self.spans)
+
+    def chunks(self, order, target=1 << 20):
+        """Split `order` (document ids) into runs of about `target` bytes of text."""
+        ends = np.cumsum(self.spans[order, 2] - self.spans[order, 1])
+        return np.split(order, np.searchsorted(ends, np.arange(target, ends[-1], target), 'right')) if len(order) else []
+
+    def read(self, ids):
+        docs = []
+        for i in ids:
+            file, start, end = self.spans[i]
+            with open(self.files[file], 'rb') as f:
+                f.seek(start)
+                docs.append(f.read(end - start))
+        return docs
+
+
+def text_files(root):
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith('.'))
+        files += sorted(os.path.join(d, f) for f in names if not f.startswith('.'))
+    return files
+
+
+def doc_spans(path, sep, block=1 << 24):
+    """(start, end) byte offsets of the non-empty documents in a file: the whole file, or the pieces between `sep`."""
+    size = os.path.getsize(path)
+    if not sep:
+        return [(0, size)] if size else []
+    cuts, offset, tail = [(0, 0)], 0, b''  # cuts: (start, end) of each separator, plus sentinels
+    with open(path, 'rb') as f:
+        while data := f.read(block):
+            buffer, base = tail + data, offset - len(tail)
+            cuts += [(base + m.start(), base + m.end()) for m in re.finditer(re.escape(sep), buffer)
+                     if base + m.start() >= cuts[-1][1]]
+            offset, tail = offset + len(data), buffer[-(len(sep) - 1):] if len(sep) > 1 else b''
+    cuts.append((size, size))
+    return [(a[1], b[0]) for a, b in zip(cuts, cuts[1:]) if b[0] > a[1]]
+
+
+class HFDocs:
+    """Documents from a Hugging Face dataset's text field (`datasets` is an optional import). The dataset is
+    memory-mapped from its cache; workers reopen it rather than receive it."""
+
+    def __init__(self, name, field, split='train', config=None):
+        self.args, self.field, self.where = (name, config, split), field, f'dataset {name}'
+        dataset = self.dataset()
+        if field not in dataset.column_names:
+            raise PrepareError(f'dataset {name} has no field {field!r}; its fields: {", ".join(dataset.column_names)}')
+        self.n = len(dataset)
+
+    def dataset(self):
+        if getattr(self, '_dataset', None) is None:
+            try:
+                import datasets
+            except ImportError:
+                raise PrepareError('--hf-dataset needs the datasets library: pip install datasets') from None
+            name, config, split = self.args
+            self._dataset = datasets.load_dataset(name, config, split=split)
+        return self._dataset
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != '_dataset'}
+
+    def __len__(self):
+        return self.n
+
+    def chunks(self, order, size=256):
+        return [order[i:i + size] for i in range(0, len(order), size)]
+
+    def read(self, ids):
+        return self.dataset()[[int(i) for i in ids]][self.field]
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+_job = None  # (docs, tokenizer) of this worker process
+
+
+def _start_worker(docs, tokenizer):
+    global _job
+    _job = docs, tokenizer
+
+
+def _encode_chunk(ids):
+    """Tokens of some documents in order, each after an end-of-text token: uint16 [n_tokens]."""
+    docs, tokenizer = _job
+    pieces = tokenizer.encode(docs.read(ids))
+    out = np.empty(sum(len(p) for p in pieces) + len(pieces), '<u2')
+    i = 0
+    for p in pieces:
+        out[i], out[i + 1:i + 1 + len(p)] = tokenizer.eot, p
+        i += 1 + len(p)
+    return out
+
+
+def token_chunks(pool, chunks, depth):
+    """Encoded chunks in order, at most `depth` in flight, so memory stays flat whatever the corpus size."""
+    if pool is None:
+        yield from map(_encode_chunk, chunks)
+        return
+    pending = collections.deque()
+    for ids in chunks:
+        pending.append(pool.apply_async(_encode_chunk, (ids,)))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def write_splits(docs, tokenizer, train_path, val_path, val_fraction=0.005, seed=0, workers=1, force=False,
+                 progress=True):
+    """Shuffle the documents with `seed`, hold out `val_fraction` of them (at least one) for validation, and
+    stream each split's tokens, an end-of-text token before every document, to its .bin file. Both files
+    are written to .tmp names and renamed only when both are complete. Returns (train, val) token counts."""
+    from tqdm import tqdm
+    for path in (train_path, val_path):
+        if os.path.exists(path) and not force:
+            raise PrepareError(f'{path} already exists (--force replaces it)')
+        make_dir(os.path.dirname(path))
+    if len(docs) < 2:
+        raise PrepareError(f'no text in {docs.where}' if not len(docs) else
+                           f'only one document in {docs.where}: need one for train and one for val')
+    if not 0 < val_fraction < 1:
+        raise PrepareError(f'val fraction {val_fraction} must be between 0 and 1')
+    order = np.random.default_rng(seed).permutation(len(docs))
+    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
+    _start_worker(docs, tokenizer)
+    pool = multiprocessing.get_context('spawn').Pool(workers, _start_worker, (docs, tokenizer)) if workers > 1 else None
+    counts, tmps = [], []
+    try:
+        with tqdm(total=len(docs), unit='doc', disable=not progress) as bar:
+            for path, ids in ((train_path, order[n_val:]), (val_path, order[:n_val])):
+                tmps.append(path + '.tmp')
+                counts.append(0)
+                chunks = docs.chunks(ids)
+                with open(tmps[-1], 'wb') as f:
+                    for chunk, tokens in zip(chunks, token_chunks(pool, chunks, 2 * workers)):
+                        tokens.tofile(f)
+                        counts[-1] += len(tokens)
+                        bar.update(len(chunk))
+        for tmp, path in zip(tmps, (train_path, val_path)):
+            os.replace(tmp, path)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return tuple(counts)
+
+
+def make_dir(path):
+    try:
+        os.makedirs(path or '.', exist_ok=True)
+        with open(os.path.join(path or '.', '.prepare-write-test'), 'wb'):
+            pass
+        os.remove(os.path.join(path or '.', '.prepare-write-test'))
+    except OSError as e:
+        raise PrepareError(f'cannot write to output directory {path or "."}: {e.strerror}') from None
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+def inspect(path, vocab=None, seq_len=1024, decoder=None, show=200, chunk=1 << 26):
+    """Print what a .bin file holds; return 0 if it is good, 1 (with a `bad:` line) if not."""
+    if not os.path.isfile(path):
+        raise PrepareError(f'file not found: {path}')
+    size = os.path.getsize(path)
+    if size % 2 or size == 0:
+        print(f'bad: {path}: {"odd byte size" if size else "empty file"} {size}, not a uint16 .bin file', file=sys.stderr)
+        return 1
+    tokens = np.memmap(path, '<u2', mode='r')
+    counts, first_over = np.zeros(1 << 16, np.int64), None  # how often each id occurs
+    for start in range(0, len(tokens), chunk):  # one pass in 128 MB pieces: flat memory for any size
+        part = np.bincount(tokens[start:start + chunk], minlength=1 << 16)
+        if vocab and first_over is None and part[vocab:].any():
+            first_over = start + int(np.argmax(tokens[start:start + chunk] >= vocab))
+        counts += part
+    seen = np.flatnonzero(counts)
+    lo, hi, over = int(seen[0]), int(seen[-1]), int(counts[vocab:].sum()) if vocab else 0
+    implied = 'bytes (256)' if hi < 256 else 'GPT-2 (50257)' if hi < 50257 else f'at least {hi + 1}'
+    if decoder is None:
+        decoder = ByteTokens() if hi < 256 else 'gpt2'
+    print(f'file:      {path}\ntokens:    {len(tokens):,} ({size:,} bytes)\nids:       min {lo}, max {hi}'
+          f'\nvocab:     {implied}{f", checked against {vocab}" if vocab else ""}'
+          f'\nwindows:   {max(0, (len(tokens) - 1) // seq_len):,} of T+1 = {seq_len + 1} tokens')
+    try:
+        decoder = TiktokenTokens(decoder) if isinstance(decoder, str) else decoder
+        print(f'documents: {counts[decoder.eot]:,} end-of-text tokens ({decoder.name} id {decoder.eot})')
+        print(f'first {min(show, len(tokens))} tokens, decoded with {decoder.name}:\n{decoder.decode(tokens[:show])!r}')
+    except PrepareError as e:
+        print(f'(not decoded: {e})')
+    if over:
+        print(f'bad: {path}: {over:,} ids >= vocab {vocab}, the first at token {first_over:,} (id {tokens[first_over]})',
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def run_download(args):
+    for split in args.splits:
+        download(args.url.format(split=split), os.path.join(args.out, os.path.basename(args.url.format(split=split))),
+                 args.retries, args.force)
+
+
+def run_tokenize(args, tokenizer=None):
+    if args.hf_dataset:
+        docs = HFDocs(args.hf_dataset, args.text_field, args.hf_split, args.hf_config)
+    elif args.inputs:
+        docs = FileDocs(args.inputs, args.doc_separator)
+    else:
+        raise PrepareError('give text files or directories, or --hf-dataset NAME')
+    tokenizer = tokenizer or (ByteTokens() if args.command == 'bytes' else TiktokenTokens(args.encoding))
+    paths = os.path.join(args.out, 'train.bin'), os.path.join(args.out, 'val.bin')
+    counts = write_splits(docs, tokenizer, *paths, args.val_fraction, args.seed, args.workers, args.force)
+    for path, count in zip(paths, counts):
+        print(f'{path}: {count:,} {tokenizer.name} tokens')
+
+
+def run_inspect(args):
+    decoder = {'auto': None, 'bytes': ByteTokens(), 'gpt2': 'gpt2'}[args.decode]
+    return inspect(args.path, args.vocab, args.seq_len, decoder, args.show)
+
+
+def parser():
+    p = argparse.ArgumentParser(prog='prepare.py', description='Get, make and check nanoGPT .bin files.')
+    commands = p.add_subparsers(dest='command', required=True)
+    d = commands.add_parser('download', help='fetch the fineweb-edu GPT-2 sample (resumable)')
+    d.add_argument('--out', default='data', help='directory for the files (default: data)')
+    d.add_argument('--splits', nargs='+', default=['train', 'val'], choices=['train', 'val'])
+    d.add_argument('--url', default=SAMPLE_URL, help='URL with a {split} placeholder')
+    d.add_argument('--retries', type=int, default=5, help='resumes after a cut-off before giving up')
+    d.add_argument('--force', action='store_true', help='replace existing files')
+    d.set_defaults(run=run_download)
+    for name, what in (('tokenize', 'GPT-2 BPE tokens (tiktoken)'), ('bytes', 'byte tokens (vocab 256)')):
+        t = commands.add_parser(name, help=f'text files, directories or a HF dataset -> train.bin, val.bin of {what}')
+        t.add_argument('inputs', nargs='*', help='text files or directories (each file is a document)')
+        t.add_argument('--out', required=True, help='directory for train.bin and val.bin')
+        t.add_argument('--doc-separator', help='split files into documents at this string, e.g. "<|endoftext|>"')
+        t.add_argument('--hf-dataset', help='a Hugging Face dataset name instead of files (pip install datasets)')
+        t.add_argument('--hf-config', help='the dataset configuration, if it has several')
+        t.add_argument('--hf-split', default='train')
+        t.add_argument('--text-field', default='text')
+        t.add_argument('--val-fraction', type=float, default=0.005, help='share of documents for val.bin')
+        t.add_argument('--seed', type=int, default=0, help='seed of the document shuffle')
+        t.add_argument('--workers', type=int, default=os.cpu_count(), help='processes (default: all cores)')
+        t.add_argument('--force', action='store_true', help='replace existing train.bin / val.bin')
+        if name == 'tokenize':
+            t.add_argument('--encoding', default='gpt2', help='tiktoken encoding name (default: gpt2)')
+        t.set_defaults(run=run_tokenize)
+    i = commands.add_parser('inspect', help='token count, id range, vocab, windows, decoded start; exit 1 if bad')
+    i.add_argument('path')
+    i.add_argument('--vocab', type=int, help='fail if any id is >= this')
+    i.add_argument('--seq-len', type=int, default=1024, help='T, for the count of windows of T+1 tokens')
+    i.add_argument('--decode', default='auto', choices=['auto', 'bytes', 'gpt2'])
+    i.add_argument('--show', type=int, default=200, help='how many tokens to decode')
+    i.set_defaults(run=run_inspect)
+    return p
+
+
+def main(argv=None, tokenizer=None):
+    """The command line; `tokenizer` replaces the named tiktoken encoding (tests build one locally)."""
+    args = parser().parse_args(argv)
+    try:
+        return (run_tokenize(args, tokenizer) if args.run is run_tokenize else args.run(args)) or 0
+    except PrepareError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

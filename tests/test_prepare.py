@@ -1,0 +1,302 @@
+"""prepare.py, the data tool: download, tokenize, bytes, inspect. Offline: a local HTTP server on 127.0.0.1 and a
+tiktoken Encoding built here stand in for the internet and GPT-2's vocabulary."""
+import http.server, os, re, subprocess, sys, threading
+import numpy as np
+import pytest
+import tiktoken
+import data, prepare
+from conftest import REPO, write_tokens
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+DOCS = [f'Document {i}: the {"other " * (i % 3)}thing number {i} is here.\n' for i in range(20)]
+
+
+@pytest.fixture(scope='module')
+def encoding():
+    """A GPT-2-style tiktoken Encoding: the 256 bytes, three merges and <|endoftext|>; no download needed."""
+    ranks = {bytes([i]): i for i in range(256)} | {b' t': 256, b'he': 257, b' the': 258}
+    return prepare.TiktokenTokens(tiktoken.Encoding('picodo-test', pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                                    special_tokens={'<|endoftext|>': 259}))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """DOCS as text files in a directory tree, plus a hidden file that is not part of the corpus."""
+    root = tmp_path / 'corpus'
+    for i, text in enumerate(DOCS):
+        (root / f'part{i % 2}').mkdir(parents=True, exist_ok=True)
+        (root / f'part{i % 2}' / f'doc{i:02}.txt').write_text(text)
+    (root / '.hidden').write_text('not a document')
+    return str(root)
+
+
+def split_documents(path, tokenizer):
+    """The documents in a .bin file, decoded: every document follows an end-of-text token."""
+    tokens = np.fromfile(path, '<u2')
+    assert tokens[0] == tokenizer.eot
+    starts = np.flatnonzero(tokens == tokenizer.eot)
+    return [tokenizer.decode(d[1:]) for d in np.split(tokens, starts[1:])]
+
+
+def test_tokenize_writes_every_document_once_shuffled_after_end_of_text(corpus, tmp_path, encoding, capsys):
+    out = str(tmp_path / 'out')
+    assert prepare.main(['tokenize', corpus, '--out', out, '--val-fraction', '0.2', '--workers', '2'], encoding) == 0
+    train, val = split_documents(f'{out}/train.bin', encoding), split_documents(f'{out}/val.bin', encoding)
+    assert len(val) == 4 and sorted(train + val) == sorted(DOCS)
+    assert train + val != DOCS  # shuffled
+    assert 258 in np.fromfile(f'{out}/train.bin', '<u2')  # BPE merges applied: ' the' is one token
+    assert f'{out}/train.bin: ' in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ['train.bin', 'val.bin']
+
+
+def test_the_shuffle_depends_on_the_seed_only_not_on_the_workers(corpus, tmp_path, encoding):
+    def run(name, *args):
+        prepare.main(['tokenize', corpus, '--out', str(tmp_path / name), *args], encoding)
+        return [open(tmp_path / name / f, 'rb').read() for f in ('train.bin', 'val.bin')]
+    one_worker = run('a', '--workers', '1', '--seed', '3')
+    assert run('b', '--workers', '2', '--seed', '3') == one_worker
+    assert run('c', '--workers', '1', '--seed', '4') != one_worker
+
+
+def test_bytes_command_is_what_the_trainer_builds_offline(stdlib_data, tmp_path):
+    """`python main.py` with no data builds the stdlib corpus through the same code as `prepare.py bytes`."""
+    import glob, sysconfig
+    root = sysconfig.get_paths()['stdlib']
+    files = sorted(f for f in glob.glob(os.path.join(root, '**', '*.py'), recursive=True) if 'site-packages' not in f)
+    out = tmp_path / 'bytes'
+    assert prepare.main(['bytes', *files, '--out', str(out), '--val-fraction', '0.1', '--seed', '0', '--workers', '2']) == 0
+    for built, made in zip(stdlib_data, [out / 'train.bin', out / 'val.bin']):
+        assert open(built, 'rb').read() == open(made, 'rb').read()
+
+
+def test_bytes_are_the_utf8_bytes_with_nul_between_documents(corpus, tmp_path):
+    out = tmp_path / 'out'
+    assert prepare.main(['bytes', corpus, '--out', str(out), '--val-fraction', '0.1', '--workers', '1']) == 0
+    tokens = np.concatenate([np.fromfile(out / f, '<u2') for f in ('train.bin', 'val.bin')])
+    assert tokens.max() < 256 and (tokens == 0).sum() == len(DOCS)
+    assert sorted(bytes(tokens.astype(np.uint8)).decode().split('\0')[1:]) == sorted(DOCS)
+
+
+@pytest.mark.parametrize('block', [1, 2, 3, 5, 8, 1 << 20])
+def test_doc_separator_splits_files_into_documents(tmp_path, block):
+    text = b'<|endoftext|>one<|endoftext|>two<|endoftext|><|endoftext|>three<|endoftext|>'
+    path = tmp_path / 'docs.txt'
+    path.write_bytes(text)
+    assert [text[a:b] for a, b in prepare.doc_spans(str(path), b'<|endoftext|>', block)] == [b'one', b'two', b'three']
+    assert prepare.doc_spans(str(path), b'\n\n', block) == [(0, len(text))]
+
+
+def test_a_hugging_face_dataset_by_name_and_text_field(tmp_path, monkeypatch, encoding):
+    """`datasets` is optional: a stand-in module with the same interface plays the Hub here."""
+    (tmp_path / 'fake').mkdir()
+    (tmp_path / 'fake' / 'datasets.py').write_text(
+        'class Dataset(list):\n'
+        '    column_names = ["id", "content"]\n'
+        '    def __getitem__(self, ids):\n'
+        '        return {"content": [list.__getitem__(self, i)["content"] for i in ids]}\n'
+        'def load_dataset(name, config=None, split="train"):\n'
+        '    assert (name, split) == ("someone/texts", "train")\n'
+        f'    return Dataset({{"id": i, "content": t}} for i, t in enumerate({DOCS!r}))\n')
+    monkeypatch.syspath_prepend(str(tmp_path / 'fake'))
+    out = str(tmp_path / 'out')
+    args = ['tokenize', '--hf-dataset', 'someone/texts', '--out', out, '--val-fraction', '0.25', '--workers', '2']
+    assert prepare.main(args + ['--text-field', 'content'], encoding) == 0
+    assert sorted(split_documents(f'{out}/train.bin', encoding) + split_documents(f'{out}/val.bin', encoding)) == sorted(DOCS)
+    with pytest.raises(prepare.PrepareError, match="no field 'text'; its fields: id, content"):
+        prepare.HFDocs('someone/texts', 'text')
+
+
+def test_hugging_face_without_datasets_installed_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'datasets', None)  # import datasets -> ImportError
+    assert prepare.main(['bytes', '--hf-dataset', 'x', '--out', str(tmp_path)]) == 1
+    assert capsys.readouterr().err == 'error: --hf-dataset needs the datasets library: pip install datasets\n'
+
+
+@pytest.mark.parametrize('case,message', [
+    ('missing', 'input not found: .*nowhere'),
+    ('empty_dir', 'no text in'),
+    ('empty_files', 'no text in'),
+    ('one_document', 'only one document'),
+    ('exists', 'train.bin already exists \\(--force replaces it\\)'),
+    ('unwritable', 'cannot write to output directory'),
+])
+def test_bad_input_is_one_line_and_leaves_no_bin_file(tmp_path, corpus, capsys, case, message):
+    out, source = tmp_path / 'out', tmp_path / 'in'
+    source.mkdir()
+    if case == 'missing':
+        source = tmp_path / 'nowhere'
+    elif case == 'empty_files':
+        (source / 'a.txt').write_text('')
+        (source / 'b.txt').write_text('')
+    elif case == 'one_document':
+        (source / 'a.txt').write_text('just me')
+    elif case == 'exists':
+        source = corpus
+        out.mkdir()
+        (out / 'train.bin').write_bytes(b'keep')
+    elif case == 'unwritable':
+        source = corpus
+        (tmp_path / 'file').write_text('')
+        out = tmp_path / 'file' / 'out'  # a directory under a plain file cannot be made, even by root
+    assert prepare.main(['bytes', str(source), '--out', str(out)]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(f'error: .*{message}.*\n', err), err
+    leftovers = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    assert leftovers == (['train.bin'] if case == 'exists' else [])
+    if case == 'exists':
+        assert (out / 'train.bin').read_bytes() == b'keep'
+        assert prepare.main(['bytes', str(source), '--out', str(out), '--force']) == 0
+
+
+def test_a_failure_midway_leaves_neither_bin_nor_tmp(corpus, tmp_path):
+    class Failing(prepare.ByteTokens):
+        def encode(self, docs):
+            raise RuntimeError('tokenizer broke')
+    with pytest.raises(RuntimeError, match='tokenizer broke'):
+        prepare.write_splits(prepare.FileDocs([corpus]), Failing(), str(tmp_path / 'train.bin'), str(tmp_path / 'val.bin'))
+    assert os.listdir(tmp_path) == ['corpus']
+
+
+# ---------------------------------------------------------------------------------------------- download
+
+CONTENT = np.arange(50_000, dtype='<u2').tobytes()  # 100 kB
+
+
+class Server(http.server.BaseHTTPRequestHandler):
+    """Serves CONTENT at any path; honours `Range: bytes=N-`. Test knobs (class attributes): `cut_after`
+    bytes for the next response only, `ignore_range`, `extra_length` claimed but never sent, `status`."""
+    cut_after, ignore_range, extra_length, status, ranges = None, False, 0, 200, []
+
+    def do_GET(self):
+        if self.status != 200:
+            return self.send_error(self.status)
+        m = re.fullmatch(r'bytes=(\d+)-', self.headers.get('Range') or '')
+        Server.ranges.append(self.headers.get('Range'))
+        start = int(m[1]) if m and not self.ignore_range else 0
+        if start >= len(CONTENT) and m and not self.ignore_range:
+            self.send_response(416)
+            self.send_header('Content-Range', f'bytes */{len(CONTENT)}')
+            self.end_headers()
+            return
+        body = CONTENT[start:]
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header('Content-Range', f'bytes {start}-{len(CONTENT) - 1}/{len(CONTENT) + self.extra_length}')
+        self.send_header('Content-Length', str(len(body) + self.extra_length))
+        self.end_headers()
+        if Server.cut_after is not None:
+            body, Server.cut_after = body[:Server.cut_after], None
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for knob, value in dict(cut_after=None, ignore_range=False, extra_length=0, status=200, ranges=[]).items():
+        monkeypatch.setattr(Server, knob, value)
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Server)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{httpd.server_address[1]}/fineweb_edu_gpt2_{{split}}.bin'
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_fetches_both_splits_and_checks_their_size(server, tmp_path, capsys):
+    assert prepare.main(['download', '--url', server, '--out', str(tmp_path)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ['fineweb_edu_gpt2_train.bin', 'fineweb_edu_gpt2_val.bin']
+    assert (tmp_path / 'fineweb_edu_gpt2_val.bin').read_bytes() == CONTENT
+    assert '100k' in capsys.readouterr().err  # the tqdm bar counts bytes
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(server, tmp_path, capsys):
+    Server.cut_after = 30_000
+    assert prepare.main(['download', '--url', server, '--out', str(tmp_path), '--splits', 'train']) == 0
+    assert (tmp_path / 'fineweb_edu_gpt2_train.bin').read_bytes() == CONTENT
+    assert Server.ranges == [None, 'bytes=30000-']
+    assert 'cut off after 30000 of 100000 bytes; resuming' in capsys.readouterr().err
+
+
+def test_a_cut_off_download_fails_keeps_its_part_and_the_next_run_resumes(server, tmp_path, capsys):
+    final = tmp_path / 'fineweb_edu_gpt2_train.bin'
+    Server.cut_after = 12_345
+    args = ['download', '--url', server, '--out', str(tmp_path), '--splits', 'train', '--retries', '0']
+    assert prepare.main(args) == 1
+    assert 'cut off after 12345 of 100000 bytes; run the same command again to resume' in capsys.readouterr().err
+    assert not final.exists() and os.path.getsize(f'{final}.part') == 12_345
+    assert prepare.main(args) == 0
+    assert final.read_bytes() == CONTENT and not os.path.exists(f'{final}.part')
+    assert Server.ranges == [None, 'bytes=12345-']
+
+
+def test_a_server_that_ignores_range_restarts_the_file(server, tmp_path):
+    Server.cut_after, Server.ignore_range = 20_000, True
+    assert prepare.main(['download', '--url', server, '--out', str(tmp_path), '--splits', 'val']) == 0
+    assert (tmp_path / 'fineweb_edu_gpt2_val.bin').read_bytes() == CONTENT
+
+
+def test_a_complete_part_file_is_finished_without_refetching(server, tmp_path):
+    (tmp_path / 'fineweb_edu_gpt2_val.bin.part').write_bytes(CONTENT)
+    assert prepare.main(['download', '--url', server, '--out', str(tmp_path), '--splits', 'val']) == 0
+    assert (tmp_path / 'fineweb_edu_gpt2_val.bin').read_bytes() == CONTENT and Server.ranges == ['bytes=100000-']
+
+
+@pytest.mark.parametrize('case,message', [
+    ('short', 'cut off after 100000 of 100002 bytes; run the same command again to resume'),
+    ('odd', '100001 bytes, an odd size: not a uint16 .bin file'),
+    ('missing', 'HTTP 404'),
+    ('exists', 'already exists \\(--force replaces it\\)'),
+])
+def test_a_bad_download_is_one_line_and_no_bin_file(server, tmp_path, capsys, case, message):
+    final = tmp_path / 'fineweb_edu_gpt2_val.bin'
+    if case == 'short':
+        Server.extra_length = 2  # the server promises 2 bytes more than it ever sends
+    elif case == 'odd':
+        Server.extra_length = 1
+    elif case == 'missing':
+        Server.status = 404
+    elif case == 'exists':
+        final.write_bytes(b'keep')
+    assert prepare.main(['download', '--url', server, '--out', str(tmp_path), '--splits', 'val', '--retries', '0']) == 1
+    assert re.search(rf'^error: .*{message}.*\n\Z', capsys.readouterr().err, re.M)
+    assert (final.read_bytes() == b'keep') if case == 'exists' else not final.exists()
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+def test_inspect_reports_counts_vocab_windows_and_decoded_text(tmp_path, capsys):
+    path = write_tokens(tmp_path / 'x.bin', [0] + list(b'hello world') + [0] + list(b'bye'))
+    assert prepare.main(['inspect', path, '--seq-len', '4', '--vocab', '256']) == 0
+    out = capsys.readouterr().out
+    for line in ['tokens:    16 (32 bytes)', 'ids:       min 0, max 121', 'vocab:     bytes (256), checked against 256',
+                 'windows:   3 of T+1 = 5 tokens', 'documents: 2 end-of-text tokens', "'\\x00hello world\\x00bye'"]:
+        assert line in out
+
+
+def test_inspect_decodes_bpe_tokens_with_the_given_encoding(tmp_path, capsys, encoding):
+    ids = [259] + encoding.encoding.encode_ordinary('the other thing') + [259]
+    path = write_tokens(tmp_path / 'x.bin', ids)
+    assert prepare.inspect(path, vocab=260, seq_len=2, decoder=encoding) == 0
+    out = capsys.readouterr().out
+    assert 'documents: 2 end-of-text tokens (picodo-test id 259)' in out and "'<|endoftext|>the other thing<|endoftext|>'" in out
+    assert 'vocab:     GPT-2 (50257)' in out
+
+
+@pytest.mark.parametrize('content,message', [
+    (b'\x01\x00' * 10 + b'\x01', 'odd byte size 21'),
+    (b'', 'empty file'),
+    (np.array([5, 300, 7, 999, 300], '<u2').tobytes(), '3 ids >= vocab 256, the first at token 1 \\(id 300\\)'),
+])
+def test_inspect_calls_a_bad_file_bad_with_a_nonzero_exit(tmp_path, content, message):
+    path = tmp_path / 'bad.bin'
+    path.write_bytes(content)
+    result = subprocess.run([sys.executable, 'prepare.py', 'inspect', str(path), '--vocab', '256'],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and re.search(f'^bad: {re.escape(str(path))}: {message}', result.stderr, re.M)
+
+
+def test_inspect_of_a_missing_file(tmp_path, capsys):
+    assert prepare.main(['inspect', str(tmp_path / 'nope.bin')]) == 1
+    assert capsys.readouterr().err == f'error: file not found: {tmp_path / "nope.bin"}\n'
