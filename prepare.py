@@ -118,9 +118,9 @@ class TiktokenTokens:
             raise PrepareError(f'encoding {encoding.name} has {encoding.n_vocab} ids, more than uint16 holds')
         self.encoding, self.name, self.eot, self.n_vocab = encoding, encoding.name, encoding.eot_token, encoding.n_vocab
 
-    def encode(self, docs):
-        texts = [d.decode('utf-8', 'replace') if isinstance(d, bytes) else d for d in docs]
-        return self.encoding.encode_ordinary_batch(texts, num_threads=1)  # the pool gives the parallelism
+    def encode(self, docs):  # encode_ordinary straight into numpy (no list of Python ints): special tokens are text
+        return [self.encoding.encode_to_numpy(d.decode('utf-8', 'replace') if isinstance(d, bytes) else d,
+                                              disallowed_special=()) for d in docs]
 
     def decode(self, ids):
         return self.encoding.decode([int(i) for i in ids])

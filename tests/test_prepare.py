@@ -49,6 +49,12 @@ def test_tokenize_writes_every_document_once_shuffled_after_end_of_text(corpus, 
     assert sorted(os.listdir(out)) == ['train.bin', 'val.bin']
 
 
+def test_tokens_are_tiktokens_encode_ordinary_special_tokens_in_the_text_included(encoding):
+    text = 'the end <|endoftext|> is text here'
+    assert encoding.encode([text.encode()])[0].tolist() == encoding.encoding.encode_ordinary(text)
+    assert 259 not in encoding.encode([text])[0]
+
+
 def test_the_shuffle_depends_on_the_seed_only_not_on_the_workers(corpus, tmp_path, encoding):
     def run(name, *args):
         prepare.main(['tokenize', corpus, '--out', str(tmp_path / name), *args], encoding)
