@@ -62,7 +62,7 @@ def fetch(url, path):
             if not m or int(m[1]) != have:
                 raise PrepareError(f'{url}: bad Content-Range {response.headers.get("Content-Range")!r}')
             total = int(m[2])
-        else:  # the server ignored the Range header and sends the whole file again
+        else:  # the whole file: a first request, or a server that ignores Range
             have, total = 0, int(response.headers.get('Content-Length') or -1)
         if total < 0:
             raise PrepareError(f'{url}: the server does not say how big the file is, so it cannot be checked')
@@ -70,12 +70,15 @@ def fetch(url, path):
             raise PrepareError(f'{url}: {total} bytes, an odd size: not a uint16 .bin file')
         with open(part, 'ab' if have else 'wb') as f, \
                 tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=os.path.basename(path)) as bar:
-            try:
-                while block := response.read(1 << 20):
-                    f.write(block)
-                    bar.update(len(block))
-            except (http.client.IncompleteRead, OSError):
-                pass  # judged by the size below
+            while True:
+                try:
+                    block = response.read(1 << 20)
+                except (http.client.IncompleteRead, OSError):
+                    break  # the connection dropped: judged by the size below
+                if not block:
+                    break
+                f.write(block)
+                bar.update(len(block))
     return finish(url, part, path, total)
 
 
@@ -416,9 +419,12 @@ def main(argv=None, tokenizer=None):
     args = parser().parse_args(argv)
     try:
         return (run_tokenize(args, tokenizer) if args.run is run_tokenize else args.run(args)) or 0
-    except PrepareError as e:
+    except (PrepareError, OSError) as e:  # OSError: a full disk, a vanished file...
         print(f'error: {e}', file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print('interrupted: no .bin file was left half-written (a download resumes from its .part file)', file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':
