@@ -274,8 +274,8 @@ def write_splits(docs, tokenizer, train_path, val_path, val_fraction=0.005, seed
     if len(docs) < 2:
         raise PrepareError(f'no text in {docs.where}' if not len(docs) else
                            f'only one document in {docs.where}: need one for train and one for val')
-    if not 0 < val_fraction < 1:
-        raise PrepareError(f'val fraction {val_fraction} must be between 0 and 1')
+    if not 0 < val_fraction < 1 or workers < 1:
+        raise PrepareError(f'need 0 < val fraction < 1 and workers >= 1, not {val_fraction} and {workers}')
     order = np.random.default_rng(seed).permutation(len(docs))
     n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
     _start_worker(docs, tokenizer)
@@ -321,7 +321,7 @@ def inspect(path, vocab=None, seq_len=1024, decoder=None, show=200, chunk=1 << 2
         raise PrepareError(f'file not found: {path}')
     size = os.path.getsize(path)
     if size % 2 or size == 0:
-        print(f'bad: {path}: {"odd byte size" if size else "empty file"} {size}, not a uint16 .bin file', file=sys.stderr)
+        print(f'bad: {path}: {f"odd byte size {size}" if size else "empty file"}, not a uint16 .bin file', file=sys.stderr)
         return 1
     tokens = np.memmap(path, '<u2', mode='r')
     counts, first_over = np.zeros(1 << 16, np.int64), None  # how often each id occurs

@@ -1,4 +1,3 @@
-import os
 import jax
 import numpy as np
 import pytest
