@@ -370,7 +370,7 @@ def run_tokenize(args, tokenizer=None):
     paths = os.path.join(args.out, 'train.bin'), os.path.join(args.out, 'val.bin')
     counts = write_splits(docs, tokenizer, *paths, args.val_fraction, args.seed, args.workers, args.force)
     for path, count in zip(paths, counts):
-        print(f'{path}: {count:,} {tokenizer.name} tokens')
+        print(f'{path}: {count:,} tokens ({tokenizer.name})')
 
 
 def run_inspect(args):
