@@ -204,7 +204,7 @@ def server(monkeypatch):
     for knob, value in dict(cut_after=None, ignore_range=False, extra_length=0, status=200, ranges=[]).items():
         monkeypatch.setattr(Server, knob, value)
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Server)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     yield f'http://127.0.0.1:{httpd.server_address[1]}/fineweb_edu_gpt2_{{split}}.bin'
     httpd.shutdown()
     httpd.server_close()
