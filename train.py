@@ -1,5 +1,5 @@
 """The training loop: config in, sharded model and optimizer built, one jitted step, metrics out."""
-import json, os, time
+import functools, json, os, time
 from functools import partial
 from types import SimpleNamespace
 import jax
@@ -90,8 +90,20 @@ def compile_steps(graphdef, state, batch_sharding):
     return train, evaluate
 
 
+@functools.cache  # once per process: a Hydra sweep calls train() again in the same process
+def init_distributed(coordinator, num_processes, process_id):
+    """Join JAX's multi-controller runtime: with the dist.* keys, or as JAX detects it on a TPU pod slice,
+    SLURM or Open MPI. With neither, JAX finds no coordinator and this stays a single process."""
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except ValueError as e:
+        if coordinator or 'coordinator_address' not in str(e):
+            raise
+
+
 def train(cfg, out_dir):
     check_config(cfg)
+    init_distributed(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     B, A, T = cfg.batch_size, cfg.grad_accum, cfg.model.seq_len
     if B % A or (B // A) % jax.device_count():
@@ -117,17 +129,19 @@ def train(cfg, out_dir):
     flops_per_token = gpt.flops_per_token(model_config(cfg.model))
     peak = utils.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
     config = utils.flatten(OmegaConf.to_container(cfg, resolve=True))
-    run = utils.init_wandb(cfg.wandb, config | {'n_params': n_params, 'flops_per_token': flops_per_token}, out_dir)
-    print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} '
+    main = jax.process_index() == 0  # only process 0 prints, logs and writes metrics
+    run = utils.init_wandb(cfg.wandb, config | {'n_params': n_params, 'flops_per_token': flops_per_token}, out_dir, main)
+    main and print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} '
           f'{jax.devices()[0].device_kind}; logging to {out_dir}')
 
-    log_file = open(os.path.join(out_dir, 'metrics.jsonl'), 'a')
+    log_file = open(os.path.join(out_dir, 'metrics.jsonl'), 'a') if main else None
     def log(record):
-        log_file.write(json.dumps(record) + '\n'); log_file.flush()
+        if main:
+            log_file.write(json.dumps(record) + '\n'); log_file.flush()
         run.log(record, step=record['step'])
 
     pending, t0 = [], time.perf_counter()
-    bar = tqdm(range(total_steps), disable=jax.process_index() != 0)
+    bar = tqdm(range(total_steps), disable=not main)
     for step in bar:
         state, metrics = train_step_fn(state, next(batches))
         pending.append(metrics)
@@ -147,7 +161,7 @@ def train(cfg, out_dir):
         if done % cfg.eval_every == 0 or done == total_steps:
             eval_loss = float(np.mean(jax.device_get([eval_step_fn(state, b) for b in val_batches])))
             log(dict(step=done, eval_loss=eval_loss))
-            bar.write(f'step {done}: eval_loss {eval_loss:.4f}')
+            main and bar.write(f'step {done}: eval_loss {eval_loss:.4f}')
             t0 = time.perf_counter()  # eval time does not count against training throughput
     run.finish()
     return state, record | {'eval_loss': eval_loss}
