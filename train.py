@@ -82,12 +82,18 @@ def eval_step(graphdef, state, tokens):
     return loss_fn(model, tokens)
 
 
-def compile_steps(graphdef, state, batch_sharding):
-    """Jitted train and eval steps; the state keeps its FSDP layout across steps and is donated."""
+def compile_steps(graphdef, state, mesh):
+    """Jitted train and eval steps, traced under the mesh (the model pins activations to batch
+    sharding); the state keeps its FSDP layout across steps and is donated."""
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     train = jax.jit(partial(train_step, graphdef), donate_argnums=0, out_shardings=(state_sharding, None))
     evaluate = jax.jit(partial(eval_step, graphdef))
-    return train, evaluate
+    def under_mesh(f):
+        def call(*args):
+            with jax.set_mesh(mesh):
+                return f(*args)
+        return call
+    return under_mesh(train), under_mesh(evaluate)
 
 
 @functools.cache  # once per process: a Hydra sweep calls train() again in the same process
@@ -96,8 +102,8 @@ def init_distributed(coordinator, num_processes, process_id):
     SLURM or Open MPI. With neither, JAX finds no coordinator and this stays a single process."""
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id)
-    except ValueError as e:
-        if coordinator or 'coordinator_address' not in str(e):
+    except (ValueError, RuntimeError) as e:  # no cluster found, or JAX already running in this process
+        if coordinator or not any(m in str(e) for m in ('coordinator_address', 'must be called before')):
             raise
 
 
@@ -118,7 +124,7 @@ def train(cfg, out_dir):
     schedule = lr_schedule(cfg.opt, total_steps)
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
     n_params = sum(x.size for x in jax.tree.leaves(state[0]))
-    train_step_fn, eval_step_fn = compile_steps(graphdef, state, None)
+    train_step_fn, eval_step_fn = compile_steps(graphdef, state, mesh)
     batch_sharding = NamedSharding(mesh, P(None, 'data'))
     batches = data.Batches(train_tokens, T, cfg.seed, 0, B, A, batch_sharding)
     val_sharding = NamedSharding(mesh, P('data'))  # a fixed set of validation windows (seed 0), same for every run
