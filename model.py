@@ -9,6 +9,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 REMAT_POLICIES = {'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
                   'full': jax.checkpoint_policies.nothing_saveable}
@@ -16,6 +17,10 @@ REMAT_POLICIES = {'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveab
 
 def init(std, sharding):
     return nnx.with_partitioning(nnx.initializers.normal(std), sharding)
+
+
+def batch_sharded(x):  # [B, ...] split over 'data': XLA then gathers the weights (FSDP) instead of splitting heads
+    return x if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(x, P('data'))
 
 
 def padded_vocab(vocab_size):
@@ -39,6 +44,7 @@ class Block(nnx.Module):
 
     def __call__(self, x):  # [B, T, D]
         B, T, D = x.shape
+        x = batch_sharded(x)
         qkv = self.qkv(self.ln1(x)).reshape(B, T, 3, self.n_heads, D // self.n_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, K]
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)

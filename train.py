@@ -1,5 +1,5 @@
 """The training loop: config in, sharded model and optimizer built, one jitted step, metrics out."""
-import json, os, time
+import functools, json, os, time
 from functools import partial
 from types import SimpleNamespace
 import jax
@@ -82,16 +82,34 @@ def eval_step(graphdef, state, tokens):
     return loss_fn(model, tokens)
 
 
-def compile_steps(graphdef, state, batch_sharding):
-    """Jitted train and eval steps; the state keeps its FSDP layout across steps and is donated."""
+def compile_steps(graphdef, state, mesh):
+    """Jitted train and eval steps, traced under the mesh (the model pins activations to batch
+    sharding); the state keeps its FSDP layout across steps and is donated."""
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     train = jax.jit(partial(train_step, graphdef), donate_argnums=0, out_shardings=(state_sharding, None))
     evaluate = jax.jit(partial(eval_step, graphdef))
-    return train, evaluate
+    def under_mesh(f):
+        def call(*args):
+            with jax.set_mesh(mesh):
+                return f(*args)
+        return call
+    return under_mesh(train), under_mesh(evaluate)
+
+
+@functools.cache  # once per process: a Hydra sweep calls train() again in the same process
+def init_distributed(coordinator, num_processes, process_id):
+    """Join JAX's multi-controller runtime: with the dist.* keys, or as JAX detects it on a TPU pod slice,
+    SLURM or Open MPI. With neither, JAX finds no coordinator and this stays a single process."""
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except (ValueError, RuntimeError) as e:  # no cluster found, or JAX already running in this process
+        if coordinator or not any(m in str(e) for m in ('coordinator_address', 'must be called before')):
+            raise
 
 
 def train(cfg, out_dir):
     check_config(cfg)
+    init_distributed(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     B, A, T = cfg.batch_size, cfg.grad_accum, cfg.model.seq_len
     if B % A or (B // A) % jax.device_count():
@@ -106,7 +124,7 @@ def train(cfg, out_dir):
     schedule = lr_schedule(cfg.opt, total_steps)
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
     n_params = sum(x.size for x in jax.tree.leaves(state[0]))
-    train_step_fn, eval_step_fn = compile_steps(graphdef, state, None)
+    train_step_fn, eval_step_fn = compile_steps(graphdef, state, mesh)
     batch_sharding = NamedSharding(mesh, P(None, 'data'))
     batches = data.Batches(train_tokens, T, cfg.seed, 0, B, A, batch_sharding)
     val_sharding = NamedSharding(mesh, P('data'))  # a fixed set of validation windows (seed 0), same for every run
@@ -117,17 +135,19 @@ def train(cfg, out_dir):
     flops_per_token = gpt.flops_per_token(model_config(cfg.model))
     peak = utils.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
     config = utils.flatten(OmegaConf.to_container(cfg, resolve=True))
-    run = utils.init_wandb(cfg.wandb, config | {'n_params': n_params, 'flops_per_token': flops_per_token}, out_dir)
-    print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} '
+    main = jax.process_index() == 0  # only process 0 prints, logs and writes metrics
+    run = utils.init_wandb(cfg.wandb, config | {'n_params': n_params, 'flops_per_token': flops_per_token}, out_dir, main)
+    main and print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} '
           f'{jax.devices()[0].device_kind}; logging to {out_dir}')
 
-    log_file = open(os.path.join(out_dir, 'metrics.jsonl'), 'a')
+    log_file = open(os.path.join(out_dir, 'metrics.jsonl'), 'a') if main else None
     def log(record):
-        log_file.write(json.dumps(record) + '\n'); log_file.flush()
+        if main:
+            log_file.write(json.dumps(record) + '\n'); log_file.flush()
         run.log(record, step=record['step'])
 
     pending, t0 = [], time.perf_counter()
-    bar = tqdm(range(total_steps), disable=jax.process_index() != 0)
+    bar = tqdm(range(total_steps), disable=not main)
     for step in bar:
         state, metrics = train_step_fn(state, next(batches))
         pending.append(metrics)
@@ -147,7 +167,7 @@ def train(cfg, out_dir):
         if done % cfg.eval_every == 0 or done == total_steps:
             eval_loss = float(np.mean(jax.device_get([eval_step_fn(state, b) for b in val_batches])))
             log(dict(step=done, eval_loss=eval_loss))
-            bar.write(f'step {done}: eval_loss {eval_loss:.4f}')
+            main and bar.write(f'step {done}: eval_loss {eval_loss:.4f}')
             t0 = time.perf_counter()  # eval time does not count against training throughput
     run.finish()
     return state, record | {'eval_loss': eval_loss}

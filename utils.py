@@ -40,10 +40,10 @@ def has_wandb_key():
         return False
 
 
-def init_wandb(cfg, config, out_dir):
+def init_wandb(cfg, config, out_dir, enabled=True):
     """Start a wandb run that can never block or crash training: WANDB_MODE wins over the config;
     online without an API key falls back to offline; if wandb cannot start, logging is disabled."""
-    mode = os.environ.get('WANDB_MODE') or cfg.mode
+    mode = (os.environ.get('WANDB_MODE') or cfg.mode) if enabled else 'disabled'
     if mode == 'online' and not has_wandb_key():
         print('wandb: no API key found, logging offline (upload later with `wandb sync`)')
         mode = 'offline'

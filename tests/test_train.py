@@ -17,7 +17,7 @@ def setup(cfg, n_devices):
     mesh = mesh_of(n_devices)
     tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 100))
     graphdef, state = train.create_state(cfg, mesh, tx)
-    step, evaluate = train.compile_steps(graphdef, state, None)
+    step, evaluate = train.compile_steps(graphdef, state, mesh)
     return mesh, graphdef, state, step, evaluate
 
 
