@@ -20,6 +20,12 @@ def make_cfg(*overrides, name='local'):
         return compose(name, overrides=list(overrides))
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    """Each test runs in its own directory, so default checkpoint dirs (checkpoints/run) never collide."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope='session')
 def stdlib_data(tmp_path_factory):
     """The byte-level stdlib corpus that `python main.py` builds on first run."""
@@ -39,3 +45,14 @@ def tiny_cfg(stdlib_data):
 def write_tokens(path, tokens):
     np.asarray(tokens, dtype='<u2').tofile(path)
     return str(path)
+
+
+@pytest.fixture(scope='session')
+def trained_ckpt(stdlib_data, tmp_path_factory):
+    """A checkpoint dir holding steps 5 and 10 of a tiny byte-level model trained on 8 devices."""
+    import train
+    d = tmp_path_factory.mktemp('trained')
+    cfg = make_cfg(*TINY, f'data.train_path={stdlib_data[0]}', f'data.val_path={stdlib_data[1]}',
+                   'train_tokens=5120', 'ckpt.every=5', f'ckpt.dir={d / "ckpt"}')  # 10 steps of 16x32
+    train.train(cfg, str(d))
+    return str(d / 'ckpt')
