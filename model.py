@@ -104,30 +104,6 @@ class GPT(nnx.Module):
         return logits if cache is None else (logits, cache)
 
 
-def sample_token(logits, key, temperature, top_k):  # logits [B, V] -> token ids [B]
-    if temperature == 0:
-        return jnp.argmax(logits, -1)
-    if top_k:
-        logits = jnp.where(logits < jax.lax.top_k(logits, top_k)[0][:, -1:], -jnp.inf, logits)
-    return jax.random.categorical(key, logits / temperature)
-
-
-@partial(nnx.jit, static_argnames=('n_new', 'temperature', 'top_k'))
-def generate(model, prompt, key, n_new, temperature=1.0, top_k=0):
-    """prompt [B, P] -> [B, P + n_new] (P + n_new <= seq_len). The prompt fills a KV cache in one pass;
-    then each new token costs one position's work. temperature 0 is greedy; top_k 0 keeps every token."""
-    B, P = prompt.shape
-    logits, cache = model(prompt, model.init_cache(B, P + n_new))
-    graphdef, weights = nnx.split(model)  # weights ride in the loop carry: NNX modules cannot cross into lax loops
-    def step(i, carry):
-        tokens, logits, cache, weights = carry
-        token = sample_token(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k)
-        logits, cache = nnx.merge(graphdef, weights)(token[:, None], cache, P + i)
-        return tokens.at[:, P + i].set(token), logits, cache, weights
-    tokens = jnp.pad(prompt, ((0, 0), (0, n_new)))
-    return jax.lax.fori_loop(0, n_new, step, (tokens, logits[:, -1:], cache, weights))[0]
-
-
 def n_params(model):
     return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 

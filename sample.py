@@ -1,15 +1,50 @@
 """Text from a checkpoint: `python sample.py checkpoints/run --prompt 'def main(' --num_samples 3`.
 
 The model's shape comes from the config saved with the checkpoint. Tokens: raw UTF-8 bytes for a byte
-vocabulary (256), GPT-2 BPE (tiktoken's `gpt2`) otherwise. Decoding runs on one device with a KV cache.
+vocabulary (256), GPT-2 BPE (tiktoken's `gpt2`) otherwise. Decoding runs on one device with a KV cache:
+the prompt fills it in one pass, then each new token costs one position's work.
 """
 import argparse, sys
+from functools import partial
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from omegaconf import OmegaConf
-import model as gpt, train, utils
+import train, utils
+
+
+def tokenizer(vocab_size):
+    """(encode, decode): raw UTF-8 bytes for a byte vocab (invalid sequences replaced), else GPT-2 BPE."""
+    if vocab_size <= 256:
+        return lambda text: list(text.encode()), lambda ids: bytes(ids).decode(errors='replace')
+    import tiktoken  # its gpt2 vocabulary is downloaded on first use
+    bpe = tiktoken.get_encoding('gpt2')
+    return lambda text: bpe.encode(text, allowed_special='all'), bpe.decode
+
+
+def sample_token(logits, key, temperature, top_k):  # logits [B, V] -> token ids [B]
+    if temperature == 0:
+        return jnp.argmax(logits, -1)
+    if top_k:
+        logits = jnp.where(logits < jax.lax.top_k(logits, top_k)[0][:, -1:], -jnp.inf, logits)
+    return jax.random.categorical(key, logits / temperature)
+
+
+@partial(nnx.jit, static_argnames=('n_new', 'temperature', 'top_k'))
+def generate(model, prompt, key, n_new, temperature=1.0, top_k=0):
+    """prompt [B, P] -> [B, P + n_new], with P + n_new <= seq_len. temperature 0 is greedy; top_k 0 keeps all."""
+    B, P = prompt.shape
+    logits, cache = model(prompt, model.init_cache(B, P + n_new))  # the prompt in one pass
+    graphdef, weights = nnx.split(model)  # weights ride in the loop carry: NNX modules cannot cross into lax loops
+    def step(i, carry):  # one new token: one position through the model, its keys/values added to the cache
+        tokens, logits, cache, weights = carry
+        token = sample_token(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k)
+        logits, cache = nnx.merge(graphdef, weights)(token[:, None], cache, P + i)
+        return tokens.at[:, P + i].set(token), logits, cache, weights
+    tokens = jnp.pad(prompt, ((0, 0), (0, n_new)))
+    return jax.lax.fori_loop(0, n_new, step, (tokens, logits[:, -1:], cache, weights))[0]
 
 
 def load(path):
@@ -40,9 +75,16 @@ def sample(model, encode, decode, prompt, max_new_tokens, num_samples=1, tempera
     while new < max_new_tokens:
         context = tokens[:, -(T // 2):] if tokens.shape[1] >= T else tokens
         n = min(max_new_tokens - new, T - context.shape[1])
-        out = gpt.generate(model, context, jax.random.fold_in(key, new), n, temperature, top_k)
+        out = generate(model, context, jax.random.fold_in(key, new), n, temperature, top_k)
         tokens, new = np.concatenate([tokens, np.asarray(out[:, -n:])], axis=1), new + n
     return [decode(row[len(ids):].tolist()) for row in tokens]
+
+
+def eval_sample(model, tokens, max_new_tokens, seed):
+    """The trainer's optional sample at each eval: a continuation of the first quarter window of `tokens`."""
+    P = model.seq_len // 4
+    out = generate(model, np.asarray(tokens[None, :P], np.int32), jax.random.key(seed), min(max_new_tokens, model.seq_len - P))
+    return tokenizer(model.vocab_size)[1](np.asarray(out[0, P:]).tolist())
 
 
 def main(argv=None):
@@ -57,7 +99,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         model, cfg, step = load(a.checkpoint)
-        encode, decode = utils.tokenizer(cfg.model.vocab_size)
+        encode, decode = tokenizer(cfg.model.vocab_size)
         texts = sample(model, encode, decode, a.prompt, a.max_new_tokens, a.num_samples, a.temperature, a.top_k, a.seed)
     except utils.PicodoError as e:
         sys.exit(f'error: {e}')

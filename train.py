@@ -79,13 +79,11 @@ def restore(manager, step, cfg, state):
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
         saved = meta['config']['model']
         differ = [f'model.{k}={saved[k]} but the config says {cfg.model[k]}' for k in SHAPE_KEYS if saved[k] != cfg.model[k]]
-        if differ:
-            raise utils.PicodoError(f'checkpoint {where} has {differ[0]}')
-        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
-    except utils.PicodoError:
-        raise
+        if not differ:
+            return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
     except Exception as e:  # truncated or missing files, garbled metadata, ...
         raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(e).__name__}: {(str(e).splitlines() or [""])[0]}') from None
+    raise utils.PicodoError(f'checkpoint {where} has {differ[0]}')
 
 
 def save(manager, step, state, meta):  # asynchronous: the arrays are copied off the devices, then written in the background
@@ -139,17 +137,16 @@ def train(cfg, out_dir):
 
     total_steps = cfg.train_tokens // (B * T)
     schedule = lr_schedule(cfg.opt, total_steps)
-    graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
-    n_params = sum(x.size for x in jax.tree.leaves(state[0]))
     # checkpoints live under the launch directory, not in Hydra's per-run outputs/, so a re-launch finds them
     ckpt_dir = os.path.abspath(cfg.ckpt.dir or os.path.join('checkpoints', cfg.wandb.name or 'run'))
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep, cleanup_tmp_directories=True))
-    start, meta = 0, {}
-    if cfg.ckpt.resume or saver.latest_step() is not None:
-        source, start = find_checkpoint(cfg.ckpt.resume) if cfg.ckpt.resume else (saver, saver.latest_step())
-        if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
-            raise utils.PicodoError(f'{ckpt_dir} already holds step {saver.latest_step()}, newer than the resumed '
-                                    f'step {start}; set ckpt.dir to save elsewhere')
+    source, start = find_checkpoint(cfg.ckpt.resume) if cfg.ckpt.resume else (saver, saver.latest_step() or 0)
+    if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
+        raise utils.PicodoError(f'{ckpt_dir} holds step {saver.latest_step()}, past step {start}: set ckpt.dir')
+    graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
+    n_params = sum(x.size for x in jax.tree.leaves(state[0]))
+    meta = {}
+    if start:
         state, meta = restore(source, start, cfg, state)
         print(f'resuming at step {start} of {total_steps} from {source.directory}')
     train_step_fn, eval_step_fn = compile_steps(graphdef, state, None)
@@ -165,7 +162,6 @@ def train(cfg, out_dir):
     config = OmegaConf.to_container(cfg, resolve=True)
     run = utils.init_wandb(cfg.wandb, utils.flatten(config) | {'n_params': n_params, 'flops_per_token': flops_per_token},
                            out_dir, meta.get('wandb_id'))  # a resumed run continues its wandb run
-    decode = utils.tokenizer(cfg.model.vocab_size)[1] if cfg.sample_tokens else None
     print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} '
           f'{jax.devices()[0].device_kind}; logging to {out_dir}, checkpoints in {ckpt_dir}')
 
@@ -198,10 +194,9 @@ def train(cfg, out_dir):
                 last['eval_loss'] = float(np.mean(jax.device_get([eval_step_fn(state, b) for b in val_batches])))
                 log(dict(step=done, eval_loss=last['eval_loss']))
                 bar.write(f'step {done}: eval_loss {last["eval_loss"]:.4f}')
-                if cfg.sample_tokens:  # continue the opening of the first validation window
-                    prompt = data.get_batch(val_tokens, T, 0, 0, 1)[:, :T // 4]
-                    ids = gpt.generate(nnx.merge(graphdef, state)[0], prompt, jax.random.key(done), min(cfg.sample_tokens, T - T // 4))
-                    bar.write(f'sample: {decode(ids[0].tolist())!r}')
+                if cfg.sample_tokens:
+                    import sample  # the sampling tool beside the trainer, loaded only when asked for
+                    bar.write(f'sample: {sample.eval_sample(nnx.merge(graphdef, state)[0], val_tokens, cfg.sample_tokens, done)!r}')
                 t0 = time.perf_counter()  # eval time does not count against training throughput
             if save_now:
                 save(saver, done, state, {'step': done, 'wandb_id': run.id, 'config': config})

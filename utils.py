@@ -54,15 +54,6 @@ def stop_signals():
             signal.signal(s, handler)
 
 
-def tokenizer(vocab_size):
-    """(encode, decode): raw UTF-8 bytes for a byte vocab (invalid sequences replaced), else GPT-2 BPE."""
-    if vocab_size <= 256:
-        return lambda text: list(text.encode()), lambda ids: bytes(ids).decode(errors='replace')
-    import tiktoken  # its gpt2 vocabulary is downloaded on first use
-    bpe = tiktoken.get_encoding('gpt2')
-    return lambda text: bpe.encode(text, allowed_special='all'), bpe.decode
-
-
 def init_wandb(cfg, config, out_dir, run_id=None):
     """Start a wandb run that can never block or crash training: WANDB_MODE wins over the config;
     online without an API key falls back to offline; if wandb cannot start, logging is disabled."""

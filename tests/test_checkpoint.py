@@ -46,7 +46,7 @@ def test_killed_and_stopped_runs_resume_exactly(finished_run):
     left = os.listdir(d / 'b')  # step 10 was fully written but never committed
     assert '5' in left and '10' not in left and any(name.startswith('10.orbax-checkpoint-tmp') for name in left), left
 
-    b2 = launch(d, args + ['ckpt.dir=b', 'hydra.run.dir=run_b2'], d / 'cache', delay=0.3)  # slow: stopped mid-run
+    b2 = launch(d, args + ['ckpt.dir=b', 'hydra.run.dir=run_b2'], d / 'cache', delay=0.2)  # slow: stopped mid-run
     wait_for(lambda: any(r['step'] >= 8 for r in records(d / 'run_b2')), b2)
     b2.send_signal(signal.SIGTERM)
     out = b2.communicate(timeout=120)[0]
