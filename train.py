@@ -1,5 +1,5 @@
 """The training loop: config in, sharded model and optimizer built, one jitted step, metrics out."""
-import json, os, signal, time
+import json, os, time
 from functools import partial
 from types import SimpleNamespace
 import jax
