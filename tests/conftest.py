@@ -81,12 +81,12 @@ def launch(cwd, args, cache_dir, hang=None, delay=0):
 
 @pytest.fixture(scope='session')
 def finished_run(stdlib_data, tmp_path_factory):
-    """`python main.py` on a tiny byte-level model, 20 steps straight: its dir, overrides and checkpoint dir
-    (steps 10, 15 and 20 kept). Later runs started with `launch(..., d / 'cache')` reuse its compiled code."""
+    """`python main.py` on a tiny byte-level model, 20 steps straight, printing a sample at each eval: its dir,
+    overrides and checkpoint dir (steps 10, 15, 20 kept). Runs launched with `d / 'cache'` reuse its compiled code."""
     d = tmp_path_factory.mktemp('finished')
     args = [a for a in TINY if not a.startswith('log_every')] + [
         f'data.train_path={stdlib_data[0]}', f'data.val_path={stdlib_data[1]}', 'train_tokens=10240',  # 20 steps
-        'log_every=1', 'ckpt.every=5', 'eval_every=10', 'sample_tokens=8']
-    out = launch(d, args + ['ckpt.dir=a', 'hydra.run.dir=run_a'], d / 'cache').communicate(timeout=300)[0]
+        'log_every=1', 'ckpt.every=5', 'eval_every=10']
+    out = launch(d, args + ['ckpt.dir=a', 'hydra.run.dir=run_a', 'sample_tokens=8'], d / 'cache').communicate(timeout=300)[0]
     assert 'sample: ' in out and (d / 'a' / '20').is_dir(), out[-3000:]
     return d, args, str(d / 'a')

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from conftest import launch, make_cfg
 from utils import PicodoError
 
+
 def wait_for(condition, proc, timeout=240):
     end = time.time() + timeout
     while not condition():
@@ -30,9 +31,9 @@ def mesh_of(n):
     return jax.make_mesh((n,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
 
 
-def restore_state(ckpt_dir, cfg, n_devices=1):
+def restore_state(ckpt_dirs, cfg, n_devices=1):
     _, state = train.create_state(cfg, mesh_of(n_devices), train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1)))
-    return train.restore(*train.find_checkpoint(ckpt_dir), cfg, state)[0]
+    return [train.restore(*train.find_checkpoint(d), cfg, state)[0] for d in ckpt_dirs]
 
 
 def test_killed_and_stopped_runs_resume_exactly(finished_run):
@@ -66,7 +67,7 @@ def test_killed_and_stopped_runs_resume_exactly(finished_run):
     assert len(straight) == 15 + 2 and resumed == straight  # 15 steps + 2 evals, floats compared exactly
 
     cfg = make_cfg(*args)
-    state_a, state_b = restore_state(d / 'a', cfg), restore_state(d / 'b', cfg)
+    state_a, state_b = restore_state([d / 'a', d / 'b'], cfg)
     diffs = jax.tree.map(lambda x, y: float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max()), state_a, state_b)
     assert max(jax.tree.leaves(diffs)) == 0.0
     assert len(wandb_ids(d / 'run_b')) == 1 and wandb_ids(d / 'run_b') == wandb_ids(d / 'run_b2') == wandb_ids(d / 'run_b3')
@@ -77,12 +78,13 @@ def test_restores_onto_any_mesh(tiny_cfg, tmp_path):
     cfg = tiny_cfg()
     meta = {'config': OmegaConf.to_container(cfg, resolve=True)}
     _, on_8 = train.create_state(cfg, mesh_of(8), train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1)))
-    for n, source in [(8, on_8), (1, None)]:
-        with ocp.CheckpointManager(tmp_path / f'from_{n}') as manager:
-            train.save(manager, 1, source if n == 8 else on_1, meta)
-        if n == 8:
-            on_1 = restore_state(tmp_path / 'from_8', cfg, 1)
-    on_4 = restore_state(tmp_path / 'from_1', cfg, 4)
+    def save(path, state):
+        with ocp.CheckpointManager(path) as manager:
+            train.save(manager, 1, state, meta)
+    save(tmp_path / 'from_8', on_8)
+    on_1, = restore_state([tmp_path / 'from_8'], cfg, 1)
+    save(tmp_path / 'from_1', on_1)
+    on_4, = restore_state([tmp_path / 'from_1'], cfg, 4)
     for x, y, z in zip(*map(jax.tree.leaves, (on_8, on_1, on_4))):
         np.testing.assert_array_equal(x, y)
         np.testing.assert_array_equal(x, z)
