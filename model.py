@@ -42,20 +42,27 @@ class Block(nnx.Module):
         self.mlp_out = dense(4 * D, D, kernel_init=init(proj_std, ('data', None)))
         self.n_heads, self.attn_impl = c.n_heads, c.attn_impl
 
-    def __call__(self, x):  # [B, T, D]
+    def __call__(self, x, cache=None, pos=0):  # x [B, T, D]; cache: this layer's (keys, values) [B, C, H, K] when decoding
         B, T, D = x.shape
         x = batch_sharded(x)
         qkv = self.qkv(self.ln1(x)).reshape(B, T, 3, self.n_heads, D // self.n_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, K]
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)
+        if cache is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)
+        else:  # write this chunk's keys/values at positions pos.., attend to everything up to each query
+            cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, new, pos, axis=1) for c, new in zip(cache, (k, v)))
+            visible = jnp.arange(cache[0].shape[1]) <= pos + jnp.arange(T)[:, None]  # [T, C]
+            y = jax.nn.dot_product_attention(q, *cache, mask=visible)
         x = x + self.attn_out(y.reshape(B, T, D))
-        return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x))))
+        x = x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x))))
+        return x if cache is None else (x, cache)
 
 
 class GPT(nnx.Module):
     def __init__(self, c, rngs):
         D, L = c.d_model, c.n_layers
         self.vocab_size, self.scan, self.remat = c.vocab_size, c.scan, c.remat
+        self.seq_len, self.cache_shape = c.seq_len, (L, c.n_heads, D // c.n_heads)
         self.token_embed = nnx.Embed(padded_vocab(c.vocab_size), D, dtype=c.dtype, rngs=rngs,
                                      embedding_init=init(0.02, ('data', None)))
         self.pos_embed = nnx.Embed(c.seq_len, D, dtype=c.dtype, rngs=rngs,
@@ -70,12 +77,27 @@ class GPT(nnx.Module):
                                   scale_init=nnx.with_partitioning(nnx.initializers.ones, ('data',)),
                                   bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('data',)))
 
-    def __call__(self, tokens):  # [B, T] int -> logits [B, T, V_padded] fp32
-        x = self.token_embed(tokens) + self.pos_embed.embedding[:tokens.shape[1]].astype(self.token_embed.dtype)
+    def init_cache(self, batch_size, length):  # (keys, values), each [L, B, C, H, K]
+        L, H, K = self.cache_shape
+        return tuple(jnp.zeros((L, batch_size, length, H, K), self.token_embed.dtype) for _ in 'kv')
+
+    def __call__(self, tokens, cache=None, pos=0):  # [B, T] int -> logits [B, T, V_padded] fp32
+        """With a cache (init_cache), tokens sit at positions pos.. and the updated cache is returned too."""
+        positions = jax.lax.dynamic_slice_in_dim(self.pos_embed.embedding[...], pos, tokens.shape[1])
+        x = self.token_embed(tokens) + positions.astype(self.token_embed.dtype)
         block_fn = lambda block, x: block(x)
         if self.remat != 'none':
             block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat])
-        if self.scan:
+        if cache is not None and self.scan:
+            x, cache = nnx.scan(lambda x, block, kv: block(x, kv, pos), in_axes=(nnx.Carry, 0, 0),
+                                out_axes=(nnx.Carry, 0))(x, self.blocks, cache)
+        elif cache is not None:
+            layer_caches = []
+            for i, block in enumerate(self.blocks):
+                x, layer_cache = block(x, (cache[0][i], cache[1][i]), pos)
+                layer_caches.append(layer_cache)
+            cache = tuple(jnp.stack(c) for c in zip(*layer_caches))
+        elif self.scan:
             x = nnx.scan(lambda x, block: block_fn(block, x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
         else:
             for block in self.blocks:
@@ -84,7 +106,8 @@ class GPT(nnx.Module):
         # weight tying: the output head is the token embedding; logits accumulate in fp32
         logits = jnp.einsum('btd,vd->btv', x, self.token_embed.embedding[...].astype(x.dtype),
                             preferred_element_type=jnp.float32)
-        return jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -jnp.inf)  # never predict padding
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -jnp.inf)  # never predict padding
+        return logits if cache is None else (logits, cache)
 
 
 def n_params(model):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from omegaconf import OmegaConf
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 import data, model as gpt, utils
 
 DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.yaml')
+SHAPE_KEYS = ['vocab_size', 'seq_len', 'd_model', 'n_layers', 'n_heads', 'scan']  # these fix the parameter tree
 
 
 def check_config(cfg):
@@ -55,6 +57,37 @@ def create_state(cfg, mesh, tx):
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
     with jax.set_mesh(mesh):
         return nnx.split(create())
+
+
+def find_checkpoint(path):
+    """(manager, step): the newest complete checkpoint in a checkpoint dir, or the step dir `path` itself.
+    Orbax writes each step under a temporary name and renames it once complete; only those count."""
+    path, one_step = os.path.abspath(path), os.path.basename(path).isdigit()
+    if not os.path.isdir(path):
+        raise utils.PicodoError(f'checkpoint not found: {path}')
+    manager = ocp.CheckpointManager(os.path.dirname(path) if one_step else path, options=ocp.CheckpointManagerOptions(create=False))
+    step = int(os.path.basename(path)) if one_step else manager.latest_step()
+    if step not in manager.all_steps():
+        raise utils.PicodoError(f'no complete checkpoint in {path}')
+    return manager, step
+
+
+def restore(manager, step, cfg, state):
+    """The saved state laid out like `state` (so onto the current mesh, whatever mesh saved it), and its metadata."""
+    where = os.path.join(manager.directory, str(step))
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+        saved = meta['config']['model']
+        differ = [f'model.{k}={saved[k]} but the config says {cfg.model[k]}' for k in SHAPE_KEYS if saved[k] != cfg.model[k]]
+        if not differ:
+            return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
+    except Exception as e:  # truncated or missing files, garbled metadata, ...
+        raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(e).__name__}: {(str(e).splitlines() or [""])[0]}') from None
+    raise utils.PicodoError(f'checkpoint {where} has {differ[0]}')
+
+
+def save(manager, step, state, meta):  # asynchronous: the arrays are copied off the devices, then written in the background
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 
 def loss_fn(model, tokens):  # tokens [B, T+1]
@@ -122,11 +155,21 @@ def train(cfg, out_dir):
 
     total_steps = cfg.train_tokens // (B * T)
     schedule = lr_schedule(cfg.opt, total_steps)
+    # checkpoints live under the launch directory, not in Hydra's per-run outputs/, so a re-launch finds them
+    ckpt_dir = os.path.abspath(cfg.ckpt.dir or os.path.join('checkpoints', cfg.wandb.name or 'run'))
+    saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep, cleanup_tmp_directories=True))
+    source, start = find_checkpoint(cfg.ckpt.resume) if cfg.ckpt.resume else (saver, saver.latest_step() or 0)
+    if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
+        raise utils.PicodoError(f'{ckpt_dir} holds step {saver.latest_step()}, past step {start}: set ckpt.dir')
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
     n_params = sum(x.size for x in jax.tree.leaves(state[0]))
+    meta = {}
+    if start:
+        state, meta = restore(source, start, cfg, state)
+        print(f'resuming at step {start} of {total_steps} from {source.directory}')
     train_step_fn, eval_step_fn = compile_steps(graphdef, state, mesh)
     batch_sharding = NamedSharding(mesh, P(None, 'data'))
-    batches = data.Batches(train_tokens, T, cfg.seed, 0, B, A, batch_sharding)
+    batches = data.Batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)
     val_sharding = NamedSharding(mesh, P('data'))  # a fixed set of validation windows (seed 0), same for every run
     val_batches = [jax.make_array_from_process_local_data(val_sharding, data.get_batch(
         val_tokens, T, 0, i, B, slice(jax.process_index() * B // jax.process_count(), (jax.process_index() + 1) * B // jax.process_count())))
@@ -134,11 +177,12 @@ def train(cfg, out_dir):
 
     flops_per_token = gpt.flops_per_token(model_config(cfg.model))
     peak = utils.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
-    config = utils.flatten(OmegaConf.to_container(cfg, resolve=True))
+    config = OmegaConf.to_container(cfg, resolve=True)
     main = jax.process_index() == 0  # only process 0 prints, logs and writes metrics
-    run = utils.init_wandb(cfg.wandb, config | {'n_params': n_params, 'flops_per_token': flops_per_token}, out_dir, main)
+    run = utils.init_wandb(cfg.wandb, utils.flatten(config) | {'n_params': n_params, 'flops_per_token': flops_per_token},
+                           out_dir, meta.get('wandb_id'), main)  # a resumed run continues its wandb run
     main and print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} '
-          f'{jax.devices()[0].device_kind}; logging to {out_dir}')
+          f'{jax.devices()[0].device_kind}; logging to {out_dir}, checkpoints in {ckpt_dir}')
 
     log_file = open(os.path.join(out_dir, 'metrics.jsonl'), 'a') if main else None
     def log(record):
@@ -146,28 +190,39 @@ def train(cfg, out_dir):
             log_file.write(json.dumps(record) + '\n'); log_file.flush()
         run.log(record, step=record['step'])
 
-    pending, t0 = [], time.perf_counter()
-    bar = tqdm(range(total_steps), disable=not main)
-    for step in bar:
-        state, metrics = train_step_fn(state, next(batches))
-        pending.append(metrics)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
-            metrics = jax.device_get(pending)  # the only host sync between evals
-            losses = np.array([m['train_loss'] for m in metrics])
-            if not np.isfinite(losses).all():
-                raise utils.PicodoError(f'non-finite loss at step {done - len(losses) + np.argmin(np.isfinite(losses)) + 1}')
-            dt = (time.perf_counter() - t0) / len(metrics)
-            record = dict(step=done, train_loss=float(losses.mean()), grad_norm=float(metrics[-1]['grad_norm']),
-                          lr=float(schedule(step)), tokens_seen=done * B * T, tokens_per_sec=B * T / dt, step_time=dt,
-                          mfu=utils.mfu(flops_per_token * B * T / dt, jax.device_count(), peak))
-            log(record)
-            bar.set_postfix(loss=f'{record["train_loss"]:.3f}', tok_s=f'{record["tokens_per_sec"]:.3g}')
-            pending, t0 = [], time.perf_counter()
-        if done % cfg.eval_every == 0 or done == total_steps:
-            eval_loss = float(np.mean(jax.device_get([eval_step_fn(state, b) for b in val_batches])))
-            log(dict(step=done, eval_loss=eval_loss))
-            main and bar.write(f'step {done}: eval_loss {eval_loss:.4f}')
-            t0 = time.perf_counter()  # eval time does not count against training throughput
+    pending, t0, last = [], time.perf_counter(), {}
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not main)
+    say = bar.write if main else lambda line: None
+    with utils.stop_signals() as stop, saver:
+        for step in bar:
+            state, metrics = train_step_fn(state, next(batches))
+            pending.append(metrics)
+            done = step + 1
+            save_now = done % cfg.ckpt.every == 0 or done == total_steps or stop
+            if done % cfg.log_every == 0 or save_now:  # so a saved state has always passed the non-finite check
+                metrics = jax.device_get(pending)  # the only host sync between evals
+                losses = np.array([m['train_loss'] for m in metrics])
+                if not np.isfinite(losses).all():
+                    raise utils.PicodoError(f'non-finite loss at step {done - len(losses) + np.argmin(np.isfinite(losses)) + 1}')
+                dt = (time.perf_counter() - t0) / len(metrics)
+                last = dict(step=done, train_loss=float(losses.mean()), grad_norm=float(metrics[-1]['grad_norm']),
+                            lr=float(schedule(step)), tokens_seen=done * B * T, tokens_per_sec=B * T / dt, step_time=dt,
+                            mfu=utils.mfu(flops_per_token * B * T / dt, jax.device_count(), peak))
+                log(last)
+                bar.set_postfix(loss=f'{last["train_loss"]:.3f}', tok_s=f'{last["tokens_per_sec"]:.3g}')
+                pending, t0 = [], time.perf_counter()
+            if done % cfg.eval_every == 0 or done == total_steps:
+                last['eval_loss'] = float(np.mean(jax.device_get([eval_step_fn(state, b) for b in val_batches])))
+                log(dict(step=done, eval_loss=last['eval_loss']))
+                say(f'step {done}: eval_loss {last["eval_loss"]:.4f}')
+                if cfg.sample_tokens:
+                    import sample  # the sampling tool beside the trainer, loaded only when asked for
+                    say(f'sample: {sample.eval_sample(nnx.merge(graphdef, state)[0], val_tokens, cfg.sample_tokens, done)!r}')
+                t0 = time.perf_counter()  # eval time does not count against training throughput
+            if save_now:
+                save(saver, done, state, {'step': done, 'wandb_id': run.id, 'config': config})
+            if stop:
+                say(f'signal {stop[0]}: stopped after step {done}, checkpoint in {ckpt_dir}')
+                break
     run.finish()
-    return state, record | {'eval_loss': eval_loss}
+    return state, last

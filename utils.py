@@ -1,5 +1,5 @@
 """MFU, the peak FLOP/s table, wandb setup and small helpers."""
-import netrc, os
+import contextlib, netrc, os, signal
 import wandb
 
 
@@ -40,7 +40,21 @@ def has_wandb_key():
         return False
 
 
-def init_wandb(cfg, config, out_dir, enabled=True):
+@contextlib.contextmanager
+def stop_signals():
+    """Within: SIGTERM (preemption) and SIGINT (Ctrl-C) append to the yielded list instead of killing, so the
+    loop can checkpoint and exit cleanly; a second signal acts as usual. The old handlers come back on exit."""
+    stop, previous = [], {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in previous:
+        signal.signal(s, lambda sig, _: (stop.append(sig), signal.signal(sig, previous[sig])))
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
     """Start a wandb run that can never block or crash training: WANDB_MODE wins over the config;
     online without an API key falls back to offline; if wandb cannot start, logging is disabled."""
     mode = (os.environ.get('WANDB_MODE') or cfg.mode) if enabled else 'disabled'
@@ -48,7 +62,7 @@ def init_wandb(cfg, config, out_dir, enabled=True):
         print('wandb: no API key found, logging offline (upload later with `wandb sync`)')
         mode = 'offline'
     try:
-        return wandb.init(project=cfg.project, name=cfg.name, config=config, dir=out_dir, mode=mode)
+        return wandb.init(project=cfg.project, name=cfg.name, config=config, dir=out_dir, mode=mode, id=run_id, resume='allow')
     except Exception as e:  # no network, bad key, ...
         print(f'wandb: could not start ({e}); continuing without it')
         return wandb.init(mode='disabled')

@@ -1,5 +1,5 @@
 """Tests run on the CPU with 8 simulated devices; nothing needs the network or a wandb account."""
-import os
+import os, subprocess, sys
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ['WANDB_MODE'] = 'offline'
@@ -18,6 +18,12 @@ def make_cfg(*overrides, name='local'):
     """A config composed exactly as `python main.py -cn NAME OVERRIDES...` would compose it."""
     with initialize_config_dir(os.path.join(REPO, 'configs'), version_base=None):
         return compose(name, overrides=list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    """Each test runs in its own directory, so default checkpoint dirs (checkpoints/run) never collide."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope='session')
@@ -39,3 +45,48 @@ def tiny_cfg(stdlib_data):
 def write_tokens(path, tokens):
     np.asarray(tokens, dtype='<u2').tofile(path)
     return str(path)
+
+
+
+# `python main.py ARGS` with two test hooks: the save of step HANG never commits (it hangs just before
+# orbax's atomic rename, with everything else written), and each batch takes DELAY seconds longer.
+HOOKED_MAIN = """
+import asyncio, runpy, sys, time
+sys.path.insert(0, {repo!r})
+from orbax.checkpoint._src.path import atomicity
+import data
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+async def commit_or_hang(self):
+    if self.get_final().name == {hang!r}:
+        open('hanging', 'w').close()
+        await asyncio.sleep(3600)
+    return await commit(self)
+atomicity.AtomicRenameTemporaryPath.finalize = commit_or_hang
+get_batch = data.get_batch
+data.get_batch = lambda *args: (time.sleep({delay}), get_batch(*args))[1]
+sys.argv = [{main!r}] + {args!r}
+runpy.run_path({main!r}, run_name='__main__')
+"""
+
+
+def launch(cwd, args, cache_dir, hang=None, delay=0):
+    """Start `python main.py ARGS` on 2 CPU devices (compiles faster than 8; still a sharded run). Runs that
+    share `cache_dir` share compiled programs (JAX's persistent cache): the same executable, loaded not rebuilt."""
+    code = HOOKED_MAIN.format(repo=REPO, main=os.path.join(REPO, 'main.py'), args=list(args), hang=str(hang), delay=delay)
+    env = dict(os.environ, WANDB_MODE='offline', XLA_FLAGS='--xla_force_host_platform_device_count=2',
+               JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    return subprocess.Popen([sys.executable, '-c', code], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope='session')
+def finished_run(stdlib_data, tmp_path_factory):
+    """`python main.py` on a tiny byte-level model, 20 steps straight, printing a sample at each eval: its dir,
+    overrides and checkpoint dir (steps 10, 15, 20 kept). Runs launched with `d / 'cache'` reuse its compiled code."""
+    d = tmp_path_factory.mktemp('finished')
+    args = [a for a in TINY if not a.startswith('log_every')] + [
+        f'data.train_path={stdlib_data[0]}', f'data.val_path={stdlib_data[1]}', 'train_tokens=10240',  # 20 steps
+        'log_every=1', 'ckpt.every=5', 'eval_every=10']
+    out = launch(d, args + ['ckpt.dir=a', 'hydra.run.dir=run_a', 'sample_tokens=8'], d / 'cache').communicate(timeout=300)[0]
+    assert 'sample: ' in out and (d / 'a' / '20').is_dir(), out[-3000:]
+    return d, args, str(d / 'a')

@@ -89,12 +89,6 @@ def test_loss_falls_on_real_text(tiny_cfg, tmp_path):
     assert records[0]['mfu'] is None  # CPU: no peak FLOP/s unless the config gives one
 
 
-def test_non_finite_loss_stops_the_run_naming_the_step(tiny_cfg, tmp_path):
-    cfg = tiny_cfg('train_tokens=10240', 'opt.peak_lr=1e30', 'opt.clip_norm=1e30')
-    with pytest.raises(PicodoError, match=r'non-finite loss at step \d+'):
-        train.train(cfg, str(tmp_path))
-
-
 def test_batch_not_divisible_over_devices(tiny_cfg, tmp_path):
     with pytest.raises(PicodoError, match='batch_size 12 .* divisible over 8 devices'):
         train.train(tiny_cfg('batch_size=12'), str(tmp_path))

@@ -1,0 +1,112 @@
+"""Text from a checkpoint: `python sample.py checkpoints/run --prompt 'def main(' --num_samples 3`.
+
+The model's shape comes from the config saved with the checkpoint. Tokens: raw UTF-8 bytes for a byte
+vocabulary (256), GPT-2 BPE (tiktoken's `gpt2`) otherwise. Decoding runs on one device with a KV cache:
+the prompt fills it in one pass, then each new token costs one position's work.
+"""
+import argparse, sys
+from functools import partial
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from omegaconf import OmegaConf
+import train, utils
+
+
+def tokenizer(vocab_size):
+    """(encode, decode): raw UTF-8 bytes for a byte vocab (invalid sequences replaced), else GPT-2 BPE."""
+    if vocab_size <= 256:
+        return lambda text: list(text.encode()), lambda ids: bytes(ids).decode(errors='replace')
+    import tiktoken  # its gpt2 vocabulary is downloaded on first use
+    bpe = tiktoken.get_encoding('gpt2')
+    return lambda text: bpe.encode(text, allowed_special='all'), bpe.decode
+
+
+def sample_token(logits, key, temperature, top_k):  # logits [B, V] -> token ids [B]
+    if temperature == 0:
+        return jnp.argmax(logits, -1)
+    if top_k:
+        logits = jnp.where(logits < jax.lax.top_k(logits, top_k)[0][:, -1:], -jnp.inf, logits)
+    return jax.random.categorical(key, logits / temperature)
+
+
+@partial(nnx.jit, static_argnames=('n_new', 'temperature', 'top_k'))
+def generate(model, prompt, key, n_new, temperature=1.0, top_k=0):
+    """prompt [B, P] -> [B, P + n_new], with P + n_new <= seq_len. temperature 0 is greedy; top_k 0 keeps all."""
+    B, P = prompt.shape
+    logits, cache = model(prompt, model.init_cache(B, P + n_new))  # the prompt in one pass
+    graphdef, weights = nnx.split(model)  # weights ride in the loop carry: NNX modules cannot cross into lax loops
+    def step(i, carry):  # one new token: one position through the model, its keys/values added to the cache
+        tokens, logits, cache, weights = carry
+        token = sample_token(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k)
+        logits, cache = nnx.merge(graphdef, weights)(token[:, None], cache, P + i)
+        return tokens.at[:, P + i].set(token), logits, cache, weights
+    tokens = jnp.pad(prompt, ((0, 0), (0, n_new)))
+    return jax.lax.fori_loop(0, n_new, step, (tokens, logits[:, -1:], cache, weights))[0]
+
+
+def load(path):
+    """(model, config, step) from a checkpoint dir (its newest complete step) or one step dir."""
+    manager, step = train.find_checkpoint(path)
+    try:
+        cfg = OmegaConf.create(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']['config'])
+    except Exception as e:
+        raise utils.PicodoError(f'cannot read the config saved in {path}: {type(e).__name__}') from None
+    mesh = jax.make_mesh((1,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1))  # restoring needs the optimizer's tree too
+    graphdef, state = train.create_state(cfg, mesh, tx)
+    state, _ = train.restore(manager, step, cfg, state)
+    return nnx.merge(graphdef, state)[0], cfg, step
+
+
+def sample(model, encode, decode, prompt, max_new_tokens, num_samples=1, temperature=0.8, top_k=0, seed=0):
+    """num_samples continuations of `prompt`. Learned positions stop at seq_len: when the window is full,
+    the newest half of it refills the cache in one pass and decoding goes on from there."""
+    T, ids = model.seq_len, encode(prompt)
+    if not ids:
+        raise utils.PicodoError('empty prompt')
+    if len(ids) > T - 1:
+        print(f'warning: prompt of {len(ids)} tokens cut to its last {T - 1} (model.seq_len {T} leaves room '
+              f'for one new token)', file=sys.stderr)
+        ids = ids[-(T - 1):]
+    tokens, new, key = np.tile(np.array(ids, np.int32), (num_samples, 1)), 0, jax.random.key(seed)
+    while new < max_new_tokens:
+        context = tokens[:, -(T // 2):] if tokens.shape[1] >= T else tokens
+        n = min(max_new_tokens - new, T - context.shape[1])
+        out = generate(model, context, jax.random.fold_in(key, new), n, temperature, top_k)
+        tokens, new = np.concatenate([tokens, np.asarray(out[:, -n:])], axis=1), new + n
+    return [decode(row[len(ids):].tolist()) for row in tokens]
+
+
+def eval_sample(model, tokens, max_new_tokens, seed):
+    """The trainer's optional sample at each eval: a continuation of the first quarter window of `tokens`."""
+    P = model.seq_len // 4
+    out = generate(model, np.asarray(tokens[None, :P], np.int32), jax.random.key(seed), min(max_new_tokens, model.seq_len - P))
+    return tokenizer(model.vocab_size)[1](np.asarray(out[0, P:]).tolist())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('checkpoint', help='a checkpoint dir (its newest step is used) or one step dir inside it')
+    p.add_argument('--prompt', default='\n')
+    p.add_argument('--max_new_tokens', type=int, default=200)
+    p.add_argument('--temperature', type=float, default=0.8, help='0 = greedy')
+    p.add_argument('--top_k', type=int, default=0, help='sample among the k likeliest tokens; 0 = all')
+    p.add_argument('--num_samples', type=int, default=1)
+    p.add_argument('--seed', type=int, default=0)
+    a = p.parse_args(argv)
+    try:
+        model, cfg, step = load(a.checkpoint)
+        encode, decode = tokenizer(cfg.model.vocab_size)
+        texts = sample(model, encode, decode, a.prompt, a.max_new_tokens, a.num_samples, a.temperature, a.top_k, a.seed)
+    except utils.PicodoError as e:
+        sys.exit(f'error: {e}')
+    print(f'# {a.num_samples} sample(s) from step {step} of {a.checkpoint}', file=sys.stderr)
+    for text in texts:
+        print(a.prompt + text, end='\n---------------\n')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,143 @@
+"""Checkpoints: exact resume after SIGKILL (even mid-save) and SIGTERM, any mesh, bad checkpoints."""
+import glob, json, os, re, shutil, signal, time
+import jax
+import orbax.checkpoint as ocp
+import numpy as np
+import pytest
+import train, utils
+from omegaconf import OmegaConf
+from conftest import launch, make_cfg
+from utils import PicodoError
+
+
+def wait_for(condition, proc, timeout=240):
+    end = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < end, 'timed out'
+        time.sleep(0.1)
+
+
+def records(run_dir):
+    path = os.path.join(run_dir, 'metrics.jsonl')
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def wandb_ids(run_dir):
+    return {p.rsplit('-', 1)[1] for p in glob.glob(os.path.join(run_dir, 'wandb', 'offline-run-*'))}
+
+
+def mesh_of(n):
+    return jax.make_mesh((n,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
+
+
+def restore_state(ckpt_dirs, cfg, n_devices=1):
+    _, state = train.create_state(cfg, mesh_of(n_devices), train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1)))
+    return [train.restore(*train.find_checkpoint(d), cfg, state)[0] for d in ckpt_dirs]
+
+
+def test_killed_and_stopped_runs_resume_exactly(finished_run):
+    """Run A (finished_run) trained 20 steps straight. Run B is SIGKILLed from outside while writing its step-10
+    checkpoint, resumes from step 5, gets SIGTERM mid-run (checkpoints, exits 0), resumes again and finishes.
+    Every loss logged after step 5 and the final weights and Adam moments are bitwise those of run A."""
+    d, args, _ = finished_run
+    b = launch(d, args + ['ckpt.dir=b', 'hydra.run.dir=run_b'], d / 'cache', hang=10)
+    wait_for(lambda: (d / 'hanging').exists(), b)
+    b.kill(); b.wait()
+    left = os.listdir(d / 'b')  # step 10 was fully written but never committed
+    assert '5' in left and '10' not in left and any(name.startswith('10.orbax-checkpoint-tmp') for name in left), left
+
+    b2 = launch(d, args + ['ckpt.dir=b', 'hydra.run.dir=run_b2'], d / 'cache', delay=0.2)  # slow: stopped mid-run
+    wait_for(lambda: any(r['step'] >= 8 for r in records(d / 'run_b2')), b2)
+    b2.send_signal(signal.SIGTERM)
+    out = b2.communicate(timeout=120)[0]
+    assert b2.returncode == 0, out[-3000:]
+    assert 'resuming at step 5 of 20' in out
+    stopped = int(re.search(r'stopped after step (\d+)', out).group(1))
+    assert 8 <= stopped < 20 and (d / 'b' / str(stopped)).is_dir()
+
+    b3 = launch(d, args + ['ckpt.dir=b', 'hydra.run.dir=run_b3'], d / 'cache')
+    out = b3.communicate(timeout=240)[0]
+    assert b3.returncode == 0 and f'resuming at step {stopped} of 20' in out, out[-3000:]
+
+    def after_5(*run_dirs):
+        rows = [r for run in run_dirs for r in records(d / run) if r['step'] > 5]
+        return [{k: r.get(k) for k in ['step', 'train_loss', 'grad_norm', 'lr', 'eval_loss']} for r in rows]
+    straight, resumed = after_5('run_a'), after_5('run_b2', 'run_b3')
+    assert len(straight) == 15 + 2 and resumed == straight  # 15 steps + 2 evals, floats compared exactly
+
+    cfg = make_cfg(*args)
+    state_a, state_b = restore_state([d / 'a', d / 'b'], cfg)
+    diffs = jax.tree.map(lambda x, y: float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max()), state_a, state_b)
+    assert max(jax.tree.leaves(diffs)) == 0.0
+    assert len(wandb_ids(d / 'run_b')) == 1 and wandb_ids(d / 'run_b') == wandb_ids(d / 'run_b2') == wandb_ids(d / 'run_b3')
+
+
+def test_restores_onto_any_mesh(tiny_cfg, tmp_path):
+    """Saved on 8 devices, restored onto 1; saved from 1, restored onto 4: same values, new layouts."""
+    cfg = tiny_cfg()
+    meta = {'config': OmegaConf.to_container(cfg, resolve=True)}
+    _, on_8 = train.create_state(cfg, mesh_of(8), train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1)))
+    def save(path, state):
+        with ocp.CheckpointManager(path) as manager:
+            train.save(manager, 1, state, meta)
+    save(tmp_path / 'from_8', on_8)
+    on_1, = restore_state([tmp_path / 'from_8'], cfg, 1)
+    save(tmp_path / 'from_1', on_1)
+    on_4, = restore_state([tmp_path / 'from_1'], cfg, 4)
+    for x, y, z in zip(*map(jax.tree.leaves, (on_8, on_1, on_4))):
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(x, z)
+        assert [len(a.sharding.device_set) for a in (x, y, z)] == [8, 1, 4]
+    big = max(jax.tree.leaves(on_4), key=lambda x: x.size)
+    assert big.addressable_shards[0].data.size * 4 == big.size  # split over the 4 devices, not copied
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(finished_run, tiny_cfg, tmp_path):
+    """Resumed at step 20 with an absurd learning rate: step 21 blows up the weights, the loss at step 22 is
+    NaN; the losses are checked before the step-25 save, so the checkpoints stay exactly as they were."""
+    ckpt = shutil.copytree(finished_run[2], tmp_path / 'ckpt')
+    before = {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)}
+    cfg = tiny_cfg('train_tokens=15360', 'opt.peak_lr=1e30', 'opt.clip_norm=1e30', 'ckpt.every=5', f'ckpt.dir={ckpt}')
+    with pytest.raises(PicodoError, match=r'non-finite loss at step 22$'):
+        train.train(cfg, str(tmp_path))
+    assert {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)} == before
+
+
+def corrupt(ckpt):
+    for path in glob.glob(f'{ckpt}/20/state/**/*', recursive=True):
+        if os.path.isfile(path) and os.path.getsize(path) > 100:
+            open(path, 'r+b').truncate(50)
+
+
+def no_checkpoint(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    return str(tmp_path / 'empty')
+
+
+@pytest.mark.parametrize('case,message', [
+    ('missing', 'checkpoint not found: '),
+    ('empty', 'no complete checkpoint in '),
+    ('shape', r'checkpoint .*/20 has model.d_model=64 but the config says 32'),
+    ('corrupt', r'cannot restore checkpoint .*/20: '),
+])
+def test_bad_checkpoints_get_a_clear_error_and_nothing_is_deleted(finished_run, tiny_cfg, tmp_path, case, message):
+    ckpt = str(shutil.copytree(finished_run[2], tmp_path / 'ckpt'))
+    resume = {'missing': ckpt + '/nope', 'empty': no_checkpoint(tmp_path)}.get(case, ckpt)
+    if case == 'corrupt':
+        corrupt(ckpt)
+    files = sorted(glob.glob(f'{ckpt}/**', recursive=True))
+    overrides = ['model.d_model=32'] if case == 'shape' else []
+    with pytest.raises(PicodoError, match=message) as e:
+        train.train(tiny_cfg(f'ckpt.resume={resume}', f'ckpt.dir={tmp_path / "new"}', *overrides), str(tmp_path))
+    assert '\n' not in str(e.value)
+    assert sorted(glob.glob(f'{ckpt}/**', recursive=True)) == files
+
+
+def test_a_signal_sets_the_stop_flag_instead_of_killing():
+    previous = signal.getsignal(signal.SIGINT)
+    with utils.stop_signals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is previous

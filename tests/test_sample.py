@@ -1,0 +1,82 @@
+"""Generation: the KV cache changes nothing but the cost; sampling is reproducible; sample.py end to end."""
+import sys
+from types import SimpleNamespace
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+import model as gpt, sample
+
+
+@pytest.fixture
+def one_device_mesh():
+    with jax.set_mesh(jax.make_mesh((1,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])):
+        yield
+
+
+def random_model(scan=True):
+    c = SimpleNamespace(vocab_size=300, seq_len=24, d_model=64, n_layers=2, n_heads=4, dtype=jnp.float32,
+                        scan=scan, remat='none', attn_impl='xla')
+    model = gpt.GPT(c, nnx.Rngs(0))
+    for layer in [model.blocks] if scan else model.blocks:  # bigger weights than at init: greedy decoding varies
+        for linear in [layer.qkv, layer.attn_out, layer.mlp_in, layer.mlp_out]:
+            linear.kernel[...] = linear.kernel[...] * 10
+    return model
+
+
+@pytest.mark.parametrize('scan', [True, False])
+def test_greedy_with_cache_equals_full_recomputation(one_device_mesh, scan):
+    model = random_model(scan)
+    prompt = jax.random.randint(jax.random.key(1), (3, 5), 0, 300)
+    cached = sample.generate(model, prompt, jax.random.key(0), n_new=19, temperature=0)
+    forward = nnx.jit(lambda model, tokens: model(tokens))
+    tokens = jnp.pad(prompt, ((0, 0), (0, 19)))  # causal: the padding never reaches the positions read
+    for t in range(5, 24):  # the whole sequence through the model again for every new token
+        tokens = tokens.at[:, t].set(jnp.argmax(forward(model, tokens)[:, t - 1], -1))
+    np.testing.assert_array_equal(cached, tokens)
+    assert min(len(np.unique(row)) for row in tokens[:, 5:]) > 1
+
+
+def test_sampling_is_reproducible_with_a_seed(one_device_mesh):
+    model, prompt = random_model(), jnp.zeros((2, 3), jnp.int32)
+    draw = lambda seed, **kw: sample.generate(model, prompt, jax.random.key(seed), n_new=16, **kw)
+    np.testing.assert_array_equal(draw(7), draw(7))
+    assert not np.array_equal(draw(7), draw(8))
+    top_2 = draw(7, top_k=2)
+    best_2 = jnp.argsort(model(top_2)[:, 2:-1], -1)[..., -2:]  # [B, 16, 2]: the two likeliest next tokens
+    assert (top_2[:, 3:, None] == best_2).any(-1).all()
+
+
+def test_byte_tokenizer_replaces_invalid_utf8():
+    encode, decode = sample.tokenizer(256)
+    assert encode('é!') == [0xc3, 0xa9, 0x21] and decode(encode('é!')) == 'é!'
+    assert decode([0x61, 0xff, 0x62]) == 'a\ufffdb'
+
+
+def test_larger_vocabularies_use_tiktoken_gpt2(monkeypatch):
+    """No network in tests: a stand-in for tiktoken's gpt2 encoding (its vocabulary is a download)."""
+    asked = []
+    fake = SimpleNamespace(get_encoding=lambda name: asked.append(name) or SimpleNamespace(
+        encode=lambda text, allowed_special: [len(text)], decode=lambda ids: f'<{ids}>'))
+    monkeypatch.setitem(sys.modules, 'tiktoken', fake)
+    encode, decode = sample.tokenizer(50257)
+    assert asked == ['gpt2'] and encode('abc') == [3] and decode([5]) == '<[5]>'
+
+
+def test_long_prompt_is_cut_with_a_warning_and_generation_runs_past_the_window(one_device_mesh, capsys):
+    model = random_model()  # seq_len 24
+    encode, decode = sample.tokenizer(256)
+    texts = sample.sample(model, encode, lambda ids: ids, 'x' * 40, 50, num_samples=2, seed=3)
+    assert 'prompt of 40 tokens cut to its last 23' in capsys.readouterr().err
+    assert [len(t) for t in texts] == [50, 50] and texts[0] != texts[1]
+    assert texts == sample.sample(model, encode, lambda ids: ids, 'x' * 40, 50, num_samples=2, seed=3)
+
+
+def test_sample_py_from_a_trained_checkpoint(finished_run, capsys):
+    ckpt = finished_run[2]
+    sample.main([ckpt, '--prompt', 'def ', '--max_new_tokens', '20', '--num_samples', '2', '--top_k', '20'])
+    out, err = capsys.readouterr()
+    assert out.startswith('def ') and out.count('\n---------------\n') == 2 and 'from step 20 of' in err
+    with pytest.raises(SystemExit, match='error: checkpoint not found: .*nope'):
+        sample.main([ckpt + '/nope'])
