@@ -1,4 +1,4 @@
-"""Text from a checkpoint: `python sample.py checkpoints/run --prompt 'def main(' --num_samples 3`.
+"""Text from a checkpoint: `python sample.py checkpoints/local --prompt 'def main(' --num_samples 3`.
 
 The model's shape comes from the config saved with the checkpoint. Tokens: raw UTF-8 bytes for a byte
 vocabulary (256), GPT-2 BPE (tiktoken's `gpt2`) otherwise. Decoding runs on one device with a KV cache:

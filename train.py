@@ -140,7 +140,7 @@ def init_distributed(coordinator, num_processes, process_id):
             raise
 
 
-def train(cfg, out_dir):
+def train(cfg, out_dir, name='run'):
     check_config(cfg)
     init_distributed(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
@@ -156,7 +156,7 @@ def train(cfg, out_dir):
     total_steps = cfg.train_tokens // (B * T)
     schedule = lr_schedule(cfg.opt, total_steps)
     # checkpoints live under the launch directory, not in Hydra's per-run outputs/, so a re-launch finds them
-    ckpt_dir = os.path.abspath(cfg.ckpt.dir or os.path.join('checkpoints', cfg.wandb.name or 'run'))
+    ckpt_dir = os.path.abspath(cfg.ckpt.dir or os.path.join('checkpoints', cfg.wandb.name or name))
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep, cleanup_tmp_directories=True))
     source, start = find_checkpoint(cfg.ckpt.resume) if cfg.ckpt.resume else (saver, saver.latest_step() or 0)
     if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step

@@ -1,5 +1,5 @@
 """MFU, the peak FLOP/s table, wandb setup and small helpers."""
-import contextlib, netrc, os, signal
+import contextlib, hashlib, netrc, os, signal
 import wandb
 
 
@@ -23,6 +23,15 @@ def peak_flops(device_kind, override=None):
 
 def mfu(model_flops_per_sec, n_devices, peak):
     return None if peak is None else model_flops_per_sec / (peak * n_devices)
+
+
+def run_name(config_name, overrides):
+    """A directory name for a run: the same command gets the same name (so it resumes), other overrides or
+    sweep points another. Long override lists are shortened with a hash."""
+    overrides = overrides.replace('/', '_')
+    if len(overrides) > 100:
+        overrides = overrides[:80] + '-' + hashlib.sha1(overrides.encode()).hexdigest()[:10]
+    return os.path.join(config_name, overrides) if overrides else config_name
 
 
 def flatten(d, prefix=''):

@@ -22,7 +22,7 @@ def make_cfg(*overrides, name='local'):
 
 @pytest.fixture(autouse=True)
 def in_tmp_dir(tmp_path, monkeypatch):
-    """Each test runs in its own directory, so default checkpoint dirs (checkpoints/run) never collide."""
+    """Each test runs in its own directory, so default checkpoint dirs (checkpoints/...) never collide."""
     monkeypatch.chdir(tmp_path)
 
 

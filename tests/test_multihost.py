@@ -21,21 +21,31 @@ def train_losses(run_dir):
     return [r['train_loss'] for r in map(json.loads, open(os.path.join(run_dir, 'metrics.jsonl'))) if 'train_loss' in r]
 
 
-def test_two_processes_match_one_process(tmp_path, stdlib_data):
-    """Same global batch, same mesh size: per-step losses agree to rtol 1e-5 (only reduction order differs)."""
-    args = [*TINY, 'log_every=1', 'train_tokens=2048', f'data.train_path={stdlib_data[0]}', f'data.val_path={stdlib_data[1]}']
-    coordinator = f'127.0.0.1:{free_port()}'
-    procs = [launch(tmp_path / f'p{i}', 4, [*args, f'dist.coordinator={coordinator}', 'dist.num_processes=2',
-                                            f'dist.process_id={i}']) for i in range(2)]
-    single = launch(tmp_path / 'single', 8, args)
-    for p in [*procs, single]:
+def wait(procs):
+    for p in procs:
         try:
             out, _ = p.communicate(timeout=240)
         except subprocess.TimeoutExpired:
-            [q.kill() for q in [*procs, single]]
-            pytest.fail('multi-process run did not finish in 240 s')
+            [q.kill() for q in procs]
+            pytest.fail('run did not finish in 240 s')
         assert p.returncode == 0, out[-3000:]
+
+
+def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(tmp_path, stdlib_data):
+    """Same global batch, same mesh size: per-step losses agree to rtol 1e-5 (only reduction order
+    differs). Then one process resumes the 2-process run's step-2 checkpoint and logs the same steps 3-4."""
+    args = [*TINY, 'log_every=1', 'train_tokens=2048', f'data.train_path={stdlib_data[0]}', f'data.val_path={stdlib_data[1]}',
+            'ckpt.every=2', 'ckpt.keep=2']
+    coordinator = f'127.0.0.1:{free_port()}'
+    wait([launch(tmp_path / f'p{i}', 4, [*args, f'dist.coordinator={coordinator}', 'dist.num_processes=2',
+                                         f'dist.process_id={i}', f'ckpt.dir={tmp_path}/ckpt2']) for i in range(2)]
+         + [launch(tmp_path / 'single', 8, [*args, f'ckpt.dir={tmp_path}/ckpt1'])])
     assert not (tmp_path / 'p1' / 'metrics.jsonl').exists()  # only process 0 logs
     multi, one = train_losses(tmp_path / 'p0'), train_losses(tmp_path / 'single')
     assert len(multi) == len(one) == 4
     np.testing.assert_allclose(multi, one, rtol=1e-5)
+
+    wait([launch(tmp_path / 'resumed', 8, [*args, f'ckpt.resume={tmp_path}/ckpt2/2', f'ckpt.dir={tmp_path}/ckpt3'])])
+    resumed = train_losses(tmp_path / 'resumed')
+    assert len(resumed) == 2
+    np.testing.assert_allclose(resumed, multi[2:], rtol=1e-5)
