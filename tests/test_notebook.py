@@ -1,0 +1,20 @@
+"""train_colab.ipynb, executed headless on the tiny local config (install and download cells switched off)."""
+import os
+import nbformat
+from nbclient import NotebookClient
+from conftest import REPO, TINY
+
+
+def test_notebook_trains_plots_and_samples(tmp_path, stdlib_data):
+    nb = nbformat.read(os.path.join(REPO, 'train_colab.ipynb'), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == 'code']
+    assert all(not c.outputs and c.execution_count is None for c in code)  # stored without outputs
+    params = next(c for c in code if 'parameters' in c.metadata.get('tags', []))
+    overrides = ' '.join([*TINY, 'train_tokens=5120', 'eval_every=5', f'data.train_path={stdlib_data[0]}',
+                          f'data.val_path={stdlib_data[1]}'])
+    params.source += (f"\nCONFIG, OVERRIDES, RUN_DIR = 'local', '{overrides}', '{tmp_path}/run'"
+                      "\nINSTALL = DOWNLOAD = False\nPROMPT = 'def '")
+    NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': REPO}}).execute()
+    assert (tmp_path / 'run' / 'loss.png').stat().st_size > 1000
+    assert any('image/png' in out.get('data', {}) for c in code for out in c.outputs)  # the plot is shown inline
+    assert (tmp_path / 'run' / 'sample.txt').read_text().startswith('def ')
