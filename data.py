@@ -58,21 +58,32 @@ class Batches:
         def fill():
             step = start_step
             try:
-                while True:
+                while not self.stopped.is_set():
                     local = get_batch(tokens, seq_len, seed, step, batch_size, rows)
-                    local = local.reshape(accum, -1, seq_len + 1)
-                    self.queue.put(jax.make_array_from_process_local_data(sharding, local))
+                    self.put(jax.make_array_from_process_local_data(sharding, local.reshape(accum, -1, seq_len + 1)))
                     step += 1
             except Exception as e:  # hand the failure to the training loop instead of hanging it
-                self.queue.put(e)
-        self.queue = queue.Queue(maxsize=prefetch)
-        threading.Thread(target=fill, daemon=True).start()
+                self.put(e)
+        self.queue, self.stopped = queue.Queue(maxsize=prefetch), threading.Event()
+        self.thread = threading.Thread(target=fill, daemon=True)
+        self.thread.start()
+
+    def put(self, item):
+        while not self.stopped.is_set():
+            try:
+                return self.queue.put(item, timeout=0.05)
+            except queue.Full:
+                pass
 
     def __next__(self):
         batch = self.queue.get()
         if isinstance(batch, Exception):
             raise batch
         return batch
+
+    def close(self):  # stop the thread before exit: one killed inside XLA's C++ code aborts the process
+        self.stopped.set()
+        self.thread.join()
 
 
 def build_stdlib_bytes(train_path, val_path):

@@ -1,5 +1,5 @@
 """The training loop: config in, sharded model and optimizer built, one jitted step, metrics out."""
-import functools, json, os, time
+import contextlib, functools, json, os, time
 from functools import partial
 from types import SimpleNamespace
 import jax
@@ -193,7 +193,7 @@ def train(cfg, out_dir, name='run'):
     pending, t0, last = [], time.perf_counter(), {}
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not main)
     say = bar.write if main else lambda line: None
-    with utils.stop_signals() as stop, saver:
+    with utils.stop_signals() as stop, saver, contextlib.closing(batches):
         for step in bar:
             state, metrics = train_step_fn(state, next(batches))
             pending.append(metrics)

@@ -56,6 +56,8 @@ def test_prefetched_batches_are_sharded_and_in_order(token_file):
         assert batch.shape == (2, 8, T + 1)
         assert len({s.device for s in batch.addressable_shards}) == 8
         np.testing.assert_array_equal(np.asarray(batch).reshape(16, T + 1), data.get_batch(mm, T, 1, step, 16))
+    batches.close()
+    assert not batches.thread.is_alive()
 
 
 def test_stdlib_corpus_is_byte_tokens(stdlib_data):
