@@ -14,6 +14,24 @@ REMAT_POLICIES = {'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveab
                   'full': jax.checkpoint_policies.nothing_saveable}
 
 
+@jax.custom_vjp
+def linear(x, w):  # [..., D_in] @ [D_in, D_out]
+    return x @ w
+
+
+def linear_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def linear_bwd(res, g):  # dW contracts x with g as they lie; JAX's own rule transposes g first (as slow as the matmul on CPU)
+    x, w = res
+    return g @ w.T, jnp.tensordot(x, g, (tuple(range(x.ndim - 1)),) * 2)
+
+
+linear.defvjp(linear_fwd, linear_bwd)
+gelu = jax.checkpoint(jax.nn.gelu)  # backward recomputes tanh from the input instead of storing 5 intermediates
+
+
 def init(std, sharding):
     return nnx.with_partitioning(nnx.initializers.normal(std), sharding)
 
@@ -29,7 +47,7 @@ class Block(nnx.Module):
         norm = partial(nnx.LayerNorm, D, dtype=c.dtype, rngs=rngs,
                        scale_init=nnx.with_partitioning(nnx.initializers.ones, ('data',)),
                        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('data',)))
-        dense = partial(nnx.Linear, use_bias=False, dtype=c.dtype, rngs=rngs)
+        dense = partial(nnx.Linear, use_bias=False, dtype=c.dtype, rngs=rngs, dot_general=lambda x, w, *_, **__: linear(x, w))
         self.ln1, self.ln2 = norm(), norm()
         self.qkv = dense(D, 3 * D, kernel_init=init(std, ('data', None)))
         self.attn_out = dense(D, D, kernel_init=init(proj_std, ('data', None)))
@@ -43,7 +61,7 @@ class Block(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, K]
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)
         x = x + self.attn_out(y.reshape(B, T, D))
-        return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x))))
+        return x + self.mlp_out(gelu(self.mlp_in(self.ln2(x))))
 
 
 class GPT(nnx.Module):
