@@ -15,6 +15,29 @@ REMAT_POLICIES = {'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveab
                   'full': jax.checkpoint_policies.nothing_saveable}
 
 
+@jax.custom_vjp
+def linear(x, w):  # [..., D_in] @ [D_in, D_out]
+    return x @ w
+
+
+def linear_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def linear_bwd(res, g):
+    # dW = x^T g contracts over tokens, so XLA CPU copies its left operand transposed, which costs as much as the
+    # matmul for a wide [B*T, 4D] operand; JAX's own rule always puts g on the left. Put the narrower one there.
+    x, w = res
+    tokens = (tuple(range(x.ndim - 1)),) * 2
+    if x.shape[-1] <= g.shape[-1]:
+        return g @ w.T, jnp.tensordot(x, g, tokens)
+    return g @ w.T, jax.lax.optimization_barrier(jnp.tensordot(g, x, tokens)).T  # barrier: keep XLA from swapping back
+
+
+linear.defvjp(linear_fwd, linear_bwd)
+gelu = jax.checkpoint(jax.nn.gelu)  # backward recomputes tanh from the input instead of storing 5 intermediates
+
+
 def init(std, sharding):
     return nnx.with_partitioning(nnx.initializers.normal(std), sharding)
 
@@ -34,7 +57,9 @@ class Block(nnx.Module):
         norm = partial(nnx.LayerNorm, D, dtype=c.dtype, rngs=rngs,
                        scale_init=nnx.with_partitioning(nnx.initializers.ones, ('data',)),
                        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('data',)))
-        dense = partial(nnx.Linear, use_bias=False, dtype=c.dtype, rngs=rngs)
+        # the hand-written weight gradient only pays on XLA CPU; GPUs and TPUs keep the standard matmul
+        matmul = {'dot_general': lambda x, w, *_, **__: linear(x, w)} if jax.default_backend() == 'cpu' else {}
+        dense = partial(nnx.Linear, use_bias=False, dtype=c.dtype, rngs=rngs, **matmul)
         self.ln1, self.ln2 = norm(), norm()
         self.qkv = dense(D, 3 * D, kernel_init=init(std, ('data', None)))
         self.attn_out = dense(D, D, kernel_init=init(proj_std, ('data', None)))
@@ -54,7 +79,7 @@ class Block(nnx.Module):
             visible = jnp.arange(cache[0].shape[1]) <= pos + jnp.arange(T)[:, None]  # [T, C]
             y = jax.nn.dot_product_attention(q, *cache, mask=visible)
         x = x + self.attn_out(y.reshape(B, T, D))
-        x = x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x))))
+        x = x + self.mlp_out(gelu(self.mlp_in(self.ln2(x))))
         return x if cache is None else (x, cache)
 
 

@@ -1,0 +1,163 @@
+"""Training-step benchmark: the real jitted step (train.py) on synthetic token windows.
+
+    python benchmarks/bench.py                                   # the CPU benchmark model (configs/bench_cpu.yaml)
+    python benchmarks/bench.py -cn default batch_size=32         # GPT-2 small, any Hydra override
+    python benchmarks/bench.py --tiny                            # a few-second smoke run
+
+Prints a summary table and, as its last line, one JSON object. Besides MFU against the vendor peak
+(null where unknown), it reports `roofline_fraction`: model FLOP/s divided by the FLOP/s of a large dense
+matmul in the model's dtype, measured on the same devices in the same run, interleaved with the training
+rounds so both see the same machine noise. A depth sweep reports compile time at 2, 12 and 24 layers.
+"""
+import argparse, json, os, statistics, sys, time
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import jax
+import jax.numpy as jnp
+from hydra import compose, initialize_config_dir
+from jax.sharding import NamedSharding, PartitionSpec as P
+import model as gpt, train, utils
+
+TINY = ['model.vocab_size=256', 'model.seq_len=32', 'model.d_model=64', 'model.n_layers=2', 'model.n_heads=4',
+        'model.dtype=float32', 'batch_size=8']
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('overrides', nargs='*', help='Hydra overrides, e.g. model.dtype=bfloat16 batch_size=16')
+    p.add_argument('-cn', '--config-name', default='bench_cpu')
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
+    p.add_argument('--rounds', type=int, default=5, help='timed rounds; medians are reported')
+    p.add_argument('--steps', type=int, default=2, help='training steps per timed round')
+    p.add_argument('--devices', type=int, default=1, help='devices in the mesh; 0 = all')
+    p.add_argument('--matmul-size', type=int, default=None, help='roofline matmul side (default 2048 on CPU, 8192 else)')
+    p.add_argument('--depths', default='2,12,24', help="layer counts for the compile-time sweep; '' skips it")
+    p.add_argument('--tiny', action='store_true', help='a tiny model, one short round, for smoke tests')
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.overrides = TINY + args.overrides
+        args.warmup, args.rounds, args.steps, args.matmul_size, args.depths = 1, 1, 1, 128, '1,2'
+    return args
+
+
+def compose_config(name, overrides):
+    with initialize_config_dir(os.path.join(REPO, 'configs'), version_base=None):
+        cfg = compose(name, overrides=list(overrides))
+    train.check_config(cfg)
+    return cfg
+
+
+def build(cfg, mesh):
+    """The real training step, compiled ahead of time, and a synthetic batch [A, B/A, T+1] for it."""
+    tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1000))
+    graphdef, state = train.create_state(cfg, mesh, tx)
+    step, _ = train.compile_steps(graphdef, state, None)
+    A, B, T, V = cfg.grad_accum, cfg.batch_size, cfg.model.seq_len, cfg.model.vocab_size
+    tokens = jax.random.randint(jax.random.key(0), (A, B // A, T + 1), 0, V, dtype=jnp.int32)
+    batch = jax.device_put(tokens, NamedSharding(mesh, P(None, 'data')))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()  # tracing + XLA compile, what a user waits for
+    return compiled, state, batch, time.perf_counter() - t0
+
+
+def matmul_roofline(mesh, n, dtype):
+    """One [n·devices, n] @ [n, n] matmul, row-split over the mesh: returns (a timer giving seconds per matmul, its FLOPs)."""
+    d = mesh.devices.size
+    a = jax.device_put(jnp.ones((n * d, n), dtype), NamedSharding(mesh, P('data')))
+    b = jax.device_put(jnp.ones((n, n), dtype), NamedSharding(mesh, P()))
+    matmul = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+    t0 = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    reps = max(3, int(0.3 / (time.perf_counter() - t0)))  # about 0.3 s per timing, even on fast chips
+    def timed():
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = matmul(a, b)
+        out.block_until_ready()
+        return (time.perf_counter() - t0) / reps
+    return timed, 2 * d * n ** 3
+
+
+def compile_seconds(cfg, mesh, n_layers):
+    cfg = cfg.copy()
+    cfg.model.n_layers = n_layers
+    return build(cfg, mesh)[3]
+
+
+def run(args):
+    cfg = compose_config(args.config_name, args.overrides)
+    devices = jax.devices()[:args.devices or None]
+    mesh = jax.make_mesh((len(devices),), ('data',), (jax.sharding.AxisType.Auto,), devices=devices)
+    c = train.model_config(cfg.model)
+    B, T = cfg.batch_size, cfg.model.seq_len
+    if B % cfg.grad_accum or (B // cfg.grad_accum) % len(devices):
+        raise utils.PicodoError(f'batch_size {B} must split into grad_accum={cfg.grad_accum} micro-batches, '
+                                f'each divisible over {len(devices)} devices')
+    step, state, batch, compile_s = build(cfg, mesh)
+    for _ in range(args.warmup):
+        state, _ = step(state, batch)
+    jax.block_until_ready(state)
+    n = args.matmul_size or (2048 if devices[0].platform == 'cpu' else 8192)
+    matmul_time, matmul_flops = matmul_roofline(mesh, n, c.dtype)
+    step_times, matmul_times = [], []
+    for _ in range(args.rounds):  # interleaved, so the model and the matmul see the same machine load
+        matmul_times.append(matmul_time())
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        step_times.append((time.perf_counter() - t0) / args.steps)
+
+    step_s, matmul_s = statistics.median(step_times), statistics.median(matmul_times)
+    model_flops = gpt.flops_per_token(c) * B * T / step_s
+    roofline = matmul_flops / matmul_s
+    peak = utils.peak_flops(devices[0].device_kind, cfg.peak_flops)
+    mem = step.memory_analysis()
+    stats = devices[0].memory_stats() or {}
+    sweep = {L: compile_s if L == c.n_layers else compile_seconds(cfg, mesh, L)
+             for L in map(int, filter(None, args.depths.split(',')))}
+    return dict(
+        tokens_per_sec=B * T / step_s, step_ms=1e3 * step_s, compile_s=compile_s,
+        mfu=utils.mfu(model_flops, len(devices), peak),
+        model_flops_per_sec=model_flops, roofline_flops_per_sec=roofline, roofline_fraction=model_flops / roofline,
+        peak_mem_bytes=stats.get('peak_bytes_in_use'),
+        xla_mem_bytes=mem and mem.argument_size_in_bytes + mem.output_size_in_bytes
+                      - mem.alias_size_in_bytes + mem.temp_size_in_bytes,
+        device_kind=devices[0].device_kind, n_devices=len(devices), platform=devices[0].platform,
+        config=args.config_name, overrides=args.overrides, dtype=str(c.dtype), batch_size=B, seq_len=T,
+        d_model=c.d_model, n_layers=c.n_layers, n_params=sum(x.size for x in jax.tree.leaves(state[0])),
+        flops_per_token=gpt.flops_per_token(c), matmul_size=n,
+        step_ms_rounds=[1e3 * t for t in step_times], roofline_rounds=[matmul_flops / t for t in matmul_times],
+        compile_s_by_depth=sweep,
+        compile_ratio_deep_to_shallow=sweep[max(sweep)] / sweep[min(sweep)] if sweep else None)
+
+
+def table(r):
+    g = lambda x: 'n/a' if x is None else f'{x / 1e9:,.1f} GFLOP/s' if x > 1e6 else f'{x:.3f}'
+    rows = [('device', f"{r['n_devices']} x {r['device_kind']}"),
+            ('model', f"L={r['n_layers']} D={r['d_model']} T={r['seq_len']} B={r['batch_size']} "
+                      f"{r['dtype']}, {r['n_params'] / 1e6:.2f}M params"),
+            ('tokens/s', f"{r['tokens_per_sec']:,.0f}"), ('step', f"{r['step_ms']:,.1f} ms"),
+            ('compile', f"{r['compile_s']:.1f} s"), ('model FLOP/s', g(r['model_flops_per_sec'])),
+            (f"matmul {r['matmul_size']}² FLOP/s", g(r['roofline_flops_per_sec'])),
+            ('roofline fraction', f"{r['roofline_fraction']:.3f}"), ('MFU', g(r['mfu'])),
+            ('peak memory', 'n/a' if r['peak_mem_bytes'] is None else f"{r['peak_mem_bytes'] / 2**30:.2f} GiB"),
+            ('XLA buffers', 'n/a' if r['xla_mem_bytes'] is None else f"{r['xla_mem_bytes'] / 2**30:.2f} GiB")]
+    rows += [(f'compile, {L} layers', f'{s:.1f} s') for L, s in r['compile_s_by_depth'].items()]
+    if r['compile_ratio_deep_to_shallow']:
+        rows.append(('compile ratio deep/shallow', f"{r['compile_ratio_deep_to_shallow']:.2f}x"))
+    return '\n'.join(f'{k:<28} {v}' for k, v in rows)
+
+
+def main(argv=None):
+    result = run(parse(argv))
+    print(table(result))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except utils.PicodoError as e:
+        sys.exit(f'error: {e}')
