@@ -115,18 +115,12 @@ def eval_step(graphdef, state, tokens):
     return loss_fn(model, tokens)
 
 
-def compile_steps(graphdef, state, mesh):
-    """Jitted train and eval steps, traced under the mesh (the model pins activations to batch
-    sharding); the state keeps its FSDP layout across steps and is donated."""
+def compile_steps(graphdef, state):
+    """Jitted train and eval steps; the state keeps its FSDP layout across steps and is donated. Call them
+    under `jax.set_mesh(mesh)`, so the model can pin its activations to batch sharding."""
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     train = jax.jit(partial(train_step, graphdef), donate_argnums=0, out_shardings=(state_sharding, None))
-    evaluate = jax.jit(partial(eval_step, graphdef))
-    def under_mesh(f):
-        def call(*args):
-            with jax.set_mesh(mesh):
-                return f(*args)
-        return call
-    return under_mesh(train), under_mesh(evaluate)
+    return train, jax.jit(partial(eval_step, graphdef))
 
 
 @functools.cache  # once per process: a Hydra sweep calls train() again in the same process
@@ -167,7 +161,7 @@ def train(cfg, out_dir, name='run'):
     if start:
         state, meta = restore(source, start, cfg, state)
         print(f'resuming at step {start} of {total_steps} from {source.directory}')
-    train_step_fn, eval_step_fn = compile_steps(graphdef, state, mesh)
+    train_step_fn, eval_step_fn = compile_steps(graphdef, state)
     batch_sharding = NamedSharding(mesh, P(None, 'data'))
     batches = data.Batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)
     val_sharding = NamedSharding(mesh, P('data'))  # a fixed set of validation windows (seed 0), same for every run
@@ -193,7 +187,7 @@ def train(cfg, out_dir, name='run'):
     pending, t0, last = [], time.perf_counter(), {}
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not main)
     say = bar.write if main else lambda line: None
-    with utils.stop_signals() as stop, saver, contextlib.closing(batches):
+    with jax.set_mesh(mesh), utils.stop_signals() as stop, saver, contextlib.closing(batches):
         for step in bar:
             state, metrics = train_step_fn(state, next(batches))
             pending.append(metrics)

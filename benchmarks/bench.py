@@ -51,12 +51,13 @@ def build(cfg, mesh):
     """The real training step, compiled ahead of time, and a synthetic batch [A, B/A, T+1] for it."""
     tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1000))
     graphdef, state = train.create_state(cfg, mesh, tx)
-    step, _ = train.compile_steps(graphdef, state, None)
+    step, _ = train.compile_steps(graphdef, state)
     A, B, T, V = cfg.grad_accum, cfg.batch_size, cfg.model.seq_len, cfg.model.vocab_size
     tokens = jax.random.randint(jax.random.key(0), (A, B // A, T + 1), 0, V, dtype=jnp.int32)
     batch = jax.device_put(tokens, NamedSharding(mesh, P(None, 'data')))
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()  # tracing + XLA compile, what a user waits for
+    with jax.set_mesh(mesh):  # as in train.train: the model pins activations to batch sharding
+        compiled = step.lower(state, batch).compile()  # tracing + XLA compile, what a user waits for
     return compiled, state, batch, time.perf_counter() - t0
 
 

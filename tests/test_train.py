@@ -17,8 +17,15 @@ def setup(cfg, n_devices):
     mesh = mesh_of(n_devices)
     tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 100))
     graphdef, state = train.create_state(cfg, mesh, tx)
-    step, evaluate = train.compile_steps(graphdef, state, mesh)
-    return mesh, graphdef, state, step, evaluate
+    step, evaluate = train.compile_steps(graphdef, state)
+    return mesh, graphdef, state, in_mesh(mesh, step), in_mesh(mesh, evaluate)
+
+
+def in_mesh(mesh, f):  # as train.train runs its steps
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return f(*args)
+    return call
 
 
 def first_batch(cfg, mesh, accum=1):
