@@ -196,8 +196,10 @@ def train(cfg, out_dir, name='run'):
             if done % cfg.log_every == 0 or save_now:  # so a saved state has always passed the non-finite check
                 metrics = jax.device_get(pending)  # the only host sync between evals
                 losses = np.array([m['train_loss'] for m in metrics])
-                if not np.isfinite(losses).all():
-                    raise utils.PicodoError(f'non-finite loss at step {done - len(losses) + np.argmin(np.isfinite(losses)) + 1}')
+                finite = np.isfinite([[m['train_loss'], m['grad_norm']] for m in metrics])  # a NaN gradient poisons the saved state
+                if not finite.all():
+                    i, j = np.argwhere(~finite)[0]
+                    raise utils.PicodoError(f'non-finite {("loss", "gradient")[j]} at step {done - len(metrics) + i + 1}')
                 dt = (time.perf_counter() - t0) / len(metrics)
                 last = dict(step=done, train_loss=float(losses.mean()), grad_norm=float(metrics[-1]['grad_norm']),
                             lr=float(schedule(step)), tokens_seen=done * B * T, tokens_per_sec=B * T / dt, step_time=dt,
