@@ -48,13 +48,18 @@ def get_batch(tokens, seq_len, seed, step, batch_size, rows=slice(None)):
     return np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
 
 
+def process_rows(batch_size):
+    """This process's rows of a global batch: with several processes, each loads only its own share."""
+    n, i = jax.process_count(), jax.process_index()
+    return slice(i * batch_size // n, (i + 1) * batch_size // n)
+
+
 class Batches:
     """Global batches [A, B/A, T+1] (A micro-batches) from `start_step` on, sharded by `sharding`.
     Each process reads only its own rows; a background thread keeps the next batches ready."""
 
     def __init__(self, tokens, seq_len, seed, start_step, batch_size, accum, sharding, prefetch=2):
-        n, i = jax.process_count(), jax.process_index()
-        rows = slice(i * batch_size // n, (i + 1) * batch_size // n)
+        rows = process_rows(batch_size)
         def fill():
             step = start_step
             try:

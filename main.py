@@ -8,8 +8,9 @@ import train, utils
 @hydra.main(config_path='configs', config_name='local', version_base=None)
 def main(cfg):
     try:
-        job = HydraConfig.get().job  # the run's name: its config and overrides, e.g. colab/opt.peak_lr=0.004
-        train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(job.config_name, job.override_dirname))
+        hydra_cfg = HydraConfig.get()  # the run's name: its config and overrides, e.g. colab/opt.peak_lr=0.004
+        name = utils.run_name(hydra_cfg.job.config_name, hydra_cfg.job.override_dirname)
+        train.train(cfg, hydra_cfg.runtime.output_dir, name)
     except utils.PicodoError as e:
         sys.exit(f'error: {e}')
 

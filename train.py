@@ -165,9 +165,8 @@ def train(cfg, out_dir, name='run'):
     batch_sharding = NamedSharding(mesh, P(None, 'data'))
     batches = data.Batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)
     val_sharding = NamedSharding(mesh, P('data'))  # a fixed set of validation windows (seed 0), same for every run
-    val_batches = [jax.make_array_from_process_local_data(val_sharding, data.get_batch(
-        val_tokens, T, 0, i, B, slice(jax.process_index() * B // jax.process_count(), (jax.process_index() + 1) * B // jax.process_count())))
-        for i in range(cfg.eval_batches)]
+    val_batches = [jax.make_array_from_process_local_data(val_sharding, data.get_batch(val_tokens, T, 0, i, B, data.process_rows(B)))
+                   for i in range(cfg.eval_batches)]
 
     flops_per_token = gpt.flops_per_token(model_config(cfg.model))
     peak = utils.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
@@ -195,13 +194,12 @@ def train(cfg, out_dir, name='run'):
             save_now = done % cfg.ckpt.every == 0 or done == total_steps or stop
             if done % cfg.log_every == 0 or save_now:  # so a saved state has always passed the non-finite check
                 metrics = jax.device_get(pending)  # the only host sync between evals
-                losses = np.array([m['train_loss'] for m in metrics])
-                finite = np.isfinite([[m['train_loss'], m['grad_norm']] for m in metrics])  # a NaN gradient poisons the saved state
-                if not finite.all():
-                    i, j = np.argwhere(~finite)[0]
+                values = np.array([[m['train_loss'], m['grad_norm']] for m in metrics])  # [steps, 2]
+                if not np.isfinite(values).all():  # a NaN gradient would poison the state saved at this step
+                    i, j = np.argwhere(~np.isfinite(values))[0]
                     raise utils.PicodoError(f'non-finite {("loss", "gradient")[j]} at step {done - len(metrics) + i + 1}')
                 dt = (time.perf_counter() - t0) / len(metrics)
-                last = dict(step=done, train_loss=float(losses.mean()), grad_norm=float(metrics[-1]['grad_norm']),
+                last = dict(step=done, train_loss=float(values[:, 0].mean()), grad_norm=float(values[-1, 1]),
                             lr=float(schedule(step)), tokens_seen=done * B * T, tokens_per_sec=B * T / dt, step_time=dt,
                             mfu=utils.mfu(flops_per_token * B * T / dt, jax.device_count(), peak))
                 log(last)
