@@ -24,6 +24,10 @@ def make_cfg(*overrides, name='local'):
 def in_tmp_dir(tmp_path, monkeypatch):
     """Each test runs in its own directory, so default checkpoint dirs (checkpoints/...) never collide."""
     monkeypatch.chdir(tmp_path)
+    yield
+    # wandb.init in this process exports WANDB_SERVICE; a later `python main.py` subprocess would inherit it and
+    # talk to this process's wandb service (its run id then no longer comes from the checkpoint)
+    os.environ.pop('WANDB_SERVICE', None)
 
 
 @pytest.fixture(scope='session')

@@ -19,8 +19,8 @@ def wait_for(condition, proc, timeout=240):
 
 
 def records(run_dir):
-    path = os.path.join(run_dir, 'metrics.jsonl')
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    path = os.path.join(run_dir, 'metrics.jsonl')  # read while the run writes it: complete lines only
+    return [json.loads(line) for line in open(path) if line.endswith('\n')] if os.path.exists(path) else []
 
 
 def wandb_ids(run_dir):
