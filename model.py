@@ -38,6 +38,52 @@ linear.defvjp(linear_fwd, linear_bwd)
 gelu = jax.checkpoint(jax.nn.gelu)  # backward recomputes tanh from the input instead of storing 5 intermediates
 
 
+def _scores(q, k, i, C):  # query chunk i [B, H, C, K] (pre-scaled) against keys 0..(i+1)C: causal fp32 scores
+    s = jnp.einsum('bhqk,bhsk->bhqs', q, k[:, :, :(i + 1) * C], preferred_element_type=jnp.float32)
+    return jnp.where(jnp.arange((i + 1) * C) <= i * C + jnp.arange(C)[:, None], s, -jnp.inf)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def chunked_attention(q, k, v, C=128):
+    """Causal attention over query chunks of C: each chunk skips the keys after it, so about half the T×T work;
+    only the log-sum-exp is kept for backward, which recomputes the probabilities (no T×T residuals)."""
+    return chunked_fwd(q, k, v, C)[0]
+
+
+def chunked_fwd(q, k, v, C):  # [B, T, H, K] each
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, T, K]
+    q = q * (q.shape[-1] ** -0.5)
+    outs, lses = [], []
+    for i in range(q.shape[2] // C):
+        s = _scores(q[:, :, i * C:(i + 1) * C], k, i, C)
+        m = s.max(-1, keepdims=True)
+        p = jnp.exp(s - m)
+        l = p.sum(-1, keepdims=True)
+        o = jnp.einsum('bhqs,bhsk->bhqk', p.astype(v.dtype), v[:, :, :(i + 1) * C], preferred_element_type=jnp.float32)
+        outs.append((o / l).astype(q.dtype)), lses.append(m + jnp.log(l))
+    o = jnp.concatenate(outs, 2)
+    return o.transpose(0, 2, 1, 3), (q, k, v, o, jnp.concatenate(lses, 2))
+
+
+def chunked_bwd(C, res, do):
+    q, k, v, o, lse = res
+    do, (T, f32) = do.transpose(0, 2, 1, 3), (q.shape[2], jnp.float32)
+    delta = jnp.einsum('bhtk,bhtk->bht', do, o, preferred_element_type=f32)[..., None]
+    dot = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=f32)
+    dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+    for i in range(T // C):
+        rows, n, pad = slice(i * C, (i + 1) * C), (i + 1) * C, ((0, 0), (0, 0), (0, T - (i + 1) * C), (0, 0))
+        p = jnp.exp(_scores(q[:, :, rows], k, i, C) - lse[:, :, rows])
+        ds = (p * (dot('bhqk,bhsk->bhqs', do[:, :, rows], v[:, :, :n]) - delta[:, :, rows])).astype(q.dtype)
+        dv += jnp.pad(dot('bhqs,bhqk->bhsk', p.astype(do.dtype), do[:, :, rows]), pad)
+        dk += jnp.pad(dot('bhqs,bhqk->bhsk', ds, q[:, :, rows]), pad)
+        dq.append(dot('bhqs,bhsk->bhqk', ds, k[:, :, :n]) * (q.shape[-1] ** -0.5))
+    return tuple(x.transpose(0, 2, 1, 3).astype(q.dtype) for x in (jnp.concatenate(dq, 2), dk, dv))
+
+
+chunked_attention.defvjp(chunked_fwd, chunked_bwd)
+
+
 def init(std, sharding):
     return nnx.with_partitioning(nnx.initializers.normal(std), sharding)
 
@@ -73,7 +119,8 @@ class Block(nnx.Module):
         qkv = self.qkv(self.ln1(x)).reshape(B, T, 3, self.n_heads, D // self.n_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, K]
         if cache is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)
+            y = (chunked_attention(q, k, v, 128 if T % 128 == 0 else T) if self.attn_impl == 'chunked' else
+                 jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl))
         else:  # write this chunk's keys/values at positions pos.., attend to everything up to each query
             cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, new, pos, axis=1) for c, new in zip(cache, (k, v)))
             visible = jnp.arange(cache[0].shape[1]) <= pos + jnp.arange(T)[:, None]  # [T, C]

@@ -30,8 +30,8 @@ def check_config(cfg):
 def model_config(c):
     c = SimpleNamespace(**OmegaConf.to_container(c, resolve=True))
     c.dtype = jnp.dtype(c.dtype)
-    if c.attn_impl == 'auto':  # cuDNN flash attention on NVIDIA GPUs in bf16, XLA elsewhere
-        c.attn_impl = 'cudnn' if jax.default_backend() == 'gpu' and c.dtype == jnp.bfloat16 else 'xla'
+    if c.attn_impl == 'auto':  # cuDNN flash attention on NVIDIA GPUs in bf16, model.chunked_attention on CPUs, else XLA
+        c.attn_impl = {'gpu': 'cudnn' if c.dtype == jnp.bfloat16 else 'xla', 'cpu': 'chunked'}.get(jax.default_backend(), 'xla')
     return c
 
 

@@ -43,10 +43,10 @@ def test_padded_vocab_is_never_predicted():
     assert jnp.all(logits[..., 300:] == -jnp.inf) and jnp.all(jnp.isfinite(logits[..., :300]))
 
 
-@pytest.mark.parametrize('scan', [True, False])
-def test_causal(scan):
+@pytest.mark.parametrize('scan,attn_impl', [(True, 'xla'), (False, 'xla'), (True, 'chunked')])
+def test_causal(scan, attn_impl):
     """Changing token t+1 leaves the logits at positions <= t unchanged."""
-    model = gpt.GPT(config(scan=scan), nnx.Rngs(0))
+    model = gpt.GPT(config(scan=scan, attn_impl=attn_impl), nnx.Rngs(0))
     x = tokens()
     for t in [0, 7, 14]:
         y = x.at[:, t + 1].set((x[:, t + 1] + 1) % 300)
@@ -94,14 +94,14 @@ def test_scan_and_loop_models_agree():
     np.testing.assert_allclose(scanned(x), looped(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('remat', ['dots', 'full'])
-def test_remat_gives_same_gradients(remat):
+@pytest.mark.parametrize('remat,attn_impl', [('dots', 'xla'), ('full', 'xla'), ('dots', 'chunked')])
+def test_remat_gives_same_gradients(remat, attn_impl):
     x = tokens()
     def grads(model):
         loss = lambda m: m(x)[..., :300].mean()
         return nnx.grad(loss)(model)
     ref = grads(gpt.GPT(config(), nnx.Rngs(0)))
-    got = grads(gpt.GPT(config(remat=remat), nnx.Rngs(0)))
+    got = grads(gpt.GPT(config(remat=remat, attn_impl=attn_impl), nnx.Rngs(0)))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ref, got)
 
 
@@ -114,3 +114,16 @@ def test_linear_gradients_equal_autodiff(d_in, d_out):
     got = jax.grad(loss(gpt.linear), argnums=(0, 1))(x, w)
     want = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+
+
+@pytest.mark.parametrize('T,C,dtype', [(32, 8, jnp.float32), (32, 32, jnp.float32), (16, 4, jnp.bfloat16)])
+def test_chunked_attention_equals_xla(T, C, dtype):
+    """Values and gradients of the CPU attention (query chunks, hand-written backward) match XLA's causal attention."""
+    q, k, v, r = (jax.random.normal(key, (2, T, 3, 16), dtype) for key in jax.random.split(jax.random.key(0), 4))
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * r)
+    xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
+    got = jax.value_and_grad(loss(lambda q, k, v: gpt.chunked_attention(q, k, v, C)), argnums=(0, 1, 2))(q, k, v)
+    want = jax.value_and_grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    assert all(x.dtype == dtype for x in got[1])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.float32(a), np.float32(b), **tol), got, want)
