@@ -9,19 +9,17 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-REMAT_POLICIES = {'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+REMAT_POLICIES = {'dots': jax.checkpoint_policies.save_from_both_policies(  # matmul outputs, attention's too
+                       jax.checkpoint_policies.dots_with_no_batch_dims_saveable, jax.checkpoint_policies.save_only_these_names('attn')),
                   'full': jax.checkpoint_policies.nothing_saveable}
 
 
 @jax.custom_vjp
 def linear(x, w):  # [..., D_in] @ [D_in, D_out]
     return x @ w
-
-
-def linear_fwd(x, w):
-    return x @ w, (x, w)
 
 
 def linear_bwd(res, g):
@@ -34,51 +32,62 @@ def linear_bwd(res, g):
     return g @ w.T, jax.lax.optimization_barrier(jnp.tensordot(g, x, tokens)).T  # barrier: keep XLA from swapping back
 
 
-linear.defvjp(linear_fwd, linear_bwd)
+linear.defvjp(lambda x, w: (x @ w, (x, w)), linear_bwd)
 gelu = jax.checkpoint(jax.nn.gelu)  # backward recomputes tanh from the input instead of storing 5 intermediates
 
 
-def _scores(q, k, i, C):  # query chunk i [B, H, C, K] (pre-scaled) against keys 0..(i+1)C: causal fp32 scores
-    s = jnp.einsum('bhqk,bhsk->bhqs', q, k[:, :, :(i + 1) * C], preferred_element_type=jnp.float32)
+def _scores(q, k, i, C):  # query chunk i [H, C, K] (pre-scaled) against keys 0..(i+1)C: causal fp32 scores
+    s = jnp.einsum('hqk,hsk->hqs', q, k[:, :(i + 1) * C], preferred_element_type=jnp.float32)
     return jnp.where(jnp.arange((i + 1) * C) <= i * C + jnp.arange(C)[:, None], s, -jnp.inf)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def chunked_attention(q, k, v, C=128):
     """Causal attention over query chunks of C: each chunk skips the keys after it, so about half the T×T work;
-    only the log-sum-exp is kept for backward, which recomputes the probabilities (no T×T residuals)."""
+    only the log-sum-exp is kept for backward, which recomputes the probabilities (no T×T residuals).
+    A loop over pairs of sequences keeps each step's scores in the CPU's cache."""
     return chunked_fwd(q, k, v, C)[0]
 
 
+def per_sequence(f, *xs):  # f on one sequence ([T, H, K] arrays given as [H, T, K]), 2 per device at a time
+    B, mesh = xs[0].shape[0], jax.sharding.get_abstract_mesh()
+    local = B // (1 if mesh.empty else mesh.size)
+    n = local // 2 if local % 2 == 0 else 1  # loop steps, each over the batch's split axis
+    one = jax.vmap(lambda *x: f(*(a.swapaxes(0, 1) if a.ndim == 3 else a for a in x)))
+    out = jax.lax.map(lambda x: one(*x), [x.reshape(B // n, n, *x.shape[1:]).swapaxes(0, 1) for x in xs])
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(B, *y.shape[2:]), out)
+
+
 def chunked_fwd(q, k, v, C):  # [B, T, H, K] each
-    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, T, K]
-    q = q * (q.shape[-1] ** -0.5)
-    outs, lses = [], []
-    for i in range(q.shape[2] // C):
-        s = _scores(q[:, :, i * C:(i + 1) * C], k, i, C)
-        m = s.max(-1, keepdims=True)
-        p = jnp.exp(s - m)
-        l = p.sum(-1, keepdims=True)
-        o = jnp.einsum('bhqs,bhsk->bhqk', p.astype(v.dtype), v[:, :, :(i + 1) * C], preferred_element_type=jnp.float32)
-        outs.append((o / l).astype(q.dtype)), lses.append(m + jnp.log(l))
-    o = jnp.concatenate(outs, 2)
-    return o.transpose(0, 2, 1, 3), (q, k, v, o, jnp.concatenate(lses, 2))
+    def one(q, k, v):
+        q, outs, lses = q * (q.shape[-1] ** -0.5), [], []
+        for i in range(q.shape[1] // C):
+            s = _scores(q[:, i * C:(i + 1) * C], k, i, C)
+            m = s.max(-1, keepdims=True)
+            p = jnp.exp(s - m)
+            l = p.sum(-1, keepdims=True)
+            o = jnp.einsum('hqs,hsk->hqk', p.astype(v.dtype), v[:, :(i + 1) * C], preferred_element_type=jnp.float32)
+            outs.append((o / l).astype(q.dtype)), lses.append(m + jnp.log(l))
+        return jnp.concatenate(outs, 1).swapaxes(0, 1), jnp.concatenate(lses, 1)[..., 0]  # [T, H, K], [H, T]
+    o, lse = (checkpoint_name(x, 'attn') for x in per_sequence(one, q, k, v))  # kept under model.remat=dots
+    return o, (q, k, v, o, lse)
 
 
 def chunked_bwd(C, res, do):
-    q, k, v, o, lse = res
-    do, (T, f32) = do.transpose(0, 2, 1, 3), (q.shape[2], jnp.float32)
-    delta = jnp.einsum('bhtk,bhtk->bht', do, o, preferred_element_type=f32)[..., None]
-    dot = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=f32)
-    dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
-    for i in range(T // C):
-        rows, n, pad = slice(i * C, (i + 1) * C), (i + 1) * C, ((0, 0), (0, 0), (0, T - (i + 1) * C), (0, 0))
-        p = jnp.exp(_scores(q[:, :, rows], k, i, C) - lse[:, :, rows])
-        ds = (p * (dot('bhqk,bhsk->bhqs', do[:, :, rows], v[:, :, :n]) - delta[:, :, rows])).astype(q.dtype)
-        dv += jnp.pad(dot('bhqs,bhqk->bhsk', p.astype(do.dtype), do[:, :, rows]), pad)
-        dk += jnp.pad(dot('bhqs,bhqk->bhsk', ds, q[:, :, rows]), pad)
-        dq.append(dot('bhqs,bhsk->bhqk', ds, k[:, :, :n]) * (q.shape[-1] ** -0.5))
-    return tuple(x.transpose(0, 2, 1, 3).astype(q.dtype) for x in (jnp.concatenate(dq, 2), dk, dv))
+    def one(q, k, v, o, lse, do):
+        T, K, f32 = q.shape[1], q.shape[-1], jnp.float32
+        q, dot = q * K ** -0.5, lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=f32)
+        delta = jnp.einsum('htk,htk->ht', do, o, preferred_element_type=f32)[..., None]
+        dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+        for i in range(T // C):
+            rows, n, pad = slice(i * C, (i + 1) * C), (i + 1) * C, ((0, 0), (0, T - (i + 1) * C), (0, 0))
+            p = jnp.exp(_scores(q[:, rows], k, i, C) - lse[:, rows, None])
+            ds = (p * (dot('hqk,hsk->hqs', do[:, rows], v[:, :n]) - delta[:, rows])).astype(q.dtype)
+            dv += jnp.pad(dot('hqs,hqk->hsk', p.astype(do.dtype), do[:, rows]), pad)
+            dk += jnp.pad(dot('hqs,hqk->hsk', ds, q[:, rows]), pad)
+            dq.append(dot('hqs,hsk->hqk', ds, k[:, :n]) * K ** -0.5)
+        return tuple(x.swapaxes(0, 1).astype(q.dtype) for x in (jnp.concatenate(dq, 1), dk, dv))
+    return per_sequence(one, *res, do)
 
 
 chunked_attention.defvjp(chunked_fwd, chunked_bwd)
@@ -92,6 +101,12 @@ def batch_sharded(x):  # [B, ...] split over 'data': XLA then gathers the weight
     return x if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(x, P('data'))
 
 
+def layer_norm(c, rngs):
+    split = lambda f: nnx.with_partitioning(f, ('data',))
+    return nnx.LayerNorm(c.d_model, dtype=c.dtype, rngs=rngs, scale_init=split(nnx.initializers.ones),
+                         bias_init=split(nnx.initializers.zeros))
+
+
 def padded_vocab(vocab_size):
     return -(-vocab_size // 128) * 128  # round up: matmuls and softmax run faster on multiples of 128
 
@@ -100,13 +115,10 @@ class Block(nnx.Module):
     def __init__(self, c, rngs):
         D, std = c.d_model, 0.02
         proj_std = std / math.sqrt(2 * c.n_layers)  # GPT-2: residual projections shrink with depth
-        norm = partial(nnx.LayerNorm, D, dtype=c.dtype, rngs=rngs,
-                       scale_init=nnx.with_partitioning(nnx.initializers.ones, ('data',)),
-                       bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('data',)))
         # the hand-written weight gradient only pays on XLA CPU; GPUs and TPUs keep the standard matmul
         matmul = {'dot_general': lambda x, w, *_, **__: linear(x, w)} if jax.default_backend() == 'cpu' else {}
         dense = partial(nnx.Linear, use_bias=False, dtype=c.dtype, rngs=rngs, **matmul)
-        self.ln1, self.ln2 = norm(), norm()
+        self.ln1, self.ln2 = layer_norm(c, rngs), layer_norm(c, rngs)
         self.qkv = dense(D, 3 * D, kernel_init=init(std, ('data', None)))
         self.attn_out = dense(D, D, kernel_init=init(proj_std, ('data', None)))
         self.mlp_in = dense(D, 4 * D, kernel_init=init(std, ('data', None)))
@@ -145,9 +157,7 @@ class GPT(nnx.Module):
             self.blocks = make(rngs.split(L))
         else:
             self.blocks = nnx.List([Block(c, rngs) for _ in range(L)])
-        self.ln_f = nnx.LayerNorm(D, dtype=c.dtype, rngs=rngs,
-                                  scale_init=nnx.with_partitioning(nnx.initializers.ones, ('data',)),
-                                  bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('data',)))
+        self.ln_f = layer_norm(c, rngs)
 
     def init_cache(self, batch_size, length):  # (keys, values), each [L, B, C, H, K]
         L, H, K = self.cache_shape

@@ -102,17 +102,11 @@ def train_step(graphdef, state, batch):  # batch [A, B/A, T+1]: A micro-batches 
     if batch.shape[0] == 1:
         loss, grads = grad_fn(params, batch[0])
     else:
-        def add_micro_batch(acc, tokens):
-            return jax.tree.map(jnp.add, acc, grad_fn(params, tokens)), None
+        add_micro_batch = lambda acc, tokens: (jax.tree.map(jnp.add, acc, grad_fn(params, tokens)), None)
         zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), params))
         loss, grads = jax.tree.map(lambda x: x / batch.shape[0], jax.lax.scan(add_micro_batch, zeros, batch)[0])
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), {'train_loss': loss, 'grad_norm': optax.tree.norm(grads)}
-
-
-def eval_step(graphdef, state, tokens):
-    model, _ = nnx.merge(graphdef, state)
-    return loss_fn(model, tokens)
 
 
 def compile_steps(graphdef, state):
@@ -120,7 +114,7 @@ def compile_steps(graphdef, state):
     under `jax.set_mesh(mesh)`, so the model can pin its activations to batch sharding."""
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     train = jax.jit(partial(train_step, graphdef), donate_argnums=0, out_shardings=(state_sharding, None))
-    return train, jax.jit(partial(eval_step, graphdef))
+    return train, jax.jit(lambda state, tokens: loss_fn(nnx.merge(graphdef, state)[0], tokens))
 
 
 @functools.cache  # once per process: a Hydra sweep calls train() again in the same process
@@ -144,8 +138,7 @@ def train(cfg, out_dir, name='run'):
                                 f'each divisible over {jax.device_count()} devices')
     if cfg.data.build_if_missing and not (os.path.exists(cfg.data.train_path) and os.path.exists(cfg.data.val_path)):
         data.build_stdlib_bytes(cfg.data.train_path, cfg.data.val_path)
-    train_tokens = data.open_tokens(cfg.data.train_path, cfg.model.vocab_size, T, B)
-    val_tokens = data.open_tokens(cfg.data.val_path, cfg.model.vocab_size, T, B)
+    train_tokens, val_tokens = (data.open_tokens(path, cfg.model.vocab_size, T, B) for path in (cfg.data.train_path, cfg.data.val_path))
 
     total_steps = cfg.train_tokens // (B * T)
     schedule = lr_schedule(cfg.opt, total_steps)

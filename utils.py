@@ -16,9 +16,7 @@ PEAK_FLOPS = [('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L4', 121e1
 
 def peak_flops(device_kind, override=None):
     """Peak FLOP/s of one device: the config's override, else the table, else None (CPU, Apple...)."""
-    if override:
-        return float(override)
-    return next((flops for name, flops in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
+    return float(override) if override else next((flops for name, flops in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
 
 
 def mfu(model_flops_per_sec, n_devices, peak):

@@ -1,4 +1,5 @@
 import json
+import re
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +63,18 @@ def test_fsdp_step_on_8_devices_equals_1_device(tiny_cfg):
     np.testing.assert_allclose([a1, a2], [b1, b2], rtol=1e-5)
     assert a2 < a1
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), pa, pb)
+
+
+def test_8_device_step_gathers_weights_never_activations(tiny_cfg):
+    """FSDP: the compiled step all-gathers weight shards (whole or one layer of the stack); the batch stays split."""
+    cfg = tiny_cfg('model.attn_impl=chunked')
+    mesh, graphdef, state, _, _ = setup(cfg, 8)
+    step, _ = train.compile_steps(graphdef, state)
+    with jax.set_mesh(mesh):
+        hlo = step.lower(state, first_batch(cfg, mesh)).compile().as_text()
+    weights = {tuple(sorted(s)) for x in jax.tree.leaves(state[0]) for s in (x.shape, x.shape[1:])}
+    gathered = re.findall(r'= \w+\[([\d,]*)\][^ ]* all-gather\(', hlo)
+    assert gathered and all(tuple(sorted(int(d) for d in g.split(',') if d)) in weights for g in gathered), gathered
 
 
 def test_grad_accumulation_equals_one_big_batch(tiny_cfg):
