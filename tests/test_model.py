@@ -116,10 +116,11 @@ def test_linear_gradients_equal_autodiff(d_in, d_out):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
 
 
-@pytest.mark.parametrize('T,C,dtype', [(32, 8, jnp.float32), (32, 32, jnp.float32), (16, 4, jnp.bfloat16)])
-def test_chunked_attention_equals_xla(T, C, dtype):
-    """Values and gradients of the CPU attention (query chunks, hand-written backward) match XLA's causal attention."""
-    q, k, v, r = (jax.random.normal(key, (2, T, 3, 16), dtype) for key in jax.random.split(jax.random.key(0), 4))
+@pytest.mark.parametrize('B,T,C,dtype', [(6, 32, 8, jnp.float32), (3, 32, 32, jnp.float32), (4, 16, 4, jnp.bfloat16)])
+def test_chunked_attention_equals_xla(B, T, C, dtype):
+    """Values and gradients of the CPU attention (query chunks, hand-written backward, a loop over pairs of
+    sequences) match XLA's causal attention."""
+    q, k, v, r = (jax.random.normal(key, (B, T, 3, 16), dtype) for key in jax.random.split(jax.random.key(0), 4))
     loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * r)
     xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
     got = jax.value_and_grad(loss(lambda q, k, v: gpt.chunked_attention(q, k, v, C)), argnums=(0, 1, 2))(q, k, v)
