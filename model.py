@@ -77,14 +77,15 @@ def chunked_bwd(C, res, do):
     def one(q, k, v, o, lse, do):
         T, K, f32 = q.shape[1], q.shape[-1], jnp.float32
         q, dot = q * K ** -0.5, lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=f32)
-        delta = jnp.einsum('htk,htk->ht', do, o, preferred_element_type=f32)[..., None]
+        flip = lambda x: jax.lax.optimization_barrier(x.swapaxes(1, 2))  # [H, S, C]: XLA CPU's NN matmul beats its TN
+        delta = dot('htk,htk->ht', do, o)[..., None]
         dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
         for i in range(T // C):
             rows, n, pad = slice(i * C, (i + 1) * C), (i + 1) * C, ((0, 0), (0, T - (i + 1) * C), (0, 0))
             p = jnp.exp(_scores(q[:, rows], k, i, C) - lse[:, rows, None])
             ds = (p * (dot('hqk,hsk->hqs', do[:, rows], v[:, :n]) - delta[:, rows])).astype(q.dtype)
-            dv += jnp.pad(dot('hqs,hqk->hsk', p.astype(do.dtype), do[:, rows]), pad)
-            dk += jnp.pad(dot('hqs,hqk->hsk', ds, q[:, rows]), pad)
+            dv += jnp.pad(dot('hsq,hqk->hsk', flip(p.astype(do.dtype)), do[:, rows]), pad)
+            dk += jnp.pad(dot('hsq,hqk->hsk', flip(ds), q[:, rows]), pad)
             dq.append(dot('hqs,hsk->hqk', ds, k[:, :n]) * K ** -0.5)
         return tuple(x.swapaxes(0, 1).astype(q.dtype) for x in (jnp.concatenate(dq, 1), dk, dv))
     return per_sequence(one, *res, do)

@@ -34,10 +34,8 @@ def run_name(config_name, overrides):
 
 def flatten(d, prefix=''):
     """{'opt': {'peak_lr': 1}} -> {'opt.peak_lr': 1}"""
-    out = {}
-    for k, v in d.items():
-        out.update(flatten(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
-    return out
+    return {key: value for k, v in d.items()
+            for key, value in (flatten(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v}).items()}
 
 
 def has_wandb_key():
