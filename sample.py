@@ -20,7 +20,11 @@ def tokenizer(vocab_size):
     if vocab_size <= 256:
         return lambda text: list(text.encode()), lambda ids: bytes(ids).decode(errors='replace')
     import tiktoken  # its gpt2 vocabulary is downloaded on first use
-    bpe = tiktoken.get_encoding('gpt2')
+    try:
+        bpe = tiktoken.get_encoding('gpt2')
+    except Exception as e:  # offline, no cached vocabulary
+        raise utils.PicodoError(f"cannot load tiktoken's gpt2 vocabulary ({type(e).__name__}); it needs the network "
+                                'once, or a copy in TIKTOKEN_CACHE_DIR') from None
     return lambda text: bpe.encode(text, allowed_special='all'), bpe.decode
 
 
@@ -84,7 +88,11 @@ def eval_sample(model, tokens, max_new_tokens, seed):
     """The trainer's optional sample at each eval: a continuation of the first quarter window of `tokens`."""
     P = model.seq_len // 4
     out = generate(model, np.asarray(tokens[None, :P], np.int32), jax.random.key(seed), min(max_new_tokens, model.seq_len - P))
-    return tokenizer(model.vocab_size)[1](np.asarray(out[0, P:]).tolist())
+    ids = np.asarray(out[0, P:]).tolist()
+    try:
+        return tokenizer(model.vocab_size)[1](ids)
+    except utils.PicodoError as e:  # a missing vocabulary must not stop training: show the ids
+        return f'token ids {ids} ({e})'
 
 
 def main(argv=None):

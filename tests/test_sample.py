@@ -64,6 +64,16 @@ def test_larger_vocabularies_use_tiktoken_gpt2(monkeypatch):
     assert asked == ['gpt2'] and encode('abc') == [3] and decode([5]) == '<[5]>'
 
 
+def test_missing_gpt2_vocabulary_is_one_clear_error_and_does_not_stop_training(monkeypatch, one_device_mesh):
+    def offline(name):
+        raise ConnectionError('no network')
+    monkeypatch.setitem(sys.modules, 'tiktoken', SimpleNamespace(get_encoding=offline))
+    with pytest.raises(sample.utils.PicodoError, match="cannot load tiktoken's gpt2 vocabulary"):
+        sample.tokenizer(50257)
+    text = sample.eval_sample(random_model(), np.arange(24) % 300, 4, 0)  # what the trainer prints at an eval
+    assert text.startswith('token ids [') and 'gpt2 vocabulary' in text
+
+
 def test_long_prompt_is_cut_with_a_warning_and_generation_runs_past_the_window(one_device_mesh, capsys):
     model = random_model()  # seq_len 24
     encode, decode = sample.tokenizer(256)
