@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental.multihost_utils import process_allgather
 from jax.sharding import NamedSharding, PartitionSpec as P
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
@@ -150,10 +151,8 @@ def train(cfg, out_dir, name='run'):
         raise utils.PicodoError(f'{ckpt_dir} holds step {saver.latest_step()}, past step {start}: set ckpt.dir')
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
     n_params = sum(x.size for x in jax.tree.leaves(state[0]))
-    meta = {}
-    if start:
-        state, meta = restore(source, start, cfg, state)
-        print(f'resuming at step {start} of {total_steps} from {source.directory}')
+    state, meta = restore(source, start, cfg, state) if start else (state, {})
+    start and print(f'resuming at step {start} of {total_steps} from {source.directory}')
     train_step_fn, eval_step_fn = compile_steps(graphdef, state)
     batch_sharding = NamedSharding(mesh, P(None, 'data'))
     batches = data.Batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)
@@ -176,7 +175,7 @@ def train(cfg, out_dir, name='run'):
             log_file.write(json.dumps(record) + '\n'); log_file.flush()
         run.log(record, step=record['step'])
 
-    pending, t0, last = [], time.perf_counter(), {}
+    pending, t0, last, stopping = [], time.perf_counter(), {}, False
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not main)
     say = bar.write if main else lambda line: None
     with jax.set_mesh(mesh), utils.stop_signals() as stop, saver, contextlib.closing(batches):
@@ -184,7 +183,9 @@ def train(cfg, out_dir, name='run'):
             state, metrics = train_step_fn(state, next(batches))
             pending.append(metrics)
             done = step + 1
-            save_now = done % cfg.ckpt.every == 0 or done == total_steps or stop
+            if jax.process_count() == 1 or done % cfg.log_every == 0:  # several processes agree to stop at a log step
+                stopping = bool(stop) if jax.process_count() == 1 else process_allgather(np.int32(len(stop))).any()
+            save_now = done % cfg.ckpt.every == 0 or done == total_steps or stopping
             if done % cfg.log_every == 0 or save_now:  # so a saved state has always passed the non-finite check
                 metrics = jax.device_get(pending)  # the only host sync between evals
                 values = np.array([[m['train_loss'], m['grad_norm']] for m in metrics])  # [steps, 2]
@@ -208,8 +209,8 @@ def train(cfg, out_dir, name='run'):
                 t0 = time.perf_counter()  # eval time does not count against training throughput
             if save_now:
                 save(saver, done, state, {'step': done, 'wandb_id': run.id, 'config': config})
-            if stop:
-                say(f'signal {stop[0]}: stopped after step {done}, checkpoint in {ckpt_dir}')
+            if stopping:
+                say(f'signal {stop[0] if stop else "on another process"}: stopped after step {done}, checkpoint in {ckpt_dir}')
                 break
     run.finish()
     return state, last

@@ -1,5 +1,5 @@
 """Several processes, as on a TPU pod slice or GPU nodes: 2 CPU processes x 4 devices on loopback."""
-import json, os, socket, subprocess, sys
+import json, os, signal, socket, subprocess, sys, time
 import numpy as np
 import pytest
 from conftest import REPO, TINY
@@ -22,13 +22,15 @@ def train_losses(run_dir):
 
 
 def wait(procs):
+    outs = []
     for p in procs:
         try:
-            out, _ = p.communicate(timeout=240)
+            outs.append(p.communicate(timeout=240)[0])
         except subprocess.TimeoutExpired:
             [q.kill() for q in procs]
             pytest.fail('run did not finish in 240 s')
-        assert p.returncode == 0, out[-3000:]
+        assert p.returncode == 0, outs[-1][-3000:]
+    return outs
 
 
 def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(tmp_path, stdlib_data):
@@ -49,3 +51,21 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(tmp
     resumed = train_losses(tmp_path / 'resumed')
     assert len(resumed) == 2
     np.testing.assert_allclose(resumed, multi[2:], rtol=1e-5)
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path, stdlib_data):
+    """Preemption on a pod: SIGTERM reaches one process only. The processes agree at the next log step, all save
+    that step's checkpoint together and exit 0 (stopping alone would leave the other one waiting in a collective)."""
+    args = [*TINY, 'log_every=3', 'train_tokens=1024000', f'data.train_path={stdlib_data[0]}',
+            f'data.val_path={stdlib_data[1]}', f'ckpt.dir={tmp_path}/ckpt', f'dist.coordinator=127.0.0.1:{free_port()}',
+            'dist.num_processes=2']
+    procs = [launch(tmp_path / f'p{i}', 4, [*args, f'dist.process_id={i}']) for i in range(2)]
+    deadline = time.time() + 180
+    while not (tmp_path / 'p0' / 'metrics.jsonl').exists() and time.time() < deadline and procs[0].poll() is None:
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    out = wait(procs)[0]
+    steps = sorted(int(d.name) for d in (tmp_path / 'ckpt').iterdir() if d.name.isdigit())
+    logged = [r['step'] for r in map(json.loads, open(tmp_path / 'p0' / 'metrics.jsonl'))]
+    assert steps and steps[-1] % 3 == 0 and steps[-1] == logged[-1] < 2000, (steps, logged)
+    assert f'signal on another process: stopped after step {steps[-1]}' in out, out[-2000:]
