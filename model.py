@@ -51,14 +51,15 @@ def chunked_attention(q, k, v, C=128):
 
 def per_sequence(f, *xs):  # f on one sequence ([T, H, K] arrays given as [H, T, K]), 2 per device at a time
     B, mesh = xs[0].shape[0], jax.sharding.get_abstract_mesh()
-    local = B // (1 if mesh.empty else mesh.size)
-    n = local // 2 if local % 2 == 0 else 1  # loop steps, each over the batch's split axis
+    pairs = 2 * (1 if mesh.empty else mesh.size)  # 2 sequences per device per loop step, along the batch's split
+    n = B // pairs if B % pairs == 0 else 1
     one = jax.vmap(lambda *x: f(*(a.swapaxes(0, 1) if a.ndim == 3 else a for a in x)))
     out = jax.lax.map(lambda x: one(*x), [x.reshape(B // n, n, *x.shape[1:]).swapaxes(0, 1) for x in xs])
     return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(B, *y.shape[2:]), out)
 
 
 def chunked_fwd(q, k, v, C):  # [B, T, H, K] each
+    assert q.shape[1] % C == 0, f'sequence length {q.shape[1]} is not a multiple of the query chunk {C}'
     def one(q, k, v):
         q, outs, lses = q * (q.shape[-1] ** -0.5), [], []
         for i in range(q.shape[1] // C):
