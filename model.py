@@ -50,12 +50,12 @@ def chunked_attention(q, k, v, C=128):
 
 
 def per_sequence(f, *xs):  # f on one sequence ([T, H, K] arrays given as [H, T, K]), 2 per device at a time
-    B, mesh = xs[0].shape[0], jax.sharding.get_abstract_mesh()
-    pairs = 2 * (1 if mesh.empty else mesh.size)  # 2 sequences per device per loop step, along the batch's split
-    n = B // pairs if B % pairs == 0 else 1
+    B, D = xs[0].shape[0], max(1, jax.sharding.get_abstract_mesh().size)  # D devices split the batch
+    n, D = (B // (2 * D), D) if B % (2 * D) == 0 else (1, 1)  # loop step j: each device's sequences 2j, 2j+1
     one = jax.vmap(lambda *x: f(*(a.swapaxes(0, 1) if a.ndim == 3 else a for a in x)))
-    out = jax.lax.map(lambda x: one(*x), [x.reshape(B // n, n, *x.shape[1:]).swapaxes(0, 1) for x in xs])
-    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(B, *y.shape[2:]), out)
+    split = lambda x: x.reshape(D, n, -1, *x.shape[1:]).swapaxes(0, 1).reshape(n, B // n, *x.shape[1:])  # a bitcast
+    out = jax.lax.map(lambda x: one(*x), [split(x) for x in xs])
+    return jax.tree.map(lambda y: y.reshape(n, D, -1, *y.shape[2:]).swapaxes(0, 1).reshape(B, *y.shape[2:]), out)
 
 
 def chunked_fwd(q, k, v, C):  # [B, T, H, K] each
