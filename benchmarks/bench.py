@@ -129,6 +129,8 @@ def run(args):
         d_model=c.d_model, n_layers=c.n_layers, n_params=sum(x.size for x in jax.tree.leaves(state[0])),
         flops_per_token=gpt.flops_per_token(c), matmul_size=n,
         step_ms_rounds=[1e3 * t for t in step_times], roofline_rounds=[matmul_flops / t for t in matmul_times],
+        roofline_fraction_rounds=[gpt.flops_per_token(c) * B * T / t / (matmul_flops / m)  # each round against its own matmul
+                                  for t, m in zip(step_times, matmul_times)],
         compile_s_by_depth=sweep,
         compile_ratio_deep_to_shallow=sweep[max(sweep)] / sweep[min(sweep)] if sweep else None)
 
@@ -141,7 +143,8 @@ def table(r):
             ('tokens/s', f"{r['tokens_per_sec']:,.0f}"), ('step', f"{r['step_ms']:,.1f} ms"),
             ('compile', f"{r['compile_s']:.1f} s"), ('model FLOP/s', g(r['model_flops_per_sec'])),
             (f"matmul {r['matmul_size']}² FLOP/s", g(r['roofline_flops_per_sec'])),
-            ('roofline fraction', f"{r['roofline_fraction']:.3f}"), ('MFU', g(r['mfu'])),
+            ('roofline fraction', f"{r['roofline_fraction']:.3f} (rounds {min(r['roofline_fraction_rounds']):.3f}"
+                                  f"-{max(r['roofline_fraction_rounds']):.3f})"), ('MFU', g(r['mfu'])),
             ('peak memory', 'n/a' if r['peak_mem_bytes'] is None else f"{r['peak_mem_bytes'] / 2**30:.2f} GiB"),
             ('XLA buffers', 'n/a' if r['xla_mem_bytes'] is None else f"{r['xla_mem_bytes'] / 2**30:.2f} GiB")]
     rows += [(f'compile, {L} layers', f'{s:.1f} s') for L, s in r['compile_s_by_depth'].items()]
