@@ -175,12 +175,10 @@ class GPT(nnx.Module):
         if cache is not None and self.scan:
             x, cache = nnx.scan(lambda x, block, kv: block(x, kv, pos), in_axes=(nnx.Carry, 0, 0),
                                 out_axes=(nnx.Carry, 0))(x, self.blocks, cache)
-        elif cache is not None:
-            layer_caches = []
+        elif cache is not None:  # layer by layer, each reading and updating its slice of the cache
             for i, block in enumerate(self.blocks):
-                x, layer_cache = block(x, (cache[0][i], cache[1][i]), pos)
-                layer_caches.append(layer_cache)
-            cache = tuple(jnp.stack(c) for c in zip(*layer_caches))
+                x, kv = block(x, (cache[0][i], cache[1][i]), pos)
+                cache = tuple(c.at[i].set(new) for c, new in zip(cache, kv))
         elif self.scan:
             x = nnx.scan(lambda x, block: block_fn(block, x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
         else:

@@ -1,5 +1,5 @@
 """The training loop: config in, sharded model and optimizer built, one jitted step, metrics out."""
-import contextlib, functools, json, os, time
+import contextlib, functools, json, os, shutil, time
 from functools import partial
 from types import SimpleNamespace
 import jax
@@ -88,6 +88,9 @@ def restore(manager, step, cfg, state):
 
 
 def save(manager, step, state, meta):  # asynchronous: the arrays are copied off the devices, then written in the background
+    need, free = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards), shutil.disk_usage(manager.directory).free
+    if need > free:  # a full disk would fail later, in orbax's writer thread: say so now; older checkpoints stay
+        raise utils.PicodoError(f'no room for checkpoint {step} in {manager.directory}: {need / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free')
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 

@@ -27,8 +27,7 @@ def run_name(config_name, overrides):
     """A directory name for a run: the same command gets the same name (so it resumes), other overrides or
     sweep points another. Long override lists are shortened with a hash."""
     overrides = overrides.replace('/', '_')
-    if len(overrides) > 100:
-        overrides = overrides[:80] + '-' + hashlib.sha1(overrides.encode()).hexdigest()[:10]
+    overrides = overrides if len(overrides) <= 100 else overrides[:80] + '-' + hashlib.sha1(overrides.encode()).hexdigest()[:10]
     return os.path.join(config_name, overrides) if overrides else config_name
 
 

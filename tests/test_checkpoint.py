@@ -104,6 +104,17 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(finished_run, tiny_cfg, 
     assert {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)} == before
 
 
+def test_a_full_disk_is_one_clear_error_before_writing(finished_run, tiny_cfg, tmp_path, monkeypatch):
+    """With less free space than the state needs, the step-25 save stops the run with one line naming the
+    checkpoint dir, before orbax's background writer could fail; the step-20 checkpoint stays as it was."""
+    ckpt = shutil.copytree(finished_run[2], tmp_path / 'ckpt')
+    before = {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)}
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 4096, 4096))
+    with pytest.raises(PicodoError, match=rf'^no room for checkpoint 25 in {ckpt}: \d+ MiB needed, 0 MiB free$'):
+        train.train(tiny_cfg('train_tokens=15360', 'ckpt.every=5', f'ckpt.dir={ckpt}'), str(tmp_path))
+    assert {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)} == before
+
+
 def corrupt(ckpt):
     for path in glob.glob(f'{ckpt}/20/state/**/*', recursive=True):
         if os.path.isfile(path) and os.path.getsize(path) > 100:
