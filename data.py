@@ -4,7 +4,7 @@ A training example is a window of T+1 consecutive tokens: inputs w[:-1], targets
 The file is cut into non-overlapping windows; each epoch visits them in a fresh permutation, so
 the batch at any step is a pure function of (seed, step) — what makes resume exact.
 """
-import functools, glob, os, queue, sysconfig, threading
+import contextlib, functools, glob, os, queue, sysconfig, threading
 import numpy as np
 import jax
 from utils import PicodoError
@@ -75,10 +75,8 @@ class Batches:
 
     def put(self, item):
         while not self.stopped.is_set():
-            try:
+            with contextlib.suppress(queue.Full):
                 return self.queue.put(item, timeout=0.05)
-            except queue.Full:
-                pass
 
     def __next__(self):
         batch = self.queue.get()

@@ -7,6 +7,7 @@ import train, utils
 
 @hydra.main(config_path='configs', config_name='local', version_base=None)
 def main(cfg):
+    utils.keep_freed_memory()  # before XLA starts its threads
     try:
         hydra_cfg = HydraConfig.get()  # the run's name: its config and overrides, e.g. colab/opt.peak_lr=0.004
         name = utils.run_name(hydra_cfg.job.config_name, hydra_cfg.job.override_dirname)

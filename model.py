@@ -192,10 +192,6 @@ class GPT(nnx.Module):
         return logits if cache is None else (logits, cache)
 
 
-def n_params(model):
-    return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 def flops_per_token(c):
     """Training FLOPs per token, forward + backward (PaLM appendix B): 6N + 12·L·D·T, where N counts
     the weights in matmuls: the tied embedding (unpadded vocab) and 12·D² per block."""

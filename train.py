@@ -18,8 +18,7 @@ DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', '
 SHAPE_KEYS = ['vocab_size', 'seq_len', 'd_model', 'n_layers', 'n_heads', 'scan']  # these fix the parameter tree
 
 
-def check_config(cfg):
-    """Every key must exist in configs/default.yaml (catches typos in config files, not just overrides)."""
+def check_config(cfg):  # every key must exist in configs/default.yaml (catches typos in config files, not just overrides)
     defaults = OmegaConf.load(DEFAULTS)
     OmegaConf.set_struct(defaults, True)
     try:

@@ -1,5 +1,5 @@
 """The user's commands, run as a user runs them: `python main.py ...` in a fresh directory."""
-import glob, json, os, subprocess, sys
+import glob, importlib.util, json, os, platform, subprocess, sys
 import pytest
 import train
 from conftest import REPO, TINY, make_cfg, write_tokens
@@ -58,3 +58,28 @@ def test_odd_sized_file_from_the_command_line(tmp_path):
     (tmp_path / 'val.bin').write_bytes(b'\x01' * 20001)
     r = run_main(tmp_path, *TINY, 'data.train_path=train.bin', 'data.val_path=val.bin')
     assert r.returncode == 1 and 'error: val.bin: odd byte size 20001' in r.stderr, r.stderr[-2000:]
+
+
+FAULTS = '''
+import platform, resource, sys, threading, numpy as np
+sys.path.insert(0, {repo!r})
+import utils
+{tune}
+(getattr(np, '_core', None) or np.core).multiarray._set_madvise_hugepage(False)  # 4 KiB pages, as XLA's buffers get
+def step():  # what XLA's worker threads do each step: allocate a big scratch buffer, write it, free it
+    for _ in range(5):
+        np.empty(2**24).fill(1.0)
+for _ in range(2):  # the second thread runs on a warm heap
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = threading.Thread(target=step); t.start(); t.join()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+'''
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc' or importlib.util.find_spec('jax_plugins') or importlib.util.find_spec('libtpu'),
+                    reason='tunes glibc malloc, and only where JAX runs on CPU')
+def test_big_buffers_reuse_their_pages_instead_of_faulting_every_step():
+    faults = lambda tune: int(subprocess.run([sys.executable, '-c', FAULTS.format(repo=REPO, tune=tune)], check=True,
+                                             capture_output=True, text=True).stdout)
+    assert faults('') > 100_000  # 5 x 128 MiB of fresh pages: one fault per 4 KiB page
+    assert faults('utils.keep_freed_memory()') < 1000  # as main.py runs: the pages stay mapped between steps
