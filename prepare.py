@@ -265,7 +265,8 @@ def write_splits(docs, tokenizer, train_path, val_path, val_fraction=0.005, seed
                  progress=True):
     """Shuffle the documents with `seed`, hold out `val_fraction` of them (at least one) for validation, and
     stream each split's tokens, an end-of-text token before every document, to its .bin file. Both files
-    are written to .tmp names and renamed only when both are complete. Returns (train, val) token counts."""
+    are written to this process's own .tmp names and renamed only when both are complete, so processes building
+    the same files at once do not clobber each other. Returns (train, val) token counts."""
     from tqdm import tqdm
     for path in (train_path, val_path):
         if os.path.exists(path) and not force:
@@ -284,7 +285,7 @@ def write_splits(docs, tokenizer, train_path, val_path, val_fraction=0.005, seed
     try:
         with tqdm(total=len(docs), unit='doc', disable=not progress) as bar:
             for path, ids in ((train_path, order[n_val:]), (val_path, order[:n_val])):
-                tmps.append(path + '.tmp')
+                tmps.append(f'{path}.{os.getpid()}.tmp')
                 counts.append(0)
                 chunks = docs.chunks(ids)
                 with open(tmps[-1], 'wb') as f:
@@ -306,9 +307,10 @@ def write_splits(docs, tokenizer, train_path, val_path, val_fraction=0.005, seed
 def make_dir(path):
     try:
         os.makedirs(path or '.', exist_ok=True)
-        with open(os.path.join(path or '.', '.prepare-write-test'), 'wb'):
+        probe = os.path.join(path or '.', f'.prepare-write-test-{os.getpid()}')
+        with open(probe, 'wb'):
             pass
-        os.remove(os.path.join(path or '.', '.prepare-write-test'))
+        os.remove(probe)
     except OSError as e:
         raise PrepareError(f'cannot write to output directory {path or "."}: {e.strerror}') from None
 

@@ -306,3 +306,33 @@ def test_inspect_calls_a_bad_file_bad_with_a_nonzero_exit(tmp_path, content, mes
 def test_inspect_of_a_missing_file(tmp_path, capsys):
     assert prepare.main(['inspect', str(tmp_path / 'nope.bin')]) == 1
     assert capsys.readouterr().err == f'error: file not found: {tmp_path / "nope.bin"}\n'
+
+
+BUILD = '''
+import sys, time
+sys.path.insert(0, {repo!r})
+import prepare
+class SlowBytes(prepare.ByteTokens):  # slow enough that the two builds overlap
+    def encode(self, docs):
+        time.sleep(0.1)
+        return super().encode(docs)
+prepare.write_splits(prepare.FileDocs([{src!r}]), SlowBytes(), {out!r} + '/train.bin', {out!r} + '/val.bin',
+                     val_fraction=0.2, force=True, progress=False)
+'''
+
+
+def test_two_processes_building_the_same_files_at_once_both_succeed(tmp_path):
+    # what several processes of one run do with data.build_if_missing on a shared filesystem
+    src, alone, shared = tmp_path / 'src', tmp_path / 'alone', tmp_path / 'shared'
+    for d in (src, alone, shared):
+        d.mkdir()
+    for i in range(12):  # 12 x 300 KB: several chunks per split
+        (src / f'{i}.txt').write_text(f'document {i} ' * 30000)
+    run = lambda out: subprocess.Popen([sys.executable, '-c', BUILD.format(repo=REPO, src=str(src), out=str(out))],
+                                       stderr=subprocess.PIPE, text=True)
+    assert run(alone).wait() == 0
+    builds = [run(shared), run(shared)]
+    assert [(p.wait(), p.stderr.read()[-500:]) for p in builds] == [(0, ''), (0, '')]
+    for name in ('train.bin', 'val.bin'):
+        assert (shared / name).read_bytes() == (alone / name).read_bytes()
+    assert sorted(os.listdir(shared)) == ['train.bin', 'val.bin']  # no temporary file left behind
