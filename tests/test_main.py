@@ -61,7 +61,7 @@ def test_odd_sized_file_from_the_command_line(tmp_path):
 
 
 FAULTS = '''
-import platform, resource, sys, threading, numpy as np
+import resource, sys, threading, numpy as np
 sys.path.insert(0, {repo!r})
 import utils
 {tune}
