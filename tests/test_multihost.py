@@ -60,8 +60,10 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path, stdlib_dat
             f'data.val_path={stdlib_data[1]}', f'ckpt.dir={tmp_path}/ckpt', f'dist.coordinator=127.0.0.1:{free_port()}',
             'dist.num_processes=2']
     procs = [launch(tmp_path / f'p{i}', 4, [*args, f'dist.process_id={i}']) for i in range(2)]
-    deadline = time.time() + 180
-    while not (tmp_path / 'p0' / 'metrics.jsonl').exists() and time.time() < deadline and procs[0].poll() is None:
+    # wait for the first logged step: both processes then passed its stop agreement, so both are in the loop with
+    # their handlers set (metrics.jsonl itself appears before that, while the other process may still be compiling)
+    deadline, metrics = time.time() + 180, tmp_path / 'p0' / 'metrics.jsonl'
+    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline and procs[0].poll() is None:
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)
     out = wait(procs)[0]
