@@ -87,7 +87,7 @@ def restore(manager, step, cfg, state):
 
 
 def save(manager, step, state, meta):  # asynchronous: the arrays are copied off the devices, then written in the background
-    need, free = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards), shutil.disk_usage(manager.directory).free
+    need, free = sum(x.nbytes for x in jax.tree.leaves(state)), shutil.disk_usage(manager.directory).free  # each array once
     if need > free:  # a full disk would fail later, in orbax's writer thread: say so now; older checkpoints stay
         raise utils.PicodoError(f'no room for checkpoint {step} in {manager.directory}: {need / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free')
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))

@@ -115,6 +115,20 @@ def test_a_full_disk_is_one_clear_error_before_writing(finished_run, tiny_cfg, t
     assert {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)} == before
 
 
+
+def test_the_disk_check_counts_a_replicated_array_once(tmp_path, monkeypatch):
+    """8 devices each hold a copy of a replicated 1 MiB array, but the checkpoint stores it once: 2 MiB free is room."""
+    sharding = jax.sharding.NamedSharding(jax.make_mesh((8,), ('data',)), jax.sharding.PartitionSpec())
+    state = {'w': jax.device_put(np.ones(2**18, np.float32), sharding)}
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 2**21, 2**21))
+    with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+        train.save(manager, 1, state, {'step': 1})
+        manager.wait_until_finished()
+        assert manager.latest_step() == 1
+    state['w'] = jax.device_put(np.ones(2**19 + 1, np.float32), sharding)  # just over 2 MiB: no room
+    with ocp.CheckpointManager(tmp_path / 'ckpt2') as manager, pytest.raises(PicodoError, match=r'2 MiB needed, 2 MiB free$'):
+        train.save(manager, 1, state, {'step': 1})
+
 def corrupt(ckpt):
     for path in glob.glob(f'{ckpt}/20/state/**/*', recursive=True):
         if os.path.isfile(path) and os.path.getsize(path) > 100:
