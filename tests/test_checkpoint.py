@@ -115,7 +115,6 @@ def test_a_full_disk_is_one_clear_error_before_writing(finished_run, tiny_cfg, t
     assert {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)} == before
 
 
-
 def test_the_disk_check_counts_a_replicated_array_once(tmp_path, monkeypatch):
     """8 devices each hold a copy of a replicated 1 MiB array, but the checkpoint stores it once: 2 MiB free is room."""
     sharding = jax.sharding.NamedSharding(jax.make_mesh((8,), ('data',)), jax.sharding.PartitionSpec())
@@ -128,6 +127,7 @@ def test_the_disk_check_counts_a_replicated_array_once(tmp_path, monkeypatch):
     state['w'] = jax.device_put(np.ones(2**19 + 1, np.float32), sharding)  # just over 2 MiB: no room
     with ocp.CheckpointManager(tmp_path / 'ckpt2') as manager, pytest.raises(PicodoError, match=r'2 MiB needed, 2 MiB free$'):
         train.save(manager, 1, state, {'step': 1})
+
 
 def corrupt(ckpt):
     for path in glob.glob(f'{ckpt}/20/state/**/*', recursive=True):
