@@ -1,0 +1,200 @@
+"""Where the training step's time goes: a few steps of the real step (as benchmarks/bench.py builds it) traced
+with jax.profiler, each XLA op's time summed (ops running at the same moment share it), grouped by the line of
+model.py or train.py that made the op.
+
+    python benchmarks/profile_step.py                                # the CPU benchmark model (configs/bench_cpu.yaml)
+    python benchmarks/profile_step.py -cn default batch_size=32      # GPT-2 small on a GPU, any Hydra override
+    python benchmarks/profile_step.py --trace-dir /tmp/trace         # also keep the trace, for TensorBoard or Perfetto
+
+Prints the step time; the matmul FLOPs executed per step against the model's (recomputation shows here) and
+their rate against one large matmul's (bench.py's roofline); the time by kind of op (matmul, attention kernel,
+collective, data movement: copies, transposes, slices; elementwise: fused elementwise ops and reductions); the
+op groups that take the most time (kind, forward or backward, source line, JAX op, shape); and, as its last
+line, one JSON object.
+"""
+import argparse, collections, glob, gzip, json, math, os, re, statistics, sys, tempfile, time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # puts the repo on sys.path
+import jax
+import model as gpt, train, utils
+
+MOVES = {'parameter', 'constant', 'bitcast', 'copy', 'transpose', 'reshape', 'broadcast', 'slice', 'dynamic-slice',
+         'dynamic-update-slice', 'concatenate', 'pad', 'tuple', 'get-tuple-element', 'iota', 'copy-start', 'copy-done'}
+COLLECTIVE = re.compile(r'^(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)')
+CONTROL = {'while', 'conditional', 'call'}  # their bodies' ops are timed one by one
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('overrides', nargs='*', help='Hydra overrides, e.g. model.remat=dots batch_size=16')
+    p.add_argument('-cn', '--config-name', default='bench_cpu')
+    p.add_argument('--steps', type=int, default=2, help='steps traced (after 2 untimed and `steps` timed ones)')
+    p.add_argument('--top', type=int, default=25, help='op groups listed')
+    p.add_argument('--devices', type=int, default=1, help='devices in the mesh (0 = all); device 0 is profiled')
+    p.add_argument('--trace-dir', help='where to write the trace (default: a temporary directory, deleted)')
+    p.add_argument('--tiny', action='store_true', help='the tiny model of bench.py --tiny')
+    args = p.parse_args(argv)
+    args.overrides = (bench.TINY if args.tiny else []) + args.overrides
+    return args
+
+
+def hlo_ops(text):
+    """{instruction: (opcode, shape, source line, JAX op, fwd|bwd, matmul FLOPs)} from the compiled HLO, and {instruction: kind}."""
+    files = dict(re.findall(r'^(\d+) "(.*)"$', text.split('FunctionNames')[0].split('FileNames')[-1], re.M))
+    funcs = dict(re.findall(r'^(\d+) "(.*)"$', text.split('FileLocations')[0].split('FunctionNames')[-1], re.M))
+    short = lambda f: '.'.join(f.replace('.<locals>', '').split('.')[-2:])  # Block.__init__.<locals>.<lambda> -> __init__.<lambda>
+    locs = {i: f'{os.path.basename(files.get(f, "?"))}:{line} {short(funcs.get(fn, "?"))}' for i, f, fn, line in re.findall(
+        r'^(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)', text, re.M)}
+    frames = dict(re.findall(r'^(\d+) \{file_location_id=(\d+)', text.split('StackFrames')[-1], re.M))
+    ops, members, computation = {}, collections.defaultdict(list), None
+    for line in text.splitlines():
+        if m := re.match(r'^(?:ENTRY )?%([\w.\-]+) .*\{$', line):
+            computation = m.group(1)
+        elif m := re.match(r'^\s+(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\(', line):
+            name, shape, opcode = m.groups()
+            target, op_name, frame = (re.search(p, line) for p in (r'custom_call_target="([^"]+)"', r'op_name="([^"]+)"', r'stack_frame_id=(\d+)'))
+            members[computation].append(name)
+            ops[name] = dict(opcode=target.group(1) if target else opcode, shape=shape, op_name=op_name and op_name.group(1),
+                             frame=frame and frame.group(1), calls=re.findall(r'(?:calls|to_apply|body|condition)=%([\w.\-]+)', line),
+                             operands=re.findall(r'%([\w.\-]+)', line[m.end():].split(')')[0]),
+                             contracting=re.search(r'lhs_contracting_dim\w*["=:\s{\[]*([\d",\s]*)', line))
+    def inside(name):  # the instructions of the computations an instruction calls, recursively
+        seen, todo, found = set(), list(ops[name]['calls']), []
+        while todo:
+            if (c := todo.pop()) not in seen:
+                seen.add(c)
+                found += members[c]
+                todo += [d for n in members[c] for d in ops[n]['calls']]
+        return found
+    dims = lambda shape: [int(d) for d in re.search(r'\[([\d,]*)\]', shape).group(1).split(',') if d]  # a tuple's first array
+    def flops(op):  # a matmul's: 2 x output size x contracted size
+        if not op['contracting'] or not op['operands'] or not re.search(r'\[', op['shape']):
+            return 0
+        lhs = dims(ops[op['operands'][0]]['shape']) if op['operands'][0] in ops else []
+        return 2 * math.prod(dims(op['shape'])) * math.prod(lhs[int(d)] for d in re.findall(r'\d+', op['contracting'].group(1)) if int(d) < len(lhs))
+    result, kinds = {}, {}
+    for name, op in ops.items():
+        within = inside(name)
+        # what decides the kind: the ops on arrays (not a dynamic slice's scalar offsets)
+        codes = {op['opcode']} | {ops[n]['opcode'] for n in within if not re.match(r'\w+\[\]', ops[n]['shape'])}
+        kinds[name] = ('control' if op['opcode'] in CONTROL else
+                       'attention kernel' if any(re.search('fmha|flash|attention', o, re.I) for o in codes) else
+                       'matmul' if codes & {'dot', 'convolution'} or any(re.search('gemm|matmul|cublas', o, re.I) for o in codes) else
+                       'collective' if any(COLLECTIVE.match(o) for o in codes) else
+                       'data movement' if codes <= MOVES | {'fusion'} else 'elementwise')
+        # a fusion without metadata takes its matmul's, else its first op's that has some
+        meta = [op] + sorted((ops[n] for n in within if ops[n]['op_name']), key=lambda o: o['opcode'] not in ('dot', 'convolution'))
+        meta = next((o for o in meta if o['op_name']), op)
+        op_name = meta['op_name'] or ''
+        spec = re.findall(r'\(([\w,]+->\w+)\)', op_name)  # an einsum's subscripts
+        result[name] = (op['opcode'], op['shape'], locs.get(frames.get(meta['frame']), ''),
+                        ' '.join([re.sub(r'\)+$', '', op_name.split('/')[-1])] + spec[-1:]), 'bwd' if 'transpose(' in op_name else 'fwd',
+                        0 if op['opcode'] in CONTROL else flops(op) + sum(flops(ops[n]) for n in within))
+    return result, kinds
+
+
+def op_events(trace_dir, module, ops):
+    """(op, start, end) in microseconds for device 0's ops of `module`: from the device's own timeline where the
+    trace has one (GPU, TPU), else from the host threads that ran them (CPU)."""
+    path = max(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True), key=os.path.getmtime)
+    events = [e for e in json.load(gzip.open(path))['traceEvents'] if e.get('ph') in ('X', 'M')]
+    pids = {e['pid']: e['args']['name'] for e in events if e['ph'] == 'M' and e.get('name') == 'process_name'}
+    devices = sorted(name for name in pids.values() if name.startswith('/device:'))
+    on_device0 = lambda e: pids.get(e['pid']) == devices[0] if devices else e['args'].get('device_ordinal', '0') == '0'
+    found = [(e['args'].get('hlo_op') or e['name'], e['ts'], e['ts'] + e['dur']) for e in events
+             if e['ph'] == 'X' and 'args' in e and module in e['args'].get('hlo_module', module) and on_device0(e)]
+    found = [e for e in found if e[0] in ops]
+    hint = ' (GPU: kernels run from command buffers carry no op name; try XLA_FLAGS=--xla_gpu_enable_command_buffer=)'
+    if not found:
+        raise utils.PicodoError(f'no op of {module} found on {devices[0] if devices else "the host"} in {path}{hint * bool(devices)}')
+    if devices:  # how much of the device's busy time the ops account for
+        busy = sum(e['dur'] for e in events if e['ph'] == 'X' and pids.get(e['pid']) == devices[0])
+        if (covered := sum(end - start for _, start, end in found) / busy) < 0.9:
+            print(f'warning: only {covered:.0%} of the time on {devices[0]} is attributed to ops{hint}')
+    return found
+
+
+def shared_times(events):
+    """Each op's time, where ops that run at the same moment (several threads or streams) share it equally."""
+    points = sorted([(start, 1, i) for i, (_, start, _) in enumerate(events)] + [(end, -1, i) for i, (_, _, end) in enumerate(events)])
+    share, active, last = collections.Counter(), set(), None
+    for t, d, i in points:
+        for j in active:
+            share[events[j][0]] += (t - last) / len(active)
+        last = t
+        active.add(i) if d == 1 else active.discard(i)
+    return share
+
+
+def run(args):
+    cfg = bench.compose_config(args.config_name, args.overrides)
+    devices = jax.devices()[:args.devices or None]
+    mesh = jax.make_mesh((len(devices),), ('data',), (jax.sharding.AxisType.Auto,), devices=devices)
+    step, state, batch, compile_s = bench.build(cfg, mesh)
+    ops, kinds = hlo_ops(step.as_text())
+    module = re.match(r'HloModule (\S+?),', step.as_text()).group(1)
+    def timed(state):
+        for _ in range(args.steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        return state
+    state = timed(timed(state))  # warm-up, untimed
+    t0 = time.perf_counter()
+    state = timed(state)
+    step_s = (time.perf_counter() - t0) / args.steps
+    matmul_time, flops = bench.matmul_roofline(mesh, 2048 if devices[0].platform == 'cpu' else 8192, train.model_config(cfg.model).dtype)
+    roofline = flops / len(devices) / statistics.median(matmul_time() for _ in range(3))  # per device
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_dir = args.trace_dir or tmp
+        t0 = time.perf_counter()
+        with jax.profiler.trace(trace_dir):
+            state = timed(state)
+        traced_s = (time.perf_counter() - t0) / args.steps
+        events = [e for e in op_events(trace_dir, module, ops) if kinds[e[0]] != 'control']
+    share = shared_times(events)
+    counts = collections.Counter(name for name, *_ in events)
+    groups, by_kind = collections.defaultdict(lambda: [0.0, 0, 0, set()]), collections.Counter()
+    for name, us in share.items():
+        opcode, shape, source, op, pass_, flops = ops[name]
+        g = groups[(kinds[name], pass_, source, op, shape)]
+        g[0] += us / 1e3 / args.steps; g[1] += counts[name] / args.steps; g[2] += flops * counts[name] / args.steps; g[3].add(opcode)
+        by_kind[kinds[name]] += us / 1e3 / args.steps
+    top = sorted(groups.items(), key=lambda kv: -kv[1][0])[:args.top]
+    op_ms, matmul_flops = sum(by_kind.values()), sum(g[2] for g in groups.values())
+    model_flops = gpt.flops_per_token(train.model_config(cfg.model)) * cfg.batch_size * cfg.model.seq_len / len(devices)
+    return dict(config=args.config_name, overrides=args.overrides, device_kind=devices[0].device_kind, n_devices=len(devices),
+                step_ms=1e3 * step_s, traced_step_ms=1e3 * traced_s, op_ms_per_step=op_ms, compile_s=compile_s,
+                model_flops_per_step=model_flops, matmul_flops_per_step=matmul_flops,  # device 0's
+                matmul_flops_per_sec=matmul_flops / by_kind['matmul'] * 1e3 if by_kind['matmul'] else None, roofline_flops_per_sec=roofline,
+                by_kind={k: v for k, v in by_kind.most_common()},
+                top=[{'ms': ms, 'kind': kind, 'pass': pass_, 'source': source, 'op': op, 'shape': shape, 'n': n,
+                      'flops_per_sec': flops / ms * 1e3 if flops else None, 'hlo': sorted(hlo)}
+                     for (kind, pass_, source, op, shape), (ms, n, flops, hlo) in top])
+
+
+def table(r):
+    lines = [f"{r['n_devices']} x {r['device_kind']}, {r['config']} {' '.join(r['overrides'])}",
+             f"step {r['step_ms']:.1f} ms ({r['traced_step_ms']:.1f} ms while traced); ops on device 0: "
+             f"{r['op_ms_per_step']:.1f} ms per step",
+             f"matmuls: {r['matmul_flops_per_step'] / 1e9:,.1f} GFLOP per step (model FLOPs: {r['model_flops_per_step'] / 1e9:,.1f}), "
+             f"at {(r['matmul_flops_per_sec'] or 0) / 1e9:,.1f} GFLOP/s (one large matmul alone: {r['roofline_flops_per_sec'] / 1e9:,.1f})", '', f"{'ms/step':>9} {'share':>6}  kind"]
+    lines += [f'{ms:9.1f} {ms / r["op_ms_per_step"]:6.1%}  {kind}' for kind, ms in r['by_kind'].items()]
+    lines += ['', f"{'ms/step':>9} {'share':>6} {'GFLOP/s':>8} {'n/step':>6}  {'kind':<14} pass {'source':<30} {'op':<26} shape"]
+    lines += [f"{t['ms']:9.1f} {t['ms'] / r['op_ms_per_step']:6.1%} {(t['flops_per_sec'] or 0) / 1e9:8.1f} {t['n']:6g}  {t['kind']:<14} "
+              f"{t['pass']:<4} {t['source'][:30]:<30} {t['op'][:26]:<26} {t['shape'][:40]}" for t in r['top']]
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    result = run(parse(argv))
+    print(table(result))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == '__main__':
+    utils.keep_freed_memory()  # as main.py does, before JAX starts its threads
+    try:
+        main()
+    except utils.PicodoError as e:
+        sys.exit(f'error: {e}')
