@@ -22,24 +22,29 @@ MOVES = {'parameter', 'constant', 'bitcast', 'copy', 'transpose', 'reshape', 'br
          'dynamic-update-slice', 'concatenate', 'pad', 'tuple', 'get-tuple-element', 'iota', 'copy-start', 'copy-done'}
 COLLECTIVE = re.compile(r'^(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)')
 CONTROL = {'while', 'conditional', 'call'}  # their bodies' ops are timed one by one
+TRAINING_PATH = ('main.py', 'model.py', 'data.py', 'train.py', 'utils.py')
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('overrides', nargs='*', help='Hydra overrides, e.g. model.remat=dots batch_size=16')
     p.add_argument('-cn', '--config-name', default='bench_cpu')
-    p.add_argument('--steps', type=int, default=2, help='steps traced (after 2 untimed and `steps` timed ones)')
+    p.add_argument('--steps', type=int, default=2, help='steps traced (after 2x`steps` untimed and `steps` timed ones)')
     p.add_argument('--top', type=int, default=25, help='op groups listed')
     p.add_argument('--devices', type=int, default=1, help='devices in the mesh (0 = all); device 0 is profiled')
     p.add_argument('--trace-dir', help='where to write the trace (default: a temporary directory, deleted)')
     p.add_argument('--tiny', action='store_true', help='the tiny model of bench.py --tiny')
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error('--steps must be at least 1')
     args.overrides = (bench.TINY if args.tiny else []) + args.overrides
     return args
 
 
 def hlo_ops(text):
-    """{instruction: (opcode, shape, source line, JAX op, fwd|bwd, matmul FLOPs)} from the compiled HLO, and {instruction: kind}."""
+    """{instruction: (opcode, shape, source line, JAX op, fwd|bwd|-, matmul FLOPs)} from the compiled HLO, and {instruction: kind}.
+    The source is the training path's line that made the op ('' for others; ops of a custom_vjp's backward carry
+    the line that called the function)."""
     files = dict(re.findall(r'^(\d+) "(.*)"$', text.split('FunctionNames')[0].split('FileNames')[-1], re.M))
     funcs = dict(re.findall(r'^(\d+) "(.*)"$', text.split('FileLocations')[0].split('FunctionNames')[-1], re.M))
     short = lambda f: '.'.join(f.replace('.<locals>', '').split('.')[-2:])  # Block.__init__.<locals>.<lambda> -> __init__.<lambda>
@@ -57,7 +62,8 @@ def hlo_ops(text):
             ops[name] = dict(opcode=target.group(1) if target else opcode, shape=shape, op_name=op_name and op_name.group(1),
                              frame=frame and frame.group(1), calls=re.findall(r'(?:calls|to_apply|body|condition)=%([\w.\-]+)', line),
                              operands=re.findall(r'%([\w.\-]+)', line[m.end():].split(')')[0]),
-                             contracting=re.search(r'lhs_contracting_dim\w*["=:\s{\[]*([\d",\s]*)', line))
+                             contracting=re.search(r'lhs_contracting_dim\w*["=:\s{\[]*([\d",\s]*)', line),
+                             conv=re.search(r'dim_labels=\w+_(\w+)->', line))
     def inside(name):  # the instructions of the computations an instruction calls, recursively
         seen, todo, found = set(), list(ops[name]['calls']), []
         while todo:
@@ -68,10 +74,16 @@ def hlo_ops(text):
         return found
     dims = lambda shape: [int(d) for d in re.search(r'\[([\d,]*)\]', shape).group(1).split(',') if d]  # a tuple's first array
     def flops(op):  # a matmul's: 2 x output size x contracted size
-        if not op['contracting'] or not op['operands'] or not re.search(r'\[', op['shape']):
+        known = [ops[o]['shape'] for o in op['operands'] if o in ops]
+        if not re.search(r'\[', op['shape']) or len(known) < 2:
             return 0
-        lhs = dims(ops[op['operands'][0]]['shape']) if op['operands'][0] in ops else []
-        return 2 * math.prod(dims(op['shape'])) * math.prod(lhs[int(d)] for d in re.findall(r'\d+', op['contracting'].group(1)) if int(d) < len(lhs))
+        if op['contracting']:  # dot, or a GPU gemm custom call: the lhs's contracting dims
+            lhs = dims(known[0])
+            return 2 * math.prod(dims(op['shape'])) * math.prod(lhs[int(d)] for d in re.findall(r'\d+', op['contracting'].group(1)) if int(d) < len(lhs))
+        if op['conv']:  # a convolution: each output takes all of the kernel but its output features
+            kernel, labels = dims(known[1]), op['conv'].group(1)
+            return 2 * math.prod(dims(op['shape'])) * math.prod(kernel) // kernel[labels.index('o')] if 'o' in labels else 0
+        return 0
     result, kinds = {}, {}
     for name, op in ops.items():
         within = inside(name)
@@ -85,44 +97,57 @@ def hlo_ops(text):
         # a fusion without metadata takes its matmul's, else its first op's that has some
         meta = [op] + sorted((ops[n] for n in within if ops[n]['op_name']), key=lambda o: o['opcode'] not in ('dot', 'convolution'))
         meta = next((o for o in meta if o['op_name']), op)
-        op_name = meta['op_name'] or ''
+        op_name, source = meta['op_name'] or '', locs.get(frames.get(meta['frame']), '')
         spec = re.findall(r'\(([\w,]+->\w+)\)', op_name)  # an einsum's subscripts
-        result[name] = (op['opcode'], op['shape'], locs.get(frames.get(meta['frame']), ''),
-                        ' '.join([re.sub(r'\)+$', '', op_name.split('/')[-1])] + spec[-1:]), 'bwd' if 'transpose(' in op_name else 'fwd',
+        what = next((o for o in sorted(codes) if COLLECTIVE.match(o)), '') if kinds[name] == 'collective' else (
+            ' '.join([re.sub(r'\)+$', '', op_name.split('/')[-1])] + spec[-1:]) if op_name else meta['opcode'])
+        result[name] = (op['opcode'], op['shape'], source if source.startswith(TRAINING_PATH) else '', what,
+                        'bwd' if 'transpose(' in op_name else 'fwd' if 'jvp(' in op_name else '-',  # '-': the optimizer, ...
                         0 if op['opcode'] in CONTROL else flops(op) + sum(flops(ops[n]) for n in within))
     return result, kinds
 
 
 def op_events(trace_dir, module, ops):
-    """(op, start, end) in microseconds for device 0's ops of `module`: from the device's own timeline where the
-    trace has one (GPU, TPU), else from the host threads that ran them (CPU)."""
+    """(op, start, end) in microseconds for device 0's ops of `module`, from the device's own timeline where the
+    trace has one (GPU, TPU), else from the host threads that ran them (CPU); and how many times each op ran."""
     path = max(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True), key=os.path.getmtime)
     events = [e for e in json.load(gzip.open(path))['traceEvents'] if e.get('ph') in ('X', 'M')]
     pids = {e['pid']: e['args']['name'] for e in events if e['ph'] == 'M' and e.get('name') == 'process_name'}
     devices = sorted(name for name in pids.values() if name.startswith('/device:'))
     on_device0 = lambda e: pids.get(e['pid']) == devices[0] if devices else e['args'].get('device_ordinal', '0') == '0'
-    found = [(e['args'].get('hlo_op') or e['name'], e['ts'], e['ts'] + e['dur']) for e in events
-             if e['ph'] == 'X' and 'args' in e and module in e['args'].get('hlo_module', module) and on_device0(e)]
-    found = [e for e in found if e[0] in ops]
-    hint = ' (GPU: kernels run from command buffers carry no op name; try XLA_FLAGS=--xla_gpu_enable_command_buffer=)'
-    if not found:
-        raise utils.PicodoError(f'no op of {module} found on {devices[0] if devices else "the host"} in {path}{hint * bool(devices)}')
+    ours = [e for e in events if e['ph'] == 'X' and e.get('args', {}).get('hlo_op') in ops
+            and e['args'].get('hlo_module', module) == module and on_device0(e)]
+    if not ours:
+        raise utils.PicodoError(f'no op of {module} found on {devices[0] if devices else "the host"} in {path}')
     if devices:  # how much of the device's busy time the ops account for
-        busy = sum(e['dur'] for e in events if e['ph'] == 'X' and pids.get(e['pid']) == devices[0])
-        if (covered := sum(end - start for _, start, end in found) / busy) < 0.9:
-            print(f'warning: only {covered:.0%} of the time on {devices[0]} is attributed to ops{hint}')
-    return found
+        busy = union([(e['ts'], e['ts'] + e['dur']) for e in events if e['ph'] == 'X' and pids.get(e['pid']) == devices[0]])
+        if (covered := union([(e['ts'], e['ts'] + e['dur']) for e in ours]) / busy) < 0.9:
+            print(f'warning: ops of {module} cover only {covered:.0%} of the time {devices[0]} was busy')
+    kernels = collections.Counter((e['args']['hlo_op'], e['name']) for e in ours)  # one op may launch several kernels
+    runs = collections.Counter()
+    for (op, _), n in kernels.items():
+        runs[op] = max(runs[op], n)
+    return [(e['args']['hlo_op'], e['ts'], e['ts'] + e['dur']) for e in ours], runs
 
 
-def shared_times(events):
-    """Each op's time, where ops that run at the same moment (several threads or streams) share it equally."""
-    points = sorted([(start, 1, i) for i, (_, start, _) in enumerate(events)] + [(end, -1, i) for i, (_, _, end) in enumerate(events)])
+def union(intervals):  # total length covered
+    total, end = 0, -math.inf
+    for a, b in sorted(intervals):
+        total, end = total + max(0, b - max(a, end)), max(end, b)
+    return total
+
+
+def shared_times(events, background=()):
+    """Each op's time, where ops that run at the same moment (several threads or streams) share it equally; ops in
+    `background` (collectives) get only the time when nothing else runs: their exposed time."""
+    points = sorted([(start, -1, i) for i, (_, start, _) in enumerate(events)] + [(end, 1, i) for i, (_, _, end) in enumerate(events)])
     share, active, last = collections.Counter(), set(), None
-    for t, d, i in points:
-        for j in active:
-            share[events[j][0]] += (t - last) / len(active)
+    for t, d, i in points:  # at equal times starts come first, so an op of zero length enters and leaves at once
+        front = [j for j in active if events[j][0] not in background] or list(active)
+        for j in front:
+            share[events[j][0]] += (t - last) / len(front)
         last = t
-        active.add(i) if d == 1 else active.discard(i)
+        active.add(i) if d == -1 else active.discard(i)
     return share
 
 
@@ -150,12 +175,12 @@ def run(args):
         with jax.profiler.trace(trace_dir):
             state = timed(state)
         traced_s = (time.perf_counter() - t0) / args.steps
-        events = [e for e in op_events(trace_dir, module, ops) if kinds[e[0]] != 'control']
-    share = shared_times(events)
-    counts = collections.Counter(name for name, *_ in events)
+        events, counts = op_events(trace_dir, module, ops)
+    events = [e for e in events if kinds[e[0]] != 'control']
+    share = shared_times(events, background={name for name, kind in kinds.items() if kind == 'collective'})
     groups, by_kind = collections.defaultdict(lambda: [0.0, 0, 0, set()]), collections.Counter()
-    for name, us in share.items():
-        opcode, shape, source, op, pass_, flops = ops[name]
+    for name in {name for name, *_ in events}:
+        us, (opcode, shape, source, op, pass_, flops) = share[name], ops[name]
         g = groups[(kinds[name], pass_, source, op, shape)]
         g[0] += us / 1e3 / args.steps; g[1] += counts[name] / args.steps; g[2] += flops * counts[name] / args.steps; g[3].add(opcode)
         by_kind[kinds[name]] += us / 1e3 / args.steps
@@ -177,8 +202,10 @@ def table(r):
              f"step {r['step_ms']:.1f} ms ({r['traced_step_ms']:.1f} ms while traced); ops on device 0: "
              f"{r['op_ms_per_step']:.1f} ms per step",
              f"matmuls: {r['matmul_flops_per_step'] / 1e9:,.1f} GFLOP per step (model FLOPs: {r['model_flops_per_step'] / 1e9:,.1f}), "
-             f"at {(r['matmul_flops_per_sec'] or 0) / 1e9:,.1f} GFLOP/s (one large matmul alone: {r['roofline_flops_per_sec'] / 1e9:,.1f})", '', f"{'ms/step':>9} {'share':>6}  kind"]
-    lines += [f'{ms:9.1f} {ms / r["op_ms_per_step"]:6.1%}  {kind}' for kind, ms in r['by_kind'].items()]
+             f"at {(r['matmul_flops_per_sec'] or 0) / 1e9:,.1f} GFLOP/s (one large matmul alone: {r['roofline_flops_per_sec'] / 1e9:,.1f})"
+             + (", attention kernels' FLOPs not counted" if 'attention kernel' in r['by_kind'] else ''), '', f"{'ms/step':>9} {'share':>6}  kind"]
+    exposed = {'collective': 'collective (exposed: the time nothing else ran)'}
+    lines += [f'{ms:9.1f} {ms / r["op_ms_per_step"]:6.1%}  {exposed.get(kind, kind)}' for kind, ms in r['by_kind'].items()]
     lines += ['', f"{'ms/step':>9} {'share':>6} {'GFLOP/s':>8} {'n/step':>6}  {'kind':<14} pass {'source':<30} {'op':<26} shape"]
     lines += [f"{t['ms']:9.1f} {t['ms'] / r['op_ms_per_step']:6.1%} {(t['flops_per_sec'] or 0) / 1e9:8.1f} {t['n']:6g}  {t['kind']:<14} "
               f"{t['pass']:<4} {t['source'][:30]:<30} {t['op'][:26]:<26} {t['shape'][:40]}" for t in r['top']]
