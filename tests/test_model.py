@@ -1,4 +1,4 @@
-import math
+import math, re
 from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
@@ -118,6 +118,31 @@ def test_linear_gradients_equal_autodiff(d_in, d_out):
     got = jax.grad(loss(gpt.linear), argnums=(0, 1))(x, w)
     want = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+
+
+def test_head_gradients_equal_autodiff_and_run_in_the_model_dtype():
+    """The output head's backward: JAX's own in fp32; in bf16, matmuls on bf16 operands (JAX's rule would upcast
+    both operands to the fp32 cotangent's dtype), within bf16 rounding of the fp32 reference."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16)).astype(jnp.bfloat16).astype(jnp.float32)  # exact in bf16
+    e = jax.random.normal(jax.random.key(1), (40, 16)).astype(jnp.bfloat16).astype(jnp.float32)
+    loss = lambda f: lambda x, e: jnp.sum(jnp.sin(f(x, e)))
+    plain = lambda x, e: jnp.einsum('btd,vd->btv', x, e, preferred_element_type=jnp.float32)
+    want = jax.grad(loss(plain), argnums=(0, 1))(x, e)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), jax.grad(loss(gpt.head), argnums=(0, 1))(x, e), want)
+    bf16 = (x.astype(jnp.bfloat16), e.astype(jnp.bfloat16))
+    got = jax.grad(loss(gpt.head), argnums=(0, 1))(*bf16)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.float32(a), b, rtol=0.02, atol=0.02), got, want)
+    hlo = jax.jit(jax.grad(loss(gpt.head), argnums=(0, 1))).lower(*bf16).as_text()
+    dots = re.findall(r'stablehlo.dot_general [^:]*: \((tensor<[^>]*>), (tensor<[^>]*>)\)', hlo)
+    assert len(dots) == 3 and all(a.endswith('xbf16>') and b.endswith('xbf16>') for a, b in dots), dots
+
+
+def test_bf16_training_step_runs_every_matmul_on_bf16_operands():
+    model = gpt.GPT(config(dtype=jnp.bfloat16, attn_impl='chunked', scan=False), nnx.Rngs(0))
+    loss = lambda m, x: m(x[:, :-1]).mean()
+    hlo = jax.jit(nnx.grad(loss)).lower(model, tokens(T=17)).as_text()
+    dots = re.findall(r'stablehlo.dot_general [^:]*: \((tensor<[^>]*>), (tensor<[^>]*>)\)', hlo)
+    assert len(dots) > 20 and all(a.endswith('xbf16>') and b.endswith('xbf16>') for a, b in dots), dots
 
 
 @pytest.mark.parametrize('B,T,C,dtype', [(6, 32, 8, jnp.float32), (3, 32, 32, jnp.float32), (4, 16, 4, jnp.bfloat16)])
