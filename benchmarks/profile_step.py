@@ -109,18 +109,27 @@ def hlo_ops(text):
 
 def op_events(trace_dir, module, ops):
     """(op, start, end) in microseconds for device 0's ops of `module`, from the device's own timeline where the
-    trace has one (GPU, TPU), else from the host threads that ran them (CPU); and how many times each op ran."""
+    trace has one (GPU: its 'Stream #' kernel lines; TPU: its 'XLA Ops' line), else from the host threads that ran
+    them (CPU); and how many times each op ran."""
     path = max(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True), key=os.path.getmtime)
     events = [e for e in json.load(gzip.open(path))['traceEvents'] if e.get('ph') in ('X', 'M')]
-    pids = {e['pid']: e['args']['name'] for e in events if e['ph'] == 'M' and e.get('name') == 'process_name'}
+    names = lambda kind: {e['pid'] if kind == 'process_name' else (e['pid'], e['tid']): e['args']['name']
+                          for e in events if e['ph'] == 'M' and e.get('name') == kind}
+    pids, threads = names('process_name'), names('thread_name')
     devices = sorted(name for name in pids.values() if name.startswith('/device:'))
-    on_device0 = lambda e: pids.get(e['pid']) == devices[0] if devices else e['args'].get('device_ordinal', '0') == '0'
-    ours = [e for e in events if e['ph'] == 'X' and e.get('args', {}).get('hlo_op') in ops
-            and e['args'].get('hlo_module', module) == module and on_device0(e)]
+    if devices:  # the device's lines: not the module, step and framework summaries also drawn there
+        lines = {t: name for t, name in threads.items() if pids.get(t[0]) == devices[0]}
+        lines = {t for t, name in lines.items() if name.startswith('Stream')} or {t for t, name in lines.items() if name == 'XLA Ops'}
+        on_device0 = lambda e: (e['pid'], e['tid']) in lines
+    else:
+        on_device0 = lambda e: e['args'].get('device_ordinal', '0') == '0'
+    # GPU kernels name their module 'hlo module'; the CPU runtime 'hlo_module'
+    ours = [e for e in events if e['ph'] == 'X' and e.get('args', {}).get('hlo_op') in ops and on_device0(e)
+            and e['args'].get('hlo_module', e['args'].get('hlo module', module)) == module]
     if not ours:
         raise utils.PicodoError(f'no op of {module} found on {devices[0] if devices else "the host"} in {path}')
     if devices:  # how much of the device's busy time the ops account for
-        busy = union([(e['ts'], e['ts'] + e['dur']) for e in events if e['ph'] == 'X' and pids.get(e['pid']) == devices[0]])
+        busy = union([(e['ts'], e['ts'] + e['dur']) for e in events if e['ph'] == 'X' and on_device0(e)])
         if (covered := union([(e['ts'], e['ts'] + e['dur']) for e in ours]) / busy) < 0.9:
             print(f'warning: ops of {module} cover only {covered:.0%} of the time {devices[0]} was busy')
     kernels = collections.Counter((e['args']['hlo_op'], e['name']) for e in ours)  # one op may launch several kernels

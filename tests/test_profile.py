@@ -44,3 +44,23 @@ def test_matmul_and_convolution_flops_from_the_hlo():
     conv = jax.jit(lambda a, b: jax.lax.conv(a, b, (1, 1), 'VALID')).lower(image, kernel).compile().as_text()
     ops, _ = profile_step.hlo_ops(conv)
     assert max(op[5] for op in ops.values()) == 2 * 8 * 30 * 30 * 3 * 3 * 3
+
+
+def test_device_timelines_count_kernels_not_summary_lines(tmp_path, capsys):
+    """A GPU trace's layout (as the profiler writes it; no GPU here, so a synthetic one): kernels on 'Stream #' lines
+    name their op and module in args; the 'XLA Ops'/'XLA Modules' summary lines on the same device and the host's
+    launch events are not counted again; an op that launches two kernels ran once."""
+    import gzip
+    M = lambda kind, pid, name, tid=0: dict(ph='M', name=kind, pid=pid, tid=tid, args=dict(name=name))
+    X = lambda pid, tid, name, ts, dur, op: dict(ph='X', pid=pid, tid=tid, name=name, ts=ts, dur=dur,
+                                                 args={'hlo_op': op, 'hlo module': 'jit_train_step'})
+    events = [M('process_name', 1, '/device:GPU:0'), M('process_name', 701, '/host:CPU'),
+              M('thread_name', 1, 'Stream #7(Compute)', 7), M('thread_name', 1, 'XLA Ops', 200), M('thread_name', 1, 'XLA Modules', 201),
+              X(1, 7, 'gemm_kernel', 0, 10, 'dot.1'), X(1, 7, 'splitk_reduce', 10, 1, 'dot.1'), X(1, 7, 'loop_add', 12, 3, 'fusion.2'),
+              X(1, 200, 'dot.1', 0, 11, 'dot.1'), X(1, 201, 'jit_train_step', 0, 15, 'jit_train_step'), X(701, 3, 'launch', 0, 1, 'dot.1')]
+    (tmp_path / 'plugins').mkdir()
+    with gzip.open(tmp_path / 'plugins' / 'host.trace.json.gz', 'wt') as f:
+        json.dump({'traceEvents': events}, f)
+    found, runs = profile_step.op_events(str(tmp_path), 'jit_train_step', {'dot.1': None, 'fusion.2': None})
+    assert sorted(found) == [('dot.1', 0, 10), ('dot.1', 10, 11), ('fusion.2', 12, 15)]
+    assert runs == {'dot.1': 1, 'fusion.2': 1} and 'warning' not in capsys.readouterr().out
