@@ -154,16 +154,20 @@ def table(r):
     return '\n'.join(f'{k:<28} {v}' for k, v in rows)
 
 
-def main(argv=None):
+def main(argv=None, parse=parse, run=run, table=table):  # profile_step.py passes its own three
     result = run(parse(argv))
     print(table(result))
     print(json.dumps(result), flush=True)
     return result
 
 
-if __name__ == '__main__':
+def cli(main):  # bad input: one line on stderr, non-zero exit
     utils.keep_freed_memory()  # as main.py does, before JAX starts its threads
     try:
         main()
     except utils.PicodoError as e:
         sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+    cli(main)

@@ -222,15 +222,8 @@ def table(r):
 
 
 def main(argv=None):
-    result = run(parse(argv))
-    print(table(result))
-    print(json.dumps(result), flush=True)
-    return result
+    return bench.main(argv, parse, run, table)
 
 
 if __name__ == '__main__':
-    utils.keep_freed_memory()  # as main.py does, before JAX starts its threads
-    try:
-        main()
-    except utils.PicodoError as e:
-        sys.exit(f'error: {e}')
+    bench.cli(main)
