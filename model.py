@@ -18,24 +18,6 @@ REMAT_POLICIES = {'dots': jax.checkpoint_policies.save_from_both_policies(  # ma
 
 
 @jax.custom_vjp
-def linear(x, w):  # [..., D_in] @ [D_in, D_out]
-    return x @ w
-
-
-def linear_bwd(res, g):
-    # dW = x^T g contracts over tokens, so XLA CPU copies its left operand transposed, which costs as much as the
-    # matmul for a wide [B*T, 4D] operand; JAX's own rule always puts g on the left. Put the narrower one there.
-    x, w = res
-    tokens = (tuple(range(x.ndim - 1)),) * 2
-    if x.shape[-1] <= g.shape[-1]:
-        return g @ w.T, jnp.tensordot(x, g, tokens)
-    return g @ w.T, jax.lax.optimization_barrier(jnp.tensordot(g, x, tokens)).T  # barrier: keep XLA from swapping back
-
-
-linear.defvjp(lambda x, w: (x @ w, (x, w)), linear_bwd)
-
-
-@jax.custom_vjp
 def head(x, e):  # x [B, T, D] · e [V, D] -> fp32 logits
     return jnp.einsum('btd,vd->btv', x, e, preferred_element_type=jnp.float32)
 
@@ -122,8 +104,10 @@ def padded_vocab(vocab_size):
 class Block(nnx.Module):
     def __init__(self, c, rngs):
         D, std, proj_std = c.d_model, 0.02, 0.02 / math.sqrt(2 * c.n_layers)  # GPT-2: residual projections shrink with depth
-        # the hand-written weight gradient only pays on XLA CPU; GPUs and TPUs keep the standard matmul
-        matmul = {'dot_general': lambda x, w, *_, **__: linear(x, w)} if jax.default_backend() == 'cpu' else {}
+        # XLA CPU: on [B, T, D] inputs the weight gradient xᵀg contracts 2 dims, and canonicalizing that costs a transposed
+        # copy of g per matmul; on [B·T, D] it contracts one, read in place (GPUs and TPUs keep nnx.Linear's own matmul)
+        flat = lambda x, w, *_, **__: (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+        matmul = {'dot_general': flat} if jax.default_backend() == 'cpu' else {}
         dense = partial(nnx.Linear, use_bias=False, dtype=c.dtype, rngs=rngs, **matmul)
         self.ln1, self.ln2 = layer_norm(c, rngs), layer_norm(c, rngs)
         self.qkv = dense(D, 3 * D, kernel_init=init(std, ('data', None)))
