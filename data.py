@@ -16,11 +16,11 @@ def open_tokens(path, vocab_size, seq_len, batch_size):
         raise PicodoError(f'data file not found: {path}')
     if os.path.getsize(path) % 2:
         raise PicodoError(f'{path}: odd byte size {os.path.getsize(path)}, not a uint16 .bin file')
-    tokens = np.memmap(path, dtype='<u2', mode='r')
-    n_windows = (len(tokens) - 1) // seq_len
+    n_windows = max(os.path.getsize(path) // 2 - 1, 0) // seq_len  # checked before np.memmap, which fails on empty files
     if n_windows < batch_size:
-        raise PicodoError(f'{path}: {len(tokens)} tokens give {n_windows} windows of {seq_len + 1}, '
+        raise PicodoError(f'{path}: {os.path.getsize(path) // 2} tokens give {n_windows} windows of {seq_len + 1}, '
                           f'fewer than one batch of {batch_size}')
+    tokens = np.memmap(path, dtype='<u2', mode='r')
     chunk = 1 << 20  # check ids in 16 evenly spaced 1M-token chunks: cheap even for a 5 GB file
     max_id = max(int(tokens[i:i + chunk].max()) for i in np.linspace(0, len(tokens) - 1, 16, dtype=np.int64))
     if max_id >= vocab_size:

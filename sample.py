@@ -71,6 +71,12 @@ def sample(model, encode, decode, prompt, max_new_tokens, num_samples=1, tempera
     T, ids = model.seq_len, encode(prompt)
     if not ids:
         raise utils.PicodoError('empty prompt')
+    if temperature < 0:
+        raise utils.PicodoError(f'temperature {temperature} < 0')
+    if not 0 <= top_k <= model.vocab_size:
+        raise utils.PicodoError(f'top_k {top_k} is not in 0..{model.vocab_size} (the vocabulary size; 0 keeps all)')
+    if num_samples < 1 or max_new_tokens < 0:
+        raise utils.PicodoError(f'num_samples {num_samples} < 1' if num_samples < 1 else f'max_new_tokens {max_new_tokens} < 0')
     if len(ids) > T - 1:
         print(f'warning: prompt of {len(ids)} tokens cut to its last {T - 1} (model.seq_len {T} leaves room '
               f'for one new token)', file=sys.stderr)

@@ -62,7 +62,8 @@ def create_state(cfg, mesh, tx):
 def find_checkpoint(path):
     """(manager, step): the newest complete checkpoint in a checkpoint dir, or the step dir `path` itself.
     Orbax writes each step under a temporary name and renames it once complete; only those count."""
-    path, one_step = os.path.abspath(path), os.path.basename(path).isdigit()
+    path = os.path.abspath(path)
+    one_step = os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, 'state'))
     if not os.path.isdir(path):
         raise utils.PicodoError(f'checkpoint not found: {path}')
     manager = ocp.CheckpointManager(os.path.dirname(path) if one_step else path, options=ocp.CheckpointManagerOptions(create=False))
@@ -139,7 +140,7 @@ def train(cfg, out_dir, name='run'):
     if B % A or (B // A) % jax.device_count():
         raise utils.PicodoError(f'batch_size {B} must split into grad_accum={A} micro-batches, '
                                 f'each divisible over {jax.device_count()} devices')
-    if cfg.data.build_if_missing and not (os.path.exists(cfg.data.train_path) and os.path.exists(cfg.data.val_path)):
+    if cfg.data.build_if_missing and not any(os.path.exists(p) for p in (cfg.data.train_path, cfg.data.val_path)):  # it writes both
         data.build_stdlib_bytes(cfg.data.train_path, cfg.data.val_path)
     train_tokens, val_tokens = (data.open_tokens(path, cfg.model.vocab_size, T, B) for path in (cfg.data.train_path, cfg.data.val_path))
 
@@ -181,6 +182,10 @@ def train(cfg, out_dir, name='run'):
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not main)
     say = bar.write if main else lambda line: None
     with jax.set_mesh(mesh), utils.stop_signals() as stop, saver, contextlib.closing(batches):
+        batch_spec = jax.ShapeDtypeStruct((A, B // A, T + 1), jnp.int32, sharding=batch_sharding)
+        train_step_fn = train_step_fn.lower(state, batch_spec).compile()
+        say(f'compiled the training step in {time.perf_counter() - t0:.1f} s')
+        t0 = time.perf_counter()  # tokens/s counts training steps only: not the compile, not evals
         for step in bar:
             state, metrics = train_step_fn(state, next(batches))
             pending.append(metrics)
@@ -202,13 +207,15 @@ def train(cfg, out_dir, name='run'):
                 bar.set_postfix(loss=f'{last["train_loss"]:.3f}', tok_s=f'{last["tokens_per_sec"]:.3g}')
                 pending, t0 = [], time.perf_counter()
             if done % cfg.eval_every == 0 or done == total_steps:
+                jax.block_until_ready(state)  # the steps queued before it count as training time, the eval does not
+                t_eval = time.perf_counter()
                 last['eval_loss'] = float(np.mean(jax.device_get([eval_step_fn(state, b) for b in val_batches])))
                 log(dict(step=done, eval_loss=last['eval_loss']))
                 say(f'step {done}: eval_loss {last["eval_loss"]:.4f}')
                 if cfg.sample_tokens:
                     import sample  # the sampling tool beside the trainer, loaded only when asked for
                     say(f'sample: {sample.eval_sample(nnx.merge(graphdef, state)[0], val_tokens, cfg.sample_tokens, done)!r}')
-                t0 = time.perf_counter()  # eval time does not count against training throughput
+                t0 += time.perf_counter() - t_eval
             if save_now:
                 save(saver, done, state, {'step': done, 'wandb_id': run.id, 'config': config})
             if stopping:

@@ -1,5 +1,5 @@
 """MFU, the peak FLOP/s table, wandb setup and small helpers."""
-import contextlib, ctypes, hashlib, importlib.util, netrc, os, signal
+import contextlib, ctypes, hashlib, importlib.util, netrc, os, signal, socket, types, urllib.parse
 import wandb
 
 
@@ -9,8 +9,8 @@ class PicodoError(Exception):
 
 # Peak dense bf16 FLOP/s per JAX device (vendor figures); first match in device_kind wins.
 # TPU v2/v3 expose each core as a device (half a chip); v4 and later expose whole chips.
-PEAK_FLOPS = [('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L4', 121e12), ('T4', 65e12),
-              ('TPU v2', 22.5e12), ('TPU v3', 61.5e12), ('TPU v4', 275e12), ('TPU v5 lite', 197e12),
+PEAK_FLOPS = [('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12),
+              ('T4', 65e12), ('TPU v2', 22.5e12), ('TPU v3', 61.5e12), ('TPU v4', 275e12), ('TPU v5 lite', 197e12),
               ('TPU v5e', 197e12), ('TPU v5', 459e12), ('TPU v6', 918e12)]
 
 
@@ -46,13 +46,6 @@ def keep_freed_memory():
             libc.mallopt(-8, 1), libc.mallopt(-4, 0), libc.mallopt(-1, -1)  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD (-1: never)
 
 
-def has_wandb_key():
-    try:
-        return bool(os.environ.get('WANDB_API_KEY') or netrc.netrc().authenticators('api.wandb.ai'))
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
 @contextlib.contextmanager
 def stop_signals():
     """Within: SIGTERM (preemption) and SIGINT (Ctrl-C) append to the yielded list instead of killing, so the
@@ -68,14 +61,24 @@ def stop_signals():
 
 
 def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
-    """Start a wandb run that can never block or crash training: WANDB_MODE wins over the config;
-    online without an API key falls back to offline; if wandb cannot start, logging is disabled."""
+    """Start a wandb run that can never block or crash training: WANDB_MODE wins over the config; online falls back to
+    offline without an API key or a connection to the server; if wandb cannot start at all, logging goes nowhere."""
     mode = (os.environ.get('WANDB_MODE') or cfg.mode) if enabled else 'disabled'
-    if mode == 'online' and not has_wandb_key():
-        print('wandb: no API key found, logging offline (upload later with `wandb sync`)')
+    host = urllib.parse.urlparse(os.environ.get('WANDB_BASE_URL') or wandb.Settings().base_url).hostname
+    if mode not in ('offline', 'dryrun', 'disabled') and not online_ok(host):
+        print(f'wandb: no API key for {host} or no connection to it: logging offline (upload later with `wandb sync`)')
         mode = 'offline'
+    for mode in dict.fromkeys([mode, 'offline']):
+        try:
+            return wandb.init(project=cfg.project, name=cfg.name, config=config, dir=out_dir, mode=mode, id=run_id, resume='allow')
+        except Exception as e:  # a bad WANDB_MODE, a rejected key, ...
+            print(f'wandb: could not start {mode} ({type(e).__name__}: {(str(e).splitlines() or [""])[0]})')
+    return types.SimpleNamespace(id=None, log=lambda *args, **kwargs: None, finish=lambda: None)
+
+
+def online_ok(host):  # an API key (WANDB_API_KEY, or `wandb login`'s entry in ~/.netrc) and a connection to host
     try:
-        return wandb.init(project=cfg.project, name=cfg.name, config=config, dir=out_dir, mode=mode, id=run_id, resume='allow')
-    except Exception as e:  # no network, bad key, ...
-        print(f'wandb: could not start ({e}); continuing without it')
-        return wandb.init(mode='disabled')
+        key = os.environ.get('WANDB_API_KEY') or netrc.netrc(os.environ.get('NETRC')).authenticators(host)
+        return bool(key) and socket.create_connection((host, 443), timeout=3).close() is None
+    except (OSError, netrc.NetrcParseError):
+        return False

@@ -166,3 +166,13 @@ def test_a_signal_sets_the_stop_flag_instead_of_killing():
         time.sleep(0.01)
         assert stop == [signal.SIGINT]
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_a_step_dir_is_found_by_what_it_holds_not_by_its_name(finished_run, tmp_path):
+    """`ckpt.resume=DIR/20/` (a trailing slash, as tab completion leaves it) is that step; a checkpoint dir whose
+    name is a number (wandb.name=777) is a checkpoint dir, not a step."""
+    assert train.find_checkpoint(finished_run[2] + '/20/')[1] == 20
+    assert train.find_checkpoint(finished_run[2] + '/15')[1] == 15
+    numbered = shutil.copytree(finished_run[2], tmp_path / '777')
+    manager, step = train.find_checkpoint(str(numbered) + '/')
+    assert step == 20 and str(manager.directory) == str(numbered)

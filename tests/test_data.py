@@ -72,6 +72,7 @@ def test_stdlib_corpus_is_byte_tokens(stdlib_data):
     ('odd', 'odd byte size'),
     ('big_id', 'token id 5000 >= model.vocab_size 1000'),
     ('short', 'fewer than one batch'),
+    ('empty', '0 tokens give 0 windows'),  # np.memmap cannot map an empty file: checked before it
 ])
 def test_bad_files_get_a_clear_error(tmp_path, case, message):
     path = tmp_path / 'bad.bin'
@@ -81,6 +82,8 @@ def test_bad_files_get_a_clear_error(tmp_path, case, message):
         write_tokens(path, [1] * 500 + [5000] + [1] * 500)
     elif case == 'short':
         write_tokens(path, [1] * (B * T))  # one token short of B windows of T+1
+    elif case == 'empty':
+        path.write_bytes(b'')
     with pytest.raises(PicodoError, match=message) as e:
         data.open_tokens(str(path), 1000, T, B)
     assert str(path) in str(e.value) and '\n' not in str(e.value)

@@ -90,3 +90,7 @@ def test_sample_py_from_a_trained_checkpoint(finished_run, capsys):
     assert out.startswith('def ') and out.count('\n---------------\n') == 2 and 'from step 20 of' in err
     with pytest.raises(SystemExit, match='error: checkpoint not found: .*nope'):
         sample.main([ckpt + '/nope'])
+    for args, message in [(['--top_k', '100000'], 'top_k 100000 is not in 0..256'), (['--top_k', '-3'], 'top_k -3 is not in'),
+                          (['--temperature', '-1'], 'temperature -1.0 < 0'), (['--num_samples', '0'], 'num_samples 0 < 1')]:
+        with pytest.raises(SystemExit, match=f'^error: {message}'):
+            sample.main([ckpt, *args])

@@ -1,4 +1,4 @@
-import json
+import json, time, types
 import re
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 import data, train
+from conftest import write_tokens
 from utils import PicodoError
 
 
@@ -126,3 +127,40 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
 def test_token_id_beyond_vocab_is_caught_before_compiling(tiny_cfg, tmp_path):
     with pytest.raises(PicodoError, match='>= model.vocab_size 200'):
         train.train(tiny_cfg('model.vocab_size=200'), str(tmp_path))
+
+
+def test_building_the_default_corpus_never_overwrites_a_data_file(tiny_cfg, tmp_path):
+    """build_if_missing writes both splits, so it runs only when neither exists: a mistyped val path is an error."""
+    write_tokens(tmp_path / 'mine.bin', [1, 2, 3] * 1000)
+    before = (tmp_path / 'mine.bin').read_bytes()
+    cfg = tiny_cfg(f'data.train_path={tmp_path / "mine.bin"}', f'data.val_path={tmp_path / "vall.bin"}', 'data.build_if_missing=true')
+    with pytest.raises(PicodoError, match=f'data file not found: {tmp_path / "vall.bin"}$'):
+        train.train(cfg, str(tmp_path))
+    assert (tmp_path / 'mine.bin').read_bytes() == before and not (tmp_path / 'vall.bin').exists()
+
+
+def test_step_time_counts_every_step_but_neither_the_compile_nor_evals(tiny_cfg, tmp_path, monkeypatch):
+    """A clock on which each training step takes 1 s, the compile 1000 s and each eval batch 1000 s: every logged
+    step time is 1 s, also for intervals with an eval in the middle (eval_every=3, log_every=5)."""
+    jump = [0.0]
+    monkeypatch.setattr(train, 'time', types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + jump[0]))
+    def taking(seconds, f):
+        return lambda *args: (jump.__setitem__(0, jump[0] + seconds), f(*args))[1]
+    class SlowCompile:  # the jitted train step, compiled ahead of time or in its first call
+        def __init__(self, jitted):
+            self.jitted, self.compiled = jitted, False
+        def lower(self, *args):
+            return types.SimpleNamespace(compile=lambda: taking(1, taking(1000, self.jitted.lower(*args).compile)()))
+        def __call__(self, *args):
+            self.compiled = self.compiled or jump.__setitem__(0, jump[0] + 1000) or True
+            return taking(1, self.jitted)(*args)
+    compile_steps = train.compile_steps
+    def slow_steps(graphdef, state):
+        step, evaluate = compile_steps(graphdef, state)
+        return SlowCompile(step), taking(1000, evaluate)
+    monkeypatch.setattr(train, 'compile_steps', slow_steps)
+    train.train(tiny_cfg('train_tokens=10240', 'eval_every=3'), str(tmp_path))  # 20 steps, 7 evals of 2 batches
+    records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+    times = [r['step_time'] for r in records if 'step_time' in r]
+    assert len(times) == 4 and jump[0] == 1000 + 20 + 7 * 2 * 1000
+    assert all(1 <= t < 1.5 for t in times), times

@@ -1,0 +1,47 @@
+"""wandb can never block or crash a run; the peak FLOP/s table behind MFU."""
+import glob, os, subprocess, sys, time
+import pytest
+import utils
+from conftest import REPO, make_cfg
+
+
+@pytest.mark.parametrize('mode', ['online', 'run'])  # 'run': wandb's old name for online
+def test_wandb_online_without_a_reachable_server_logs_offline_at_once(tmp_path, monkeypatch, mode):
+    """An API key but no route to the server (here a host that cannot resolve): offline, not a 90 s wait and then
+    nothing; no key at all: offline too, never a login prompt."""
+    monkeypatch.setenv('WANDB_MODE', mode)
+    monkeypatch.setenv('WANDB_BASE_URL', 'https://wandb.invalid')
+    monkeypatch.setenv('WANDB_API_KEY', 'a' * 40)
+    t0 = time.perf_counter()
+    run = utils.init_wandb(make_cfg().wandb, {'x': 1}, str(tmp_path))
+    run.log({'loss': 1.0}, step=1), run.finish()
+    assert time.perf_counter() - t0 < 60  # wandb's own init timeout is 90 s
+    assert glob.glob(str(tmp_path / 'wandb' / 'offline-run-*'))
+
+
+def test_a_bad_wandb_mode_does_not_stop_the_run(tmp_path):
+    """In a fresh process, as `WANDB_MODE=offlne python main.py` (this crashed on wandb's own fallback once)."""
+    code = (f'import sys, types; sys.path.insert(0, {REPO!r}); import utils; '
+            f'cfg = types.SimpleNamespace(project="p", name=None, mode="offline"); '
+            f'run = utils.init_wandb(cfg, {{}}, {str(tmp_path)!r}); run.log({{"a": 1}}, step=1); run.finish(); print("id", run.id)')
+    r = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, WANDB_MODE='offlne'), capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1].startswith('id '), r.stdout + r.stderr
+
+
+def test_when_wandb_cannot_start_at_all_logging_goes_nowhere(tmp_path, monkeypatch, capsys):
+    def init(**kwargs):
+        raise RuntimeError(f'no {kwargs["mode"]} today')
+    monkeypatch.setattr(utils.wandb, 'init', init)
+    run = utils.init_wandb(make_cfg().wandb, {}, str(tmp_path))
+    run.log({'loss': 1.0}, step=1), run.finish()
+    out = capsys.readouterr().out
+    assert run.id is None and 'could not start offline (RuntimeError: no offline today)' in out
+
+
+def test_peak_flops_first_match_wins_and_unknown_chips_have_none():
+    assert utils.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
+    assert utils.peak_flops('NVIDIA L4') == 121e12
+    assert utils.peak_flops('NVIDIA L40S') == 362e12 and utils.peak_flops('NVIDIA L40') == 181e12  # not the L4's
+    assert utils.peak_flops('TPU v5 lite') == 197e12 and utils.peak_flops('TPU v5p') == 459e12
+    assert utils.peak_flops('cpu') is None and utils.peak_flops('cpu', 1e12) == 1e12
