@@ -4,7 +4,7 @@ A training example is a window of T+1 consecutive tokens: inputs w[:-1], targets
 The file is cut into non-overlapping windows; each epoch visits them in a fresh permutation, so
 the batch at any step is a pure function of (seed, step) — what makes resume exact.
 """
-import contextlib, functools, glob, os, queue, sysconfig, threading
+import contextlib, functools, os, queue, threading
 import numpy as np
 import jax
 from utils import PicodoError
@@ -87,17 +87,3 @@ class Batches:
     def close(self):  # stop the thread before exit: one killed inside XLA's C++ code aborts the process
         self.stopped.set()
         self.thread.join()
-
-
-def build_stdlib_bytes(train_path, val_path):
-    """The offline default corpus: this Python's standard-library .py sources as byte tokens (vocab 256), built
-    by the code behind `python prepare.py bytes`: one document per file, 10% of them (seed 0) for validation."""
-    import prepare  # the data tool beside the trainer, needed only on this first run
-    root = sysconfig.get_paths()['stdlib']
-    files = sorted(f for f in glob.glob(os.path.join(root, '**', '*.py'), recursive=True) if 'site-packages' not in f)
-    try:
-        prepare.write_splits(prepare.FileDocs(files), prepare.ByteTokens(), train_path, val_path, val_fraction=0.1,
-                             force=True, progress=False)
-    except prepare.PrepareError as e:
-        raise PicodoError(str(e)) from None
-    print(f'built byte-level corpus from {len(files)} stdlib files in {root}: {train_path}, {val_path}')

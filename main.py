@@ -2,6 +2,7 @@
 import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 import train, utils
 
 
@@ -9,12 +10,14 @@ import train, utils
 def main(cfg):
     utils.keep_freed_memory()  # before XLA starts its threads
     try:
-        hydra_cfg = HydraConfig.get()  # the run's name: its config and overrides, e.g. colab/opt.peak_lr=0.004
-        name = utils.run_name(hydra_cfg.job.config_name, hydra_cfg.job.override_dirname)
-        train.train(cfg, hydra_cfg.runtime.output_dir, name)
+        job = HydraConfig.get().job  # the run's name: its config and overrides, e.g. colab/opt.peak_lr=0.004
+        train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(job.config_name, job.override_dirname))
     except utils.PicodoError as e:
         sys.exit(f'error: {e}')
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydra's own message takes six)
+    defaults, absent = OmegaConf.load(train.DEFAULTS), object()
+    for key in (a.split('=', 1)[0] for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
+        OmegaConf.select(defaults, key, default=absent) is absent and sys.exit(f'error: unknown config key: {key}')
     main()

@@ -9,14 +9,15 @@
 Bad input (a missing path, no text, an existing output without --force, a cut-off download...) is one
 line on stderr and exit code 1; a .bin file appears under its final name only once it is complete.
 """
-import argparse, collections, http.client, multiprocessing, os, re, sys, urllib.error, urllib.request
+import argparse, collections, glob, http.client, multiprocessing, os, re, sys, sysconfig, urllib.error, urllib.request
 import numpy as np
+import utils
 
 SAMPLE_URL = 'https://pub-e8bbdcbe8f6243b2a9933704a9b1d8bc.r2.dev/datasets/fineweb_edu_gpt2_{split}.bin'
 
 
-class PrepareError(Exception):
-    """Bad input: main() prints it as one line and exits non-zero."""
+class PrepareError(utils.PicodoError):
+    """Bad input: main() (and main.py, for the default corpus) prints it as one line and exits non-zero."""
 
 
 # ---------------------------------------------------------------------------------------------- download
@@ -313,6 +314,15 @@ def make_dir(path):
         os.remove(probe)
     except OSError as e:
         raise PrepareError(f'cannot write to output directory {path or "."}: {e.strerror}') from None
+
+
+def build_stdlib_bytes(train_path, val_path):
+    """The trainer's offline default corpus (`python main.py` on a first run): this Python's standard-library .py
+    sources as byte tokens (vocab 256), one document per file, 10% of them (seed 0) for validation."""
+    root = sysconfig.get_paths()['stdlib']
+    files = sorted(f for f in glob.glob(os.path.join(root, '**', '*.py'), recursive=True) if 'site-packages' not in f)
+    write_splits(FileDocs(files), ByteTokens(), train_path, val_path, val_fraction=0.1, force=True, progress=False)
+    print(f'built byte-level corpus from {len(files)} stdlib files in {root}: {train_path}, {val_path}')
 
 
 # ---------------------------------------------------------------------------------------------- inspect

@@ -16,6 +16,9 @@ import data, model as gpt, utils
 
 DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.yaml')
 SHAPE_KEYS = ['vocab_size', 'seq_len', 'd_model', 'n_layers', 'n_heads', 'scan']  # these fix the parameter tree
+POSITIVE = ['model.vocab_size', 'model.seq_len', 'model.d_model', 'model.n_layers', 'model.n_heads', 'batch_size', 'grad_accum',
+            'train_tokens', 'log_every', 'eval_every', 'eval_batches', 'ckpt.every', 'ckpt.keep']
+CHOICES = {'dtype': ['float32', 'bfloat16', 'float16'], 'remat': ['none', *gpt.REMAT_POLICIES], 'attn_impl': ['auto', 'xla', 'cudnn', 'chunked']}
 
 
 def check_config(cfg):  # every key must exist in configs/default.yaml (catches typos in config files, not just overrides)
@@ -25,6 +28,12 @@ def check_config(cfg):  # every key must exist in configs/default.yaml (catches 
         OmegaConf.merge(defaults, cfg)
     except Exception as e:  # omegaconf's ConfigKeyError names the key
         raise utils.PicodoError(f'unknown config key: {getattr(e, "full_key", e)}') from None
+    get, m = lambda key: OmegaConf.select(cfg, key), cfg.model
+    bad = [f'{k}={get(k)} (must be a positive integer)' for k in POSITIVE if not (isinstance(get(k), int) and get(k) > 0)]
+    bad += [f'model.{k}={m[k]} (one of {", ".join(v)})' for k, v in CHOICES.items() if m[k] not in v]
+    bad += [f'model.n_heads={m.n_heads} (must divide model.d_model={m.d_model})'] if m.d_model % max(m.n_heads, 1) else []
+    if bad:
+        raise utils.PicodoError(f'bad config value: {bad[0]}')
 
 
 def model_config(c):
@@ -141,7 +150,8 @@ def train(cfg, out_dir, name='run'):
         raise utils.PicodoError(f'batch_size {B} must split into grad_accum={A} micro-batches, '
                                 f'each divisible over {jax.device_count()} devices')
     if cfg.data.build_if_missing and not any(os.path.exists(p) for p in (cfg.data.train_path, cfg.data.val_path)):  # it writes both
-        data.build_stdlib_bytes(cfg.data.train_path, cfg.data.val_path)
+        import prepare  # the data tool beside the trainer, needed only on a first run
+        prepare.build_stdlib_bytes(cfg.data.train_path, cfg.data.val_path)
     train_tokens, val_tokens = (data.open_tokens(path, cfg.model.vocab_size, T, B) for path in (cfg.data.train_path, cfg.data.val_path))
 
     total_steps = cfg.train_tokens // (B * T)

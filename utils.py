@@ -1,6 +1,5 @@
 """MFU, the peak FLOP/s table, wandb setup and small helpers."""
 import contextlib, ctypes, hashlib, importlib.util, netrc, os, signal, socket, types, urllib.parse
-import wandb
 
 
 class PicodoError(Exception):
@@ -23,8 +22,7 @@ def mfu(model_flops_per_sec, n_devices, peak):
 
 
 def run_name(config_name, overrides):
-    """A directory name for a run: the same command gets the same name (so it resumes), other overrides or
-    sweep points another. Long override lists are shortened with a hash."""
+    """A run's directory name: the same command gets the same name (so it resumes); long override lists are hashed."""
     overrides = overrides.replace('/', '_')
     overrides = overrides if len(overrides) <= 100 else overrides[:80] + '-' + hashlib.sha1(overrides.encode()).hexdigest()[:10]
     return os.path.join(config_name, overrides) if overrides else config_name
@@ -63,6 +61,7 @@ def stop_signals():
 def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
     """Start a wandb run that can never block or crash training: WANDB_MODE wins over the config; online falls back to
     offline without an API key or a connection to the server; if wandb cannot start at all, logging goes nowhere."""
+    import wandb  # here, so that the data tools can use this module without loading wandb
     mode = (os.environ.get('WANDB_MODE') or cfg.mode) if enabled else 'disabled'
     host = urllib.parse.urlparse(os.environ.get('WANDB_BASE_URL') or wandb.Settings().base_url).hostname
     if mode not in ('offline', 'dryrun', 'disabled') and not online_ok(host):

@@ -33,9 +33,9 @@ def in_tmp_dir(tmp_path, monkeypatch):
 @pytest.fixture(scope='session')
 def stdlib_data(tmp_path_factory):
     """The byte-level stdlib corpus that `python main.py` builds on first run."""
-    import data
+    import prepare
     d = tmp_path_factory.mktemp('stdlib')
-    data.build_stdlib_bytes(str(d / 'train.bin'), str(d / 'val.bin'))
+    prepare.build_stdlib_bytes(str(d / 'train.bin'), str(d / 'val.bin'))
     return str(d / 'train.bin'), str(d / 'val.bin')
 
 

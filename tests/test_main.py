@@ -43,7 +43,8 @@ def test_local_run_builds_its_data_and_trains(tmp_path):
 
 @pytest.mark.parametrize('args,message', [
     (['-cn', 'colab'], 'error: data file not found: /content/fineweb_edu_gpt2_train.bin'),
-    (['opt.peak_lrr=1'], "Key 'peak_lrr' is not in struct"),
+    (['opt.peak_lrr=1'], 'error: unknown config key: opt.peak_lrr\n'),  # checked before Hydra's six-line message
+    (['model.remat=dot'], 'error: bad config value: model.remat=dot (one of none, dots, full)'),
     (['batch_size=30'], 'error: batch_size 30 must split into grad_accum=1 micro-batches'),
 ])
 def test_bad_input_exits_nonzero_with_a_clear_line(tmp_path, args, message):

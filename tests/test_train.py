@@ -124,6 +124,20 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
         train.train(cfg, str(tmp_path))
 
 
+@pytest.mark.parametrize('override,message', [
+    ('model.dtype=bf16', 'model.dtype=bf16 (one of float32, bfloat16, float16)'),
+    ('model.attn_impl=flash', 'model.attn_impl=flash (one of auto, xla, cudnn, chunked)'),
+    ('model.n_heads=3', 'model.n_heads=3 (must divide model.d_model=64)'),
+    ('model.n_heads=0', 'model.n_heads=0 (must be a positive integer)'),
+    ('eval_every=0', 'eval_every=0 (must be a positive integer)'),
+    ('ckpt.every=-5', 'ckpt.every=-5 (must be a positive integer)'),
+    ('grad_accum=1.5', 'grad_accum=1.5 (must be a positive integer)'),
+])
+def test_bad_config_values_are_one_line_naming_the_key(tiny_cfg, override, message):
+    with pytest.raises(PicodoError, match=re.escape(f'bad config value: {message}') + '$'):
+        train.check_config(tiny_cfg(override))
+
+
 def test_token_id_beyond_vocab_is_caught_before_compiling(tiny_cfg, tmp_path):
     with pytest.raises(PicodoError, match='>= model.vocab_size 200'):
         train.train(tiny_cfg('model.vocab_size=200'), str(tmp_path))

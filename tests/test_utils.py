@@ -1,6 +1,7 @@
 """wandb can never block or crash a run; the peak FLOP/s table behind MFU."""
 import glob, os, subprocess, sys, time
 import pytest
+import wandb
 import utils
 from conftest import REPO, make_cfg
 
@@ -32,7 +33,7 @@ def test_a_bad_wandb_mode_does_not_stop_the_run(tmp_path):
 def test_when_wandb_cannot_start_at_all_logging_goes_nowhere(tmp_path, monkeypatch, capsys):
     def init(**kwargs):
         raise RuntimeError(f'no {kwargs["mode"]} today')
-    monkeypatch.setattr(utils.wandb, 'init', init)
+    monkeypatch.setattr(wandb, 'init', init)
     run = utils.init_wandb(make_cfg().wandb, {}, str(tmp_path))
     run.log({'loss': 1.0}, step=1), run.finish()
     out = capsys.readouterr().out
