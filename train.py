@@ -168,7 +168,6 @@ def train(cfg, out_dir, name='run'):
     start and print(f'resuming at step {start} of {total_steps} from {source.directory}')
     train_step_fn, eval_step_fn = compile_steps(graphdef, state)
     batch_sharding = NamedSharding(mesh, P(None, 'data'))
-    batches = data.Batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)
     val_sharding = NamedSharding(mesh, P('data'))  # a fixed set of validation windows (seed 0), same for every run
     val_batches = [jax.make_array_from_process_local_data(val_sharding, data.get_batch(val_tokens, T, 0, i, B, data.process_rows(B)))
                    for i in range(cfg.eval_batches)]
@@ -191,7 +190,8 @@ def train(cfg, out_dir, name='run'):
     pending, t0, last, stopping = [], time.perf_counter(), {}, False
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not main)
     say = bar.write if main else lambda line: None
-    with jax.set_mesh(mesh), utils.stop_signals() as stop, saver, contextlib.closing(batches):
+    with (jax.set_mesh(mesh), utils.stop_signals() as stop, saver,  # the loader's thread starts here, so it always stops
+          contextlib.closing(data.Batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)) as batches):
         batch_spec = jax.ShapeDtypeStruct((A, B // A, T + 1), jnp.int32, sharding=batch_sharding)
         train_step_fn = train_step_fn.lower(state, batch_spec).compile()
         say(f'compiled the training step in {time.perf_counter() - t0:.1f} s')
