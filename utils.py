@@ -67,7 +67,7 @@ def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
     if mode not in ('offline', 'dryrun', 'disabled') and not online_ok(host):
         print(f'wandb: no API key for {host} or no connection to it: logging offline (upload later with `wandb sync`)')
         mode = 'offline'
-    for mode in dict.fromkeys([mode, 'offline']):
+    for mode in dict.fromkeys([mode, 'offline']) if enabled else ():  # other processes of a multi-host run: no wandb
         try:
             return wandb.init(project=cfg.project, name=cfg.name, config=config, dir=out_dir, mode=mode, id=run_id, resume='allow')
         except Exception as e:  # a bad WANDB_MODE, a rejected key, ...
