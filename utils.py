@@ -8,9 +8,9 @@ class PicodoError(Exception):
 
 # Peak dense bf16 FLOP/s per JAX device (vendor figures); first match in device_kind wins.
 # TPU v2/v3 expose each core as a device (half a chip); v4 and later expose whole chips.
-PEAK_FLOPS = [('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12),
-              ('T4', 65e12), ('TPU v2', 22.5e12), ('TPU v3', 61.5e12), ('TPU v4', 275e12), ('TPU v5 lite', 197e12),
-              ('TPU v5e', 197e12), ('TPU v5', 459e12), ('TPU v6', 918e12)]
+PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L40S', 362e12), ('L40', 181e12),
+              ('L4', 121e12), ('T4', 65e12), ('TPU v2', 22.5e12), ('TPU v3', 61.5e12), ('TPU v4', 275e12),
+              ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5', 459e12), ('TPU v6', 918e12)]
 
 
 def peak_flops(device_kind, override=None):  # the config's override, else the table, else None (CPU, Apple...)
