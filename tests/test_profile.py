@@ -35,6 +35,13 @@ def test_tiny_profile_on_8_devices_attributes_the_step(capsys):
     assert 'kind' in '\n'.join(out[:-1])
 
 
+def test_matmuls_faster_than_the_roofline_are_flagged_as_asynchronous():
+    groups = {('matmul', 'bwd', '', 'transpose', 'f32[384,1536]'): [0.6, 6, 28e9, set()],  # 47,000 GFLOP/s: impossible
+              ('matmul', 'bwd', '', 'dot_general', 'f32[4096,384]'): [380.0, 18, 58e9, set()],  # 152 GFLOP/s
+              ('elementwise', 'fwd', '', 'add', 'f32[8]'): [0.0, 1, 0.0, set()]}
+    assert profile_step.too_fast(groups, roofline=300e9) == ['transpose f32[384,1536]']
+
+
 def test_matmul_and_convolution_flops_from_the_hlo():
     import jax, jax.numpy as jnp
     x, w = jnp.ones((8, 16)), jnp.ones((16, 32))
