@@ -6,13 +6,15 @@ import utils
 from conftest import REPO, make_cfg
 
 
-@pytest.mark.parametrize('mode', ['online', 'run'])  # 'run': wandb's old name for online
-def test_wandb_online_without_a_reachable_server_logs_offline_at_once(tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize('mode,key', [('online', 'a' * 40), ('run', 'a' * 40), ('online', None)])  # run: old name for online
+def test_wandb_online_without_a_reachable_server_or_a_key_logs_offline_at_once(tmp_path, monkeypatch, mode, key):
     """An API key but no route to the server (here a host that cannot resolve): offline, not a 90 s wait and then
     nothing; no key at all: offline too, never a login prompt."""
     monkeypatch.setenv('WANDB_MODE', mode)
     monkeypatch.setenv('WANDB_BASE_URL', 'https://wandb.invalid')
-    monkeypatch.setenv('WANDB_API_KEY', 'a' * 40)
+    monkeypatch.setenv('NETRC', str(tmp_path / 'no-netrc'))
+    if key:
+        monkeypatch.setenv('WANDB_API_KEY', key)
     t0 = time.perf_counter()
     run = utils.init_wandb(make_cfg().wandb, {'x': 1}, str(tmp_path))
     run.log({'loss': 1.0}, step=1), run.finish()
