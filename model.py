@@ -12,9 +12,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-REMAT_POLICIES = {'dots': jax.checkpoint_policies.save_from_both_policies(  # matmul outputs, attention's too
-                       jax.checkpoint_policies.dots_with_no_batch_dims_saveable, jax.checkpoint_policies.save_only_these_names('attn')),
-                  'full': jax.checkpoint_policies.nothing_saveable}
+cp = jax.checkpoint_policies  # 'dots' keeps matmul outputs and attention's: the chunked loop's (named 'attn'), cuDNN's
+attention = lambda prim, *_, **kw: prim.name == 'name' and kw['name'] == 'attn' or prim.name.startswith('dot_product_attention_fwd')
+REMAT_POLICIES = {'dots': cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable, attention), 'full': cp.nothing_saveable}
 
 
 @jax.custom_vjp

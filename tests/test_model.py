@@ -134,6 +134,25 @@ def test_bf16_training_step_runs_every_matmul_on_bf16_operands():
     assert len(dots) > 20 and all(a.endswith('xbf16>') and b.endswith('xbf16>') for a, b in dots), dots
 
 
+@pytest.mark.parametrize('remat', ['none', 'dots'])
+def test_bf16_step_lowers_for_gpus_with_cudnn_flash_attention(monkeypatch, remat):
+    """No GPU here: lower the bf16 training step for CUDA instead, so the cuDNN path's shapes, layout and dtypes
+    are checked before a first GPU run (JAX asks the installed cuDNN and GPU for versions while lowering: stubbed).
+    With remat 'dots', the backward reuses the saved attention instead of running its forward kernel again."""
+    fa = pytest.importorskip('jax._src.cudnn.fused_attention_stablehlo')
+    for name, stub in [('check_cudnn_version', lambda: 91000), ('check_compute_capability', lambda c: True),
+                       ('is_cuda_compute_capability_equal', lambda c: False)]:
+        if not hasattr(fa, name):
+            pytest.skip(f'JAX internals changed: no {name}')
+        monkeypatch.setattr(fa, name, stub)
+    model = gpt.GPT(config(dtype=jnp.bfloat16, attn_impl='cudnn', seq_len=32, remat=remat), nnx.Rngs(0))
+    loss = lambda m, x: m(x[:, :-1]).mean()
+    hlo = jax.jit(nnx.grad(loss)).trace(model, tokens(T=33)).lower(lowering_platforms=('cuda',)).as_text()
+    assert re.findall(r'custom_call @__cudnn\$(\w+)', hlo) == ['fmhaSoftmax', 'fmhaSoftmaxBackward']  # the scan's body
+    dots = re.findall(r'stablehlo.dot_general [^:]*: \((tensor<[^>]*>), (tensor<[^>]*>)\)', hlo)
+    assert len(dots) > 10 and all(a.endswith('xbf16>') and b.endswith('xbf16>') for a, b in dots), dots
+
+
 @pytest.mark.parametrize('B,T,C,dtype', [(6, 32, 8, jnp.float32), (3, 32, 32, jnp.float32), (4, 16, 4, jnp.bfloat16)])
 def test_chunked_attention_equals_xla(B, T, C, dtype):
     """Values and gradients of the CPU attention (query chunks, hand-written backward, a loop over pairs of
