@@ -55,8 +55,7 @@ def process_rows(batch_size):
 
 
 class Batches:
-    """Global batches [A, B/A, T+1] (A micro-batches) from `start_step` on, sharded by `sharding`.
-    Each process reads only its own rows; a background thread keeps the next batches ready."""
+    """Global batches [A, B/A, T+1] from `start_step` on: each process reads its rows, a thread keeps the next ready."""
 
     def __init__(self, tokens, seq_len, seed, start_step, batch_size, accum, sharding, prefetch=2):
         rows = process_rows(batch_size)

@@ -87,8 +87,7 @@ def chunked_bwd(C, res, do):
 chunked_attention.defvjp(chunked_fwd, chunked_bwd)
 
 
-def init(std, sharding):
-    return nnx.with_partitioning(nnx.initializers.normal(std), sharding)
+init = lambda std, sharding: nnx.with_partitioning(nnx.initializers.normal(std), sharding)
 
 
 def layer_norm(c, rngs):
@@ -97,8 +96,7 @@ def layer_norm(c, rngs):
                          bias_init=split(nnx.initializers.zeros))
 
 
-def padded_vocab(vocab_size):
-    return -(-vocab_size // 128) * 128  # round up: matmuls and softmax run faster on multiples of 128
+padded_vocab = lambda vocab_size: -(-vocab_size // 128) * 128  # round up: matmuls and softmax run faster on multiples of 128
 
 
 class Block(nnx.Module):

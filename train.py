@@ -40,7 +40,9 @@ def model_config(c):
     c = SimpleNamespace(**OmegaConf.to_container(c, resolve=True))
     c.dtype = jnp.dtype(c.dtype)
     if c.attn_impl == 'auto':  # cuDNN flash attention on NVIDIA GPUs in bf16, model.chunked_attention on CPUs, else XLA
-        c.attn_impl = {'gpu': 'cudnn' if c.dtype == jnp.bfloat16 else 'xla', 'cpu': 'chunked'}.get(jax.default_backend(), 'xla')
+        cc = str(getattr(jax.devices()[0], 'compute_capability', ''))  # NVIDIA's; cuDNN's flash attention needs 8.0 (Ampere) on
+        cudnn = c.dtype == jnp.bfloat16 and cc[:1].isdigit() and float(cc) >= 8  # so a T4 or V100 gets XLA's attention
+        c.attn_impl = {'gpu': 'cudnn' if cudnn else 'xla', 'cpu': 'chunked'}.get(jax.default_backend(), 'xla')
     return c
 
 
@@ -159,6 +161,8 @@ def train(cfg, out_dir, name='run'):
     # checkpoints live under the launch directory, not in Hydra's per-run outputs/, so a re-launch finds them
     ckpt_dir = os.path.abspath(cfg.ckpt.dir or os.path.join('checkpoints', cfg.wandb.name or name))
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep, cleanup_tmp_directories=True))
+    if jax.process_count() > 1 and not process_allgather(np.int32(os.path.isdir(ckpt_dir))).all():  # process 0's orbax made it
+        raise utils.PicodoError(f'{ckpt_dir} is not visible to every process: set ckpt.dir to a filesystem all hosts share')
     source, start = find_checkpoint(cfg.ckpt.resume) if cfg.ckpt.resume else (saver, saver.latest_step() or 0)
     if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
         raise utils.PicodoError(f'{ckpt_dir} holds step {saver.latest_step()}, past step {start}: set ckpt.dir')
@@ -215,6 +219,8 @@ def train(cfg, out_dir, name='run'):
                             mfu=utils.mfu(flops_per_token * B * T / dt, jax.device_count(), peak))
                 log(last)
                 bar.set_postfix(loss=f'{last["train_loss"]:.3f}', tok_s=f'{last["tokens_per_sec"]:.3g}')
+                if save_now:  # before the clock restarts: the copy off the devices is not training time
+                    save(saver, done, state, {'step': done, 'wandb_id': run.id, 'config': config})
                 pending, t0 = [], time.perf_counter()
             if done % cfg.eval_every == 0 or done == total_steps:
                 jax.block_until_ready(state)  # the steps queued before it count as training time, the eval does not
@@ -226,8 +232,6 @@ def train(cfg, out_dir, name='run'):
                     import sample  # the sampling tool beside the trainer, loaded only when asked for
                     say(f'sample: {sample.eval_sample(nnx.merge(graphdef, state)[0], val_tokens, cfg.sample_tokens, done)!r}')
                 t0 += time.perf_counter() - t_eval
-            if save_now:
-                save(saver, done, state, {'step': done, 'wandb_id': run.id, 'config': config})
             if stopping:
                 say(f'signal {stop[0] if stop else "on another process"}: stopped after step {done}, checkpoint in {ckpt_dir}')
                 break

@@ -8,8 +8,8 @@ class PicodoError(Exception):
 
 # Peak dense bf16 FLOP/s per JAX device (vendor figures); first match in device_kind wins.
 # TPU v2/v3 expose each core as a device (half a chip); v4 and later expose whole chips.
-PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L40S', 362e12), ('L40', 181e12),
-              ('L4', 121e12), ('T4', 65e12), ('TPU v2', 22.5e12), ('TPU v3', 61.5e12), ('TPU v4', 275e12),
+PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L40S', 362e12),
+              ('L40', 181e12), ('L4', 121e12), ('T4', 65e12), ('TPU v2', 22.5e12), ('TPU v3', 61.5e12), ('TPU v4', 275e12),
               ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5', 459e12), ('TPU v6', 918e12)]
 
 
@@ -17,8 +17,7 @@ def peak_flops(device_kind, override=None):  # the config's override, else the t
     return float(override) if override else next((flops for name, flops in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
 
 
-def mfu(model_flops_per_sec, n_devices, peak):
-    return None if peak is None else model_flops_per_sec / (peak * n_devices)
+mfu = lambda model_flops_per_sec, n_devices, peak: None if peak is None else model_flops_per_sec / (peak * n_devices)
 
 
 def run_name(config_name, overrides):

@@ -1,5 +1,6 @@
 """The user's commands, run as a user runs them: `python main.py ...` in a fresh directory."""
 import glob, importlib.util, json, os, platform, subprocess, sys
+from types import SimpleNamespace
 import pytest
 import train
 from conftest import REPO, TINY, make_cfg, write_tokens
@@ -19,6 +20,18 @@ def test_every_config_composes_and_has_only_known_keys(name):
     assert c.d_model % c.n_heads == 0 and cfg.batch_size % cfg.grad_accum == 0
 
 
+@pytest.mark.parametrize('backend,capability,dtype,impl', [
+    ('gpu', '9.0', 'bfloat16', 'cudnn'), ('gpu', '8.0', 'bfloat16', 'cudnn'), ('gpu', '12.0', 'bfloat16', 'cudnn'),
+    ('gpu', '7.5', 'bfloat16', 'xla'), ('gpu', '9.0', 'float32', 'xla'), ('gpu', 'gfx90a', 'bfloat16', 'xla'),
+    ('gpu', None, 'bfloat16', 'xla'), ('cpu', None, 'float32', 'chunked'), ('tpu', None, 'bfloat16', 'xla')])
+def test_auto_attention_per_platform(monkeypatch, backend, capability, dtype, impl):
+    """cuDNN's flash attention needs bf16 and compute capability 8.0 or more: a Colab T4 (7.5) gets XLA's."""
+    device = SimpleNamespace(**({'compute_capability': capability} if capability else {}))
+    monkeypatch.setattr(train.jax, 'default_backend', lambda: backend)
+    monkeypatch.setattr(train.jax, 'devices', lambda *_: [device])
+    assert train.model_config(make_cfg(f'model.dtype={dtype}', name='colab').model).attn_impl == impl
+
+
 def test_default_is_gpt2_small():
     m = make_cfg(name='default').model
     assert (m.vocab_size, m.seq_len, m.d_model, m.n_layers, m.n_heads) == (50257, 1024, 768, 12, 12)
@@ -28,6 +41,18 @@ def test_colab_with_peak_lr_override():
     cfg = make_cfg('opt.peak_lr=0.004', name='colab')
     assert cfg.opt.peak_lr == 0.004 and cfg.data.train_path.startswith('/content/')
     assert max(train.lr_schedule(cfg.opt, 1000)(s) for s in range(0, 1000, 5)) == pytest.approx(0.004)
+
+
+def test_processes_of_one_run_share_its_name_and_checkpoint_dir():
+    """The run name (from Hydra's override_dirname) names the checkpoint dir: each process of a multi-host run, and a
+    relaunch with another coordinator or peak, must find the same one; a change to the run itself must not."""
+    from hydra import compose, initialize_config_dir
+    def name(*overrides):
+        with initialize_config_dir(os.path.join(REPO, 'configs'), version_base=None):
+            return compose('local', overrides=list(overrides), return_hydra_config=True).hydra.job.override_dirname
+    runs = [name('opt.peak_lr=0.01', f'dist.coordinator=10.0.0.1:{port}', 'dist.num_processes=2', f'dist.process_id={i}',
+                 'peak_flops=1e12') for i, port in [(0, 1234), (1, 1234), (1, 4321)]]
+    assert runs == [name('opt.peak_lr=0.01')] * 3 and name('opt.peak_lr=0.02') != runs[0]
 
 
 def test_local_run_builds_its_data_and_trains(tmp_path):

@@ -154,8 +154,8 @@ def test_building_the_default_corpus_never_overwrites_a_data_file(tiny_cfg, tmp_
 
 
 def test_step_time_counts_every_step_but_neither_the_compile_nor_evals(tiny_cfg, tmp_path, monkeypatch):
-    """A clock on which each training step takes 1 s, the compile 1000 s and each eval batch 1000 s: every logged
-    step time is 1 s, also for intervals with an eval in the middle (eval_every=3, log_every=5)."""
+    """A clock on which each training step takes 1 s, the compile, each eval batch and each checkpoint 1000 s: every
+    logged step time is 1 s, also for intervals with an eval or a checkpoint in them (eval_every=3, log_every=5, ckpt.every=4)."""
     jump = [0.0]
     monkeypatch.setattr(train, 'time', types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + jump[0]))
     def taking(seconds, f):
@@ -173,8 +173,9 @@ def test_step_time_counts_every_step_but_neither_the_compile_nor_evals(tiny_cfg,
         step, evaluate = compile_steps(graphdef, state)
         return SlowCompile(step), taking(1000, evaluate)
     monkeypatch.setattr(train, 'compile_steps', slow_steps)
-    train.train(tiny_cfg('train_tokens=10240', 'eval_every=3'), str(tmp_path))  # 20 steps, 7 evals of 2 batches
+    monkeypatch.setattr(train, 'save', taking(1000, train.save))
+    train.train(tiny_cfg('train_tokens=10240', 'eval_every=3', 'ckpt.every=4'), str(tmp_path))  # 20 steps, 7 evals of 2 batches
     records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
-    times = [r['step_time'] for r in records if 'step_time' in r]
-    assert len(times) == 4 and jump[0] == 1000 + 20 + 7 * 2 * 1000
+    times = [r['step_time'] for r in records if 'step_time' in r]  # logged at steps 4, 5, 8, 10, 12, 15, 16, 20
+    assert len(times) == 8 and jump[0] == 1000 + 20 + 7 * 2 * 1000 + 5 * 1000
     assert all(1 <= t < 1.5 for t in times), times
