@@ -48,8 +48,7 @@ def get_batch(tokens, seq_len, seed, step, batch_size, rows=slice(None)):
     return np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
 
 
-def process_rows(batch_size):
-    """This process's rows of a global batch: with several processes, each loads only its own share."""
+def process_rows(batch_size):  # this process's rows of a global batch: with several processes, each loads only its share
     n, i = jax.process_count(), jax.process_index()
     return slice(i * batch_size // n, (i + 1) * batch_size // n)
 

@@ -5,6 +5,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 import train, utils
 
+FAILED = []  # runs that stopped on an error: a sweep (-m) goes on with its next run, then exits 1
+
 
 @hydra.main(config_path='configs', config_name='local', version_base=None)
 def main(cfg):
@@ -12,8 +14,9 @@ def main(cfg):
     try:
         job = HydraConfig.get().job  # the run's name: its config and overrides, e.g. colab/opt.peak_lr=0.004
         train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(job.config_name, job.override_dirname))
-    except utils.PicodoError as e:
-        sys.exit(f'error: {e}')
+    except utils.PicodoError as e:  # one line
+        print(f'error: {e}', file=sys.stderr)
+        FAILED.append(e)
 
 
 if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydra's own message takes six)
@@ -21,3 +24,4 @@ if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydr
     for key in (a.split('=', 1)[0] for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
         OmegaConf.select(defaults, key, default=absent) is absent and sys.exit(f'error: unknown config key: {key}')
     main()
+    sys.exit(1 if FAILED else 0)

@@ -158,8 +158,7 @@ class GPT(nnx.Module):
         positions = jax.lax.dynamic_slice_in_dim(self.pos_embed.embedding[...], pos, tokens.shape[1])
         x = self.token_embed(tokens) + positions.astype(self.token_embed.dtype)
         block_fn = lambda block, x: block(x)
-        if self.remat != 'none':
-            block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat])
+        block_fn = block_fn if self.remat == 'none' else nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat])
         if cache is not None and self.scan:
             x, cache = nnx.scan(lambda x, block, kv: block(x, kv, pos), in_axes=(nnx.Carry, 0, 0),
                                 out_axes=(nnx.Carry, 0))(x, self.blocks, cache)

@@ -16,8 +16,8 @@ import data, model as gpt, utils
 
 DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.yaml')
 SHAPE_KEYS = ['vocab_size', 'seq_len', 'd_model', 'n_layers', 'n_heads', 'scan']  # these fix the parameter tree
-POSITIVE = ['model.vocab_size', 'model.seq_len', 'model.d_model', 'model.n_layers', 'model.n_heads', 'batch_size', 'grad_accum',
-            'train_tokens', 'log_every', 'eval_every', 'eval_batches', 'ckpt.every', 'ckpt.keep']
+AT_LEAST = {'seed': 0, 'sample_tokens': 0} | dict.fromkeys(['model.vocab_size', 'model.seq_len', 'model.d_model', 'model.n_layers',
+    'model.n_heads', 'batch_size', 'grad_accum', 'train_tokens', 'log_every', 'eval_every', 'eval_batches', 'ckpt.every', 'ckpt.keep'], 1)
 CHOICES = {'dtype': ['float32', 'bfloat16', 'float16'], 'remat': ['none', *gpt.REMAT_POLICIES], 'attn_impl': ['auto', 'xla', 'cudnn', 'chunked']}
 
 
@@ -29,9 +29,11 @@ def check_config(cfg):  # every key must exist in configs/default.yaml (catches 
     except Exception as e:  # omegaconf's ConfigKeyError names the key
         raise utils.PicodoError(f'unknown config key: {getattr(e, "full_key", e)}') from None
     get, m = lambda key: OmegaConf.select(cfg, key), cfg.model
-    bad = [f'{k}={get(k)} (must be a positive integer)' for k in POSITIVE if not (isinstance(get(k), int) and get(k) > 0)]
+    bad = [f'{k}={get(k)} (must be an integer >= {n})' for k, n in AT_LEAST.items() if not (isinstance(get(k), int) and get(k) >= n)]
+    bad += [f'{k}={get(k)} (must be {type(v).__name__})' for k, v in utils.flatten(OmegaConf.to_container(defaults)).items()
+            if type(v) in (int, float, bool) and type(get(k)) not in ((int, float) if type(v) is float else (type(v),))]  # as its default
     bad += [f'model.{k}={m[k]} (one of {", ".join(v)})' for k, v in CHOICES.items() if m[k] not in v]
-    bad += [f'model.n_heads={m.n_heads} (must divide model.d_model={m.d_model})'] if m.d_model % max(m.n_heads, 1) else []
+    bad = bad or ([f'model.n_heads={m.n_heads} (must divide model.d_model={m.d_model})'] if m.d_model % m.n_heads else [])
     if bad:
         raise utils.PicodoError(f'bad config value: {bad[0]}')
 
@@ -171,8 +173,7 @@ def train(cfg, out_dir, name='run'):
     state, meta = restore(source, start, cfg, state) if start else (state, {})
     start and print(f'resuming at step {start} of {total_steps} from {source.directory}')
     train_step_fn, eval_step_fn = compile_steps(graphdef, state)
-    batch_sharding = NamedSharding(mesh, P(None, 'data'))
-    val_sharding = NamedSharding(mesh, P('data'))  # a fixed set of validation windows (seed 0), same for every run
+    batch_sharding, val_sharding = NamedSharding(mesh, P(None, 'data')), NamedSharding(mesh, P('data'))  # validation: fixed (seed 0)
     val_batches = [jax.make_array_from_process_local_data(val_sharding, data.get_batch(val_tokens, T, 0, i, B, data.process_rows(B)))
                    for i in range(cfg.eval_batches)]
 
@@ -185,14 +186,13 @@ def train(cfg, out_dir, name='run'):
     main and print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} '
           f'{jax.devices()[0].device_kind}; logging to {out_dir}, checkpoints in {ckpt_dir}')
 
-    log_file = open(os.path.join(out_dir, 'metrics.jsonl'), 'a') if main else None
+    log_file = open(os.path.join(out_dir, 'metrics.jsonl') if main else os.devnull, 'a')
     def log(record):
-        if main:
-            log_file.write(json.dumps(record) + '\n'); log_file.flush()
+        print(json.dumps(record), file=log_file, flush=True)
         run.log(record, step=record['step'])
 
     pending, t0, last, stopping = [], time.perf_counter(), {}, False
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not main)
+    bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not main)
     say = bar.write if main else lambda line: None
     with (jax.set_mesh(mesh), utils.stop_signals() as stop, saver,  # the loader's thread starts here, so it always stops
           contextlib.closing(data.Batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)) as batches):
@@ -200,10 +200,9 @@ def train(cfg, out_dir, name='run'):
         train_step_fn = train_step_fn.lower(state, batch_spec).compile()
         say(f'compiled the training step in {time.perf_counter() - t0:.1f} s')
         t0 = time.perf_counter()  # tokens/s counts training steps only: not the compile, not evals
-        for step in bar:
+        for done in bar:  # the step number once this step is done
             state, metrics = train_step_fn(state, next(batches))
             pending.append(metrics)
-            done = step + 1
             if jax.process_count() == 1 or done % cfg.log_every == 0:  # several processes agree to stop at a log step
                 stopping = bool(stop) if jax.process_count() == 1 else process_allgather(np.int32(len(stop))).any()
             save_now = done % cfg.ckpt.every == 0 or done == total_steps or stopping
@@ -211,11 +210,11 @@ def train(cfg, out_dir, name='run'):
                 metrics = jax.device_get(pending)  # the only host sync between evals
                 values = np.array([[m['train_loss'], m['grad_norm']] for m in metrics])  # [steps, 2]
                 if not np.isfinite(values).all():  # a NaN gradient would poison the state saved at this step
-                    i, j = np.argwhere(~np.isfinite(values))[0]
-                    raise utils.PicodoError(f'non-finite {("loss", "gradient")[j]} at step {done - len(metrics) + i + 1}')
+                    i, j = np.argwhere(~np.isfinite(values))[0] + (done - len(metrics) + 1, 0)  # i: the step
+                    raise utils.PicodoError(f'non-finite {("loss", "gradient")[j]} at step {i} (diverged, or token ids >= model.vocab_size?)')
                 dt = (time.perf_counter() - t0) / len(metrics)
                 last = dict(step=done, train_loss=float(values[:, 0].mean()), grad_norm=float(values[-1, 1]),
-                            lr=float(schedule(step)), tokens_seen=done * B * T, tokens_per_sec=B * T / dt, step_time=dt,
+                            lr=float(schedule(done - 1)), tokens_seen=done * B * T, tokens_per_sec=B * T / dt, step_time=dt,
                             mfu=utils.mfu(flops_per_token * B * T / dt, jax.device_count(), peak))
                 log(last)
                 bar.set_postfix(loss=f'{last["train_loss"]:.3f}', tok_s=f'{last["tokens_per_sec"]:.3g}')

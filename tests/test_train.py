@@ -128,10 +128,16 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
     ('model.dtype=bf16', 'model.dtype=bf16 (one of float32, bfloat16, float16)'),
     ('model.attn_impl=flash', 'model.attn_impl=flash (one of auto, xla, cudnn, chunked)'),
     ('model.n_heads=3', 'model.n_heads=3 (must divide model.d_model=64)'),
-    ('model.n_heads=0', 'model.n_heads=0 (must be a positive integer)'),
-    ('eval_every=0', 'eval_every=0 (must be a positive integer)'),
-    ('ckpt.every=-5', 'ckpt.every=-5 (must be a positive integer)'),
-    ('grad_accum=1.5', 'grad_accum=1.5 (must be a positive integer)'),
+    ('model.n_heads=0', 'model.n_heads=0 (must be an integer >= 1)'),
+    ('eval_every=0', 'eval_every=0 (must be an integer >= 1)'),
+    ('ckpt.every=-5', 'ckpt.every=-5 (must be an integer >= 1)'),
+    ('grad_accum=1.5', 'grad_accum=1.5 (must be an integer >= 1)'),
+    ('model.d_model=null', 'model.d_model=None (must be an integer >= 1)'),  # not a TypeError from the n_heads check
+    ('seed=-1', 'seed=-1 (must be an integer >= 0)'),
+    ('sample_tokens=-5', 'sample_tokens=-5 (must be an integer >= 0)'),  # once a crash at the first eval
+    ('opt.peak_lr=abc', 'opt.peak_lr=abc (must be float)'),
+    ('opt.b1=true', 'opt.b1=True (must be float)'),
+    ('model.scan=1', 'model.scan=1 (must be bool)'),
 ])
 def test_bad_config_values_are_one_line_naming_the_key(tiny_cfg, override, message):
     with pytest.raises(PicodoError, match=re.escape(f'bad config value: {message}') + '$'):
