@@ -28,9 +28,10 @@ head.defvjp(lambda x, e: (head(x, e), (x, e)), lambda res, g: jax.vjp(lambda x, 
 gelu = jax.checkpoint(jax.nn.gelu)  # backward recomputes tanh from the input instead of storing 5 intermediates
 
 
-def _scores(q, k, i, C):  # query chunk i [H, C, K] (pre-scaled) against keys 0..(i+1)C: causal fp32 scores
-    s = jnp.einsum('hqk,hsk->hqs', q, k[:, :(i + 1) * C], preferred_element_type=jnp.float32)
-    return jnp.where(jnp.arange((i + 1) * C) <= i * C + jnp.arange(C)[:, None], s, -jnp.inf)
+def _scores(q, k, i, C, keys_first=False):  # query chunk i [H, C, K] (pre-scaled), keys 0..(i+1)C: causal fp32 [H, C, S] or [H, S, C]
+    a, b, mask = q, k[:, :(i + 1) * C], jnp.arange((i + 1) * C) <= i * C + jnp.arange(C)[:, None]
+    a, b, mask = (b, a, mask.T) if keys_first else (a, b, mask)
+    return jnp.where(mask, jnp.einsum('hak,hbk->hab', a, b, preferred_element_type=jnp.float32), -jnp.inf)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -70,16 +71,15 @@ def chunked_bwd(C, res, do):
     def one(q, k, v, o, lse, do):
         T, K, f32 = q.shape[1], q.shape[-1], jnp.float32
         q, dot = q * K ** -0.5, lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=f32)
-        flip = lambda x: jax.lax.optimization_barrier(x.swapaxes(1, 2))  # [H, S, C]: XLA CPU's NN matmul beats its TN
-        delta = dot('htk,htk->ht', do, o)[..., None]
+        delta = dot('htk,htk->ht', do, o)[:, None]
         dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
-        for i in range(T // C):
+        for i in range(T // C):  # probabilities and their gradient keys first, [H, S, C]: dV and dK are then plain (NN) matmuls
             rows, n, pad = slice(i * C, (i + 1) * C), (i + 1) * C, ((0, 0), (0, T - (i + 1) * C), (0, 0))
-            p = jnp.exp(_scores(q[:, rows], k, i, C) - lse[:, rows, None])
-            ds = (p * (dot('hqk,hsk->hqs', do[:, rows], v[:, :n]) - delta[:, rows])).astype(q.dtype)
-            dv += jnp.pad(dot('hsq,hqk->hsk', flip(p.astype(do.dtype)), do[:, rows]), pad)
-            dk += jnp.pad(dot('hsq,hqk->hsk', flip(ds), q[:, rows]), pad)
-            dq.append(dot('hqs,hsk->hqk', ds, k[:, :n]) * K ** -0.5)
+            p = jnp.exp(_scores(q[:, rows], k, i, C, keys_first=True) - lse[:, None, rows])
+            ds = (p * (dot('hsk,hqk->hsq', v[:, :n], do[:, rows]) - delta[..., rows])).astype(q.dtype)
+            dv += jnp.pad(dot('hsq,hqk->hsk', p.astype(do.dtype), do[:, rows]), pad)
+            dk += jnp.pad(dot('hsq,hqk->hsk', ds, q[:, rows]), pad)
+            dq.append(dot('hqs,hsk->hqk', jax.lax.optimization_barrier(ds.swapaxes(1, 2)), k[:, :n]) * K ** -0.5)  # copied: NN beats TN
         return tuple(x.swapaxes(0, 1).astype(q.dtype) for x in (jnp.concatenate(dq, 1), dk, dv))
     return per_sequence(one, *res, do)
 
