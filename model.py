@@ -13,8 +13,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 cp = jax.checkpoint_policies  # 'dots' keeps matmul outputs and attention's: the chunked loop's (named 'attn'), cuDNN's
-attention = lambda prim, *_, **kw: prim.name == 'name' and kw['name'] == 'attn' or prim.name.startswith('dot_product_attention_fwd')
-REMAT_POLICIES = {'dots': cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable, attention), 'full': cp.nothing_saveable}
+keep_attention = lambda prim, *_, **kw: prim.name == 'name' and kw['name'] == 'attn' or prim.name.startswith('dot_product_attention_fwd')
+REMAT_POLICIES = {'dots': cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable, keep_attention), 'full': cp.nothing_saveable}
 
 
 @jax.custom_vjp
