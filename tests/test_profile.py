@@ -25,7 +25,7 @@ def test_tiny_profile_on_8_devices_attributes_the_step(capsys):
     assert not any('while' in t['hlo'] for t in r['top'])  # loops are timed op by op, not as a whole
     sources = {t['source'].split(':')[0] for t in r['top']}
     assert {'model.py', 'train.py'} <= sources  # ops traced back to the lines that made them
-    scores = [t for t in r['top'] if 'hqk,hsk->hqs' in t['op']]  # inside the attention's loop
+    scores = [t for t in r['top'] if 'hak,hbk->hab' in t['op']]  # the scores (model._scores), inside the attention's loop
     assert scores and all(t['kind'] == 'matmul' and t['source'].startswith('model.py') for t in scores)
     # XLA's matmuls are the model's FLOPs (6N + 12·L·D·T per token), plus the attention scores recomputed in
     # backward (7 attention matmuls where 6 are counted; T=32 is one chunk, so no causal blocks are skipped)
