@@ -14,9 +14,10 @@ def main(cfg):
     try:
         job = HydraConfig.get().job  # the run's name: its config and overrides, e.g. colab/opt.peak_lr=0.004
         train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(job.config_name, job.override_dirname))
-    except utils.PicodoError as e:  # one line
+    except utils.PicodoError as e:  # one line; the wandb run ends as failed, so a sweep's next run starts its own
         print(f'error: {e}', file=sys.stderr)
-        FAILED.append(e)
+        FAILED.append(str(e))  # not e: its traceback would keep this run's arrays alive through the sweep
+        'wandb' in sys.modules and sys.modules['wandb'].finish(exit_code=1)
 
 
 if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydra's own message takes six)

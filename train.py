@@ -151,20 +151,19 @@ def train(cfg, out_dir, name='run'):
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     B, A, T = cfg.batch_size, cfg.grad_accum, cfg.model.seq_len
     if B % A or (B // A) % jax.device_count():
-        raise utils.PicodoError(f'batch_size {B} must split into grad_accum={A} micro-batches, '
-                                f'each divisible over {jax.device_count()} devices')
+        raise utils.PicodoError(f'batch_size {B} must split into grad_accum={A} micro-batches, each divisible over {jax.device_count()} devices')
     if cfg.data.build_if_missing and not any(os.path.exists(p) for p in (cfg.data.train_path, cfg.data.val_path)):  # it writes both
         import prepare  # the data tool beside the trainer, needed only on a first run
         prepare.build_stdlib_bytes(cfg.data.train_path, cfg.data.val_path)
     train_tokens, val_tokens = (data.open_tokens(path, cfg.model.vocab_size, T, B) for path in (cfg.data.train_path, cfg.data.val_path))
 
     total_steps = cfg.train_tokens // (B * T)
+    if total_steps < 1:  # a run that trains nothing would otherwise end with exit code 0
+        raise utils.PicodoError(f'train_tokens={cfg.train_tokens} is less than one step: batch_size x seq_len = {B * T} tokens')
     schedule = lr_schedule(cfg.opt, total_steps)
     # checkpoints live under the launch directory, not in Hydra's per-run outputs/, so a re-launch finds them
     ckpt_dir = os.path.abspath(cfg.ckpt.dir or os.path.join('checkpoints', cfg.wandb.name or name))
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep, cleanup_tmp_directories=True))
-    if jax.process_count() > 1 and not process_allgather(np.int32(os.path.isdir(ckpt_dir))).all():  # process 0's orbax made it
-        raise utils.PicodoError(f'{ckpt_dir} is not visible to every process: set ckpt.dir to a filesystem all hosts share')
     source, start = find_checkpoint(cfg.ckpt.resume) if cfg.ckpt.resume else (saver, saver.latest_step() or 0)
     if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
         raise utils.PicodoError(f'{ckpt_dir} holds step {saver.latest_step()}, past step {start}: set ckpt.dir')

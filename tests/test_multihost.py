@@ -21,7 +21,7 @@ def train_losses(run_dir):
     return [r['train_loss'] for r in map(json.loads, open(os.path.join(run_dir, 'metrics.jsonl'))) if 'train_loss' in r]
 
 
-def wait(procs, returncode=0):
+def wait(procs):
     outs = []
     for p in procs:
         try:
@@ -29,7 +29,7 @@ def wait(procs, returncode=0):
         except subprocess.TimeoutExpired:
             [q.kill() for q in procs]
             pytest.fail('run did not finish in 240 s')
-        assert p.returncode == returncode, outs[-1][-3000:]
+        assert p.returncode == 0, outs[-1][-3000:]
     return outs
 
 
@@ -72,14 +72,3 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path, stdlib_dat
     assert steps and steps[-1] % 3 == 0 and steps[-1] == logged[-1] < 2000, (steps, logged)
     assert f'signal on another process: stopped after step {steps[-1]}' in out, out[-2000:]
 
-
-def test_a_checkpoint_dir_that_only_process_0_sees_is_one_line_at_start(tmp_path, stdlib_data):
-    """Hosts with their own disks: orbax makes the dir on process 0 only, so the first save would crash process 1.
-    Emulated with a different ckpt.dir per process: both stop at once with one line, before training."""
-    args = [*TINY, 'train_tokens=2048', f'data.train_path={stdlib_data[0]}', f'data.val_path={stdlib_data[1]}',
-            f'dist.coordinator=127.0.0.1:{free_port()}', 'dist.num_processes=2']
-    procs = [launch(tmp_path / f'p{i}', 4, [*args, f'dist.process_id={i}', f'ckpt.dir={tmp_path}/disk{i}/ckpt']) for i in range(2)]
-    for i, out in enumerate(wait(procs, returncode=1)):
-        assert out.strip().splitlines()[-1] == (f'error: {tmp_path}/disk{i}/ckpt is not visible to every process: '
-                                                'set ckpt.dir to a filesystem all hosts share'), out[-2000:]
-    assert not (tmp_path / 'p0' / 'metrics.jsonl').exists()

@@ -144,6 +144,11 @@ def test_bad_config_values_are_one_line_naming_the_key(tiny_cfg, override, messa
         train.check_config(tiny_cfg(override))
 
 
+def test_a_token_budget_below_one_step_is_an_error(tiny_cfg, tmp_path):
+    with pytest.raises(PicodoError, match=r'^train_tokens=500 is less than one step: batch_size x seq_len = 512 tokens$'):
+        train.train(tiny_cfg('train_tokens=500'), str(tmp_path))
+
+
 def test_token_id_beyond_vocab_is_caught_before_compiling(tiny_cfg, tmp_path):
     with pytest.raises(PicodoError, match='>= model.vocab_size 200'):
         train.train(tiny_cfg('model.vocab_size=200'), str(tmp_path))
