@@ -109,6 +109,10 @@ def test_remat_gives_same_gradients(remat, attn_impl):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ref, got)
 
 
+def operand_types(hlo):  # each matmul's two operand types in lowered StableHLO text: [('tensor<2x5x16xbf16>', ...), ...]
+    return re.findall(r'stablehlo.dot_general [^:]*: \((tensor<[^>]*>), (tensor<[^>]*>)\)', hlo)
+
+
 def test_head_gradients_equal_autodiff_and_run_in_the_model_dtype():
     """The output head's backward: JAX's own in fp32; in bf16, matmuls on bf16 operands (JAX's rule would upcast
     both operands to the fp32 cotangent's dtype), within bf16 rounding of the fp32 reference."""
@@ -122,7 +126,7 @@ def test_head_gradients_equal_autodiff_and_run_in_the_model_dtype():
     got = jax.grad(loss(gpt.head), argnums=(0, 1))(*bf16)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.float32(a), b, rtol=0.02, atol=0.02), got, want)
     hlo = jax.jit(jax.grad(loss(gpt.head), argnums=(0, 1))).lower(*bf16).as_text()
-    dots = re.findall(r'stablehlo.dot_general [^:]*: \((tensor<[^>]*>), (tensor<[^>]*>)\)', hlo)
+    dots = operand_types(hlo)
     assert len(dots) == 3 and all(a.endswith('xbf16>') and b.endswith('xbf16>') for a, b in dots), dots
 
 
@@ -130,7 +134,7 @@ def test_bf16_training_step_runs_every_matmul_on_bf16_operands():
     model = gpt.GPT(config(dtype=jnp.bfloat16, attn_impl='chunked', scan=False), nnx.Rngs(0))
     loss = lambda m, x: m(x[:, :-1]).mean()
     hlo = jax.jit(nnx.grad(loss)).lower(model, tokens(T=17)).as_text()
-    dots = re.findall(r'stablehlo.dot_general [^:]*: \((tensor<[^>]*>), (tensor<[^>]*>)\)', hlo)
+    dots = operand_types(hlo)
     assert len(dots) > 20 and all(a.endswith('xbf16>') and b.endswith('xbf16>') for a, b in dots), dots
 
 
@@ -149,7 +153,7 @@ def test_bf16_step_lowers_for_gpus_with_cudnn_flash_attention(monkeypatch, remat
     loss = lambda m, x: m(x[:, :-1]).mean()
     hlo = jax.jit(nnx.grad(loss)).trace(model, tokens(T=33)).lower(lowering_platforms=('cuda',)).as_text()
     assert re.findall(r'custom_call @__cudnn\$(\w+)', hlo) == ['fmhaSoftmax', 'fmhaSoftmaxBackward']  # the scan's body
-    dots = re.findall(r'stablehlo.dot_general [^:]*: \((tensor<[^>]*>), (tensor<[^>]*>)\)', hlo)
+    dots = operand_types(hlo)
     assert len(dots) > 10 and all(a.endswith('xbf16>') and b.endswith('xbf16>') for a, b in dots), dots
 
 
