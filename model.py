@@ -102,11 +102,7 @@ padded_vocab = lambda vocab_size: -(-vocab_size // 128) * 128  # round up: matmu
 class Block(nnx.Module):
     def __init__(self, c, rngs):
         D, std, proj_std = c.d_model, 0.02, 0.02 / math.sqrt(2 * c.n_layers)  # GPT-2: residual projections shrink with depth
-        # XLA CPU: on [B, T, D] inputs the weight gradient xᵀg contracts 2 dims, and canonicalizing that costs a transposed
-        # copy of g per matmul; on [B·T, D] it contracts one, read in place (GPUs and TPUs keep nnx.Linear's own matmul)
-        flat = lambda x, w, *_, **__: (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
-        matmul = {'dot_general': flat} if jax.default_backend() == 'cpu' else {}
-        dense = partial(nnx.Linear, use_bias=False, dtype=c.dtype, rngs=rngs, **matmul)
+        dense = partial(nnx.Linear, use_bias=False, dtype=c.dtype, rngs=rngs)
         self.ln1, self.ln2 = layer_norm(c, rngs), layer_norm(c, rngs)
         self.qkv = dense(D, 3 * D, kernel_init=init(std, ('data', None)))
         self.attn_out = dense(D, D, kernel_init=init(proj_std, ('data', None)))
@@ -115,11 +111,11 @@ class Block(nnx.Module):
         self.n_heads, self.attn_impl = c.n_heads, c.attn_impl
 
     def __call__(self, x, cache=None, pos=0):  # x [B, T, D]; cache: this layer's (keys, values) [B, C, H, K] when decoding
-        B, T, D = x.shape
-        # [B, ...] split over 'data': XLA then gathers the weights (FSDP) instead of splitting heads
+        B, T, D = x.shape  # the block works on tokens flattened to [B·T, D]: on [B, T, D] a weight gradient xᵀg contracts
+        x = x.reshape(B * T, D)  # 2 dims, which XLA CPU canonicalizes with a transposed copy of g; on [B·T, D] it reads g in place
+        # [B·T, ...] split over 'data': XLA then gathers the weights (FSDP) instead of splitting heads
         x = x if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(x, P('data'))
-        qkv = self.qkv(self.ln1(x)).reshape(B, T, 3, self.n_heads, D // self.n_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, K]
+        q, k, v = jnp.split(self.qkv(self.ln1(x)).reshape(B, T, 3 * self.n_heads, D // self.n_heads), 3, axis=2)  # [B, T, H, K]
         if cache is None:
             y = (chunked_attention(q, k, v, 128 if T % 128 == 0 else T) if self.attn_impl == 'chunked' else
                  jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl))
@@ -127,8 +123,8 @@ class Block(nnx.Module):
             cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, new, pos, axis=1) for c, new in zip(cache, (k, v)))
             visible = jnp.arange(cache[0].shape[1]) <= pos + jnp.arange(T)[:, None]  # [T, C]
             y = jax.nn.dot_product_attention(q, *cache, mask=visible)
-        x = x + self.attn_out(y.reshape(B, T, D))
-        x = x + self.mlp_out(gelu(self.mlp_in(self.ln2(x))))
+        x = x + self.attn_out(y.reshape(B * T, D))
+        x = (x + self.mlp_out(gelu(self.mlp_in(self.ln2(x))))).reshape(B, T, D)
         return x if cache is None else (x, cache)
 
 
