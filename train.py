@@ -32,6 +32,7 @@ def check_config(cfg):  # every key must exist in configs/default.yaml (catches 
     bad = [f'{k}={get(k)} (must be an integer >= {n})' for k, n in AT_LEAST.items() if not (isinstance(get(k), int) and get(k) >= n)]
     bad += [f'{k}={get(k)} (must be {type(v).__name__})' for k, v in utils.flatten(OmegaConf.to_container(defaults)).items()
             if type(v) in (int, float, bool) and type(get(k)) not in ((int, float) if type(v) is float else (type(v),))]  # as its default
+    bad += [f'opt.{k}={v} (must be >= 0)' for k, v in cfg.opt.items() if type(v) in (int, float) and v < 0]
     bad += [f'model.{k}={m[k]} (one of {", ".join(v)})' for k, v in CHOICES.items() if m[k] not in v]
     bad = bad or ([f'model.n_heads={m.n_heads} (must divide model.d_model={m.d_model})'] if m.d_model % m.n_heads else [])
     if bad:

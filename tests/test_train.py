@@ -137,6 +137,8 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
     ('sample_tokens=-5', 'sample_tokens=-5 (must be an integer >= 0)'),  # once a crash at the first eval
     ('opt.peak_lr=abc', 'opt.peak_lr=abc (must be float)'),
     ('opt.b1=true', 'opt.b1=True (must be float)'),
+    ('opt.peak_lr=-0.001', 'opt.peak_lr=-0.001 (must be >= 0)'),  # once accepted: gradient ascent
+    ('opt.clip_norm=-1', 'opt.clip_norm=-1 (must be >= 0)'),
     ('model.scan=1', 'model.scan=1 (must be bool)'),
 ])
 def test_bad_config_values_are_one_line_naming_the_key(tiny_cfg, override, message):
