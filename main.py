@@ -13,7 +13,8 @@ def main(cfg):
     utils.keep_freed_memory()  # before XLA starts its threads
     try:
         job = HydraConfig.get().job  # the run's name: its config and overrides, e.g. colab/opt.peak_lr=0.004
-        train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(job.config_name, job.override_dirname))
+        last = train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(job.config_name, job.override_dirname))[1]
+        'signal' in last and sys.exit(128 + last['signal'])  # stopped, not finished: a sweep ends here too
     except utils.PicodoError as e:  # one line; the wandb run ends as failed, so a sweep's next run starts its own
         print(f'error: {e}', file=sys.stderr)
         FAILED.append(str(e))  # not e: its traceback would keep this run's arrays alive through the sweep

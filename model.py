@@ -90,10 +90,8 @@ chunked_attention.defvjp(chunked_fwd, chunked_bwd)
 init = lambda std, sharding: nnx.with_partitioning(nnx.initializers.normal(std), sharding)
 
 
-def layer_norm(c, rngs):
-    split = lambda f: nnx.with_partitioning(f, ('data',))
-    return nnx.LayerNorm(c.d_model, dtype=c.dtype, rngs=rngs, scale_init=split(nnx.initializers.ones),
-                         bias_init=split(nnx.initializers.zeros))
+layer_norm = lambda c, rngs: nnx.LayerNorm(c.d_model, dtype=c.dtype, rngs=rngs, scale_init=nnx.with_partitioning(
+    nnx.initializers.ones, ('data',)), bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('data',)))
 
 
 padded_vocab = lambda vocab_size: -(-vocab_size // 128) * 128  # round up: matmuls and softmax run faster on multiples of 128

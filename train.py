@@ -1,5 +1,5 @@
 """The training loop: config in, sharded model and optimizer built, one jitted step, metrics out."""
-import contextlib, functools, json, os, shutil, time
+import contextlib, functools, json, os, shutil, signal, time
 from functools import partial
 from types import SimpleNamespace
 import jax
@@ -233,6 +233,7 @@ def train(cfg, out_dir, name='run'):
                 t0 += time.perf_counter() - t_eval
             if stopping:
                 say(f'signal {stop[0] if stop else "on another process"}: stopped after step {done}, checkpoint in {ckpt_dir}')
+                last['signal'] = int(stop[0] if stop else signal.SIGTERM)  # main.py exits with 128 + it, as if killed
                 break
     run.finish()
     return state, last

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import train, utils
 from omegaconf import OmegaConf
-from conftest import launch, make_cfg
+from conftest import TINY, launch, make_cfg
 from utils import PicodoError
 
 
@@ -38,7 +38,7 @@ def restore_state(ckpt_dirs, cfg, n_devices=1):
 
 def test_killed_and_stopped_runs_resume_exactly(finished_run):
     """Run A (finished_run) trained 20 steps straight. Run B is SIGKILLed from outside while writing its step-10
-    checkpoint, resumes from step 5, gets SIGTERM mid-run (checkpoints, exits 0), resumes again and finishes.
+    checkpoint, resumes from step 5, gets SIGTERM mid-run (checkpoints, exits 143), resumes again and finishes.
     Every loss logged after step 5 and the final weights and Adam moments are bitwise those of run A."""
     d, args, _ = finished_run
     b = launch(d, args + ['ckpt.dir=b', 'hydra.run.dir=run_b'], d / 'cache', hang=10)
@@ -51,7 +51,7 @@ def test_killed_and_stopped_runs_resume_exactly(finished_run):
     wait_for(lambda: any(r['step'] >= 8 for r in records(d / 'run_b2')), b2)
     b2.send_signal(signal.SIGTERM)
     out = b2.communicate(timeout=120)[0]
-    assert b2.returncode == 0, out[-3000:]
+    assert b2.returncode == 128 + signal.SIGTERM, out[-3000:]  # stopped, not finished: a requeue script can tell
     assert 'resuming at step 5 of 20' in out
     stopped = int(re.search(r'stopped after step (\d+)', out).group(1))
     assert 8 <= stopped < 20 and (d / 'b' / str(stopped)).is_dir()
@@ -157,6 +157,21 @@ def test_bad_checkpoints_get_a_clear_error_and_nothing_is_deleted(finished_run, 
         train.train(tiny_cfg(f'ckpt.resume={resume}', f'ckpt.dir={tmp_path / "new"}', *overrides), str(tmp_path))
     assert '\n' not in str(e.value)
     assert sorted(glob.glob(f'{ckpt}/**', recursive=True)) == files
+
+
+def test_ctrl_c_stops_a_sweep_after_checkpointing_its_current_run(tmp_path, stdlib_data):
+    """Ctrl-C in `-m`: the running point checkpoints and the sweep ends there with exit code 130 (it used to go
+    on with the next point, so each point took its own Ctrl-C)."""
+    args = [*TINY, 'train_tokens=10240', 'log_every=1', f'data.train_path={stdlib_data[0]}',
+            f'data.val_path={stdlib_data[1]}', f'hydra.sweep.dir={tmp_path}/sweep']
+    p = launch(tmp_path, ['-m', 'opt.peak_lr=1e-3,2e-3', *args], tmp_path / 'cache', delay=0.2)
+    wait_for(lambda: len(records(tmp_path / 'sweep' / '0')) >= 2, p)
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 128 + signal.SIGINT and 'stopped after step' in out, out[-3000:]
+    assert sorted(os.listdir(tmp_path / 'sweep')) == ['0', 'multirun.yaml']  # the second point never started
+    stopped = re.search(r'stopped after step (\d+)', out).group(1)
+    assert [os.path.basename(d) for d in glob.glob(f'{tmp_path}/checkpoints/local/*/[0-9]*')] == [stopped]  # one run saved
 
 
 def test_a_signal_sets_the_stop_flag_instead_of_killing():
