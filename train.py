@@ -187,9 +187,7 @@ def train(cfg, out_dir, name='run'):
           f'{jax.devices()[0].device_kind}; logging to {out_dir}, checkpoints in {ckpt_dir}')
 
     log_file = open(os.path.join(out_dir, 'metrics.jsonl') if main else os.devnull, 'a')
-    def log(record):
-        print(json.dumps(record), file=log_file, flush=True)
-        run.log(record, step=record['step'])
+    log = lambda record: (print(json.dumps(record), file=log_file, flush=True), run.log(record, step=record['step']))
 
     pending, t0, last, stopping = [], time.perf_counter(), {}, False
     bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not main)

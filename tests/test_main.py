@@ -79,6 +79,27 @@ def test_bad_input_exits_nonzero_with_a_clear_line(tmp_path, args, message):
     assert 'Traceback' not in r.stderr
 
 
+@pytest.mark.parametrize('raised,line', [
+    ('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25.45GiB.\nBuffers:...', 'RESOURCE_EXHAUSTED: Out of '
+     'memory while trying to allocate 25.45GiB. (lower batch_size, raise grad_accum or set model.remat=dots)'),
+    ('INTERNAL: Error dispatching computation: Out of memory allocating 256000000000 bytes.',  # XLA CPU's words
+     'INTERNAL: Error dispatching computation: Out of memory allocating 256000000000 bytes. (lower batch_size, raise '
+     'grad_accum or set model.remat=dots)'),
+    ('INTERNAL: something else', None)])  # any other XLA error keeps its traceback
+def test_out_of_memory_is_one_line_saying_what_to_change(tmp_path, raised, line):
+    """The most common failure on a GPU, a batch too big for its memory: one line, not XLA's long traceback."""
+    code = (f'import runpy, sys, jax; sys.path.insert(0, {REPO!r}); import train\n'
+            f'def oom(*args): raise jax.errors.JaxRuntimeError({raised!r})\n'
+            f'train.train = oom; sys.argv = ["main.py"]; runpy.run_path({os.path.join(REPO, "main.py")!r}, run_name="__main__")')
+    r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, WANDB_MODE='disabled', HYDRA_FULL_ERROR='0'), stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, r.stderr[-2000:]
+    if line:
+        assert r.stderr.strip().splitlines() == [f'error: {line}'], r.stderr[-2000:]
+    else:
+        assert 'Traceback' in r.stderr and 'something else' in r.stderr, r.stderr[-2000:]
+
+
 def test_odd_sized_file_from_the_command_line(tmp_path):
     write_tokens(tmp_path / 'train.bin', [1] * 10_000)
     (tmp_path / 'val.bin').write_bytes(b'\x01' * 20001)
