@@ -1,5 +1,5 @@
 """Entry point: `python main.py` (configs/local.yaml) or `python main.py -cn colab opt.peak_lr=0.004`."""
-import re, sys
+import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -16,9 +16,8 @@ def main(cfg):
         last = train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(job.config_name, job.override_dirname))[1]
         'signal' in last and sys.exit(128 + last['signal'])  # stopped, not finished: a sweep ends here too
     except (utils.PicodoError, RuntimeError) as e:  # bad input, or XLA out of memory: one line
-        oom = re.search('RESOURCE_EXHAUSTED|out of memory', str(e), re.I) and ' (lower batch_size, raise grad_accum or set model.remat=dots)'
-        if not (oom or isinstance(e, utils.PicodoError)): raise  # XLA's other errors keep their traceback
-        print(f'error: {str(e).splitlines()[0]}{oom or ""}', file=sys.stderr)
+        if not (utils.out_of_memory(e) or isinstance(e, utils.PicodoError)): raise  # XLA's other errors keep their traceback
+        print(f'error: {str(e).splitlines()[0]}' + (f' ({utils.OOM_HINT})' if utils.out_of_memory(e) else ''), file=sys.stderr)
         FAILED.append(str(e))  # not e: its traceback would keep this run's arrays alive through the sweep
         'wandb' in sys.modules and sys.modules['wandb'].finish(exit_code=1)  # failed: a sweep's next run starts its own
 

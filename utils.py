@@ -1,5 +1,5 @@
 """MFU, the peak FLOP/s table, wandb setup and small helpers."""
-import contextlib, ctypes, hashlib, importlib.util, netrc, os, signal, socket, types, urllib.parse
+import contextlib, ctypes, hashlib, importlib.util, netrc, os, re, signal, socket, types, urllib.parse
 
 
 class PicodoError(Exception):
@@ -18,6 +18,8 @@ def peak_flops(device_kind, override=None):  # the config's override, else the t
 
 
 mfu = lambda model_flops_per_sec, n_devices, peak: None if peak is None else model_flops_per_sec / (peak * n_devices)
+out_of_memory = lambda e: bool(re.search('RESOURCE_EXHAUSTED|out of memory', str(e), re.I))  # XLA's words, GPU/TPU and CPU
+OOM_HINT = 'lower batch_size, raise grad_accum or set model.remat=dots'
 
 
 def run_name(config_name, overrides):

@@ -167,6 +167,10 @@ def cli(main):  # bad input: one line on stderr, non-zero exit
         main()
     except utils.PicodoError as e:
         sys.exit(f'error: {e}')
+    except RuntimeError as e:  # a batch too big for the device: one line, as in main.py
+        if not utils.out_of_memory(e):
+            raise
+        sys.exit(f'error: {str(e).splitlines()[0]} ({utils.OOM_HINT})')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,8 @@
 """The benchmark runs end to end in its tiny mode; no assertion on speed."""
 import json, os, sys
 import jax
+import pytest
+import utils
 from conftest import REPO
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import bench
@@ -26,3 +28,17 @@ def test_benchmark_measures_the_configured_model():
     default = bench.compose_config('bench_cpu', [])
     assert (default.model.d_model, default.model.n_layers, default.model.n_heads, default.model.seq_len,
             default.batch_size, default.model.vocab_size) == (384, 6, 6, 512, 8, 256)
+
+
+def test_a_batch_too_big_for_memory_is_one_line(monkeypatch):
+    """`bench.py batch_size=64` on a GPU where 64 does not fit: XLA's first line and what to change, no traceback."""
+    monkeypatch.setattr(utils, 'keep_freed_memory', lambda: None)  # leave this test process's malloc alone
+    def oom():
+        raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25.45GiB.\nBuffers: ...')
+    with pytest.raises(SystemExit, match=r'^error: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25\.45GiB\. '
+                                         r'\(lower batch_size, raise grad_accum or set model.remat=dots\)$'):
+        bench.cli(oom)
+    def other():
+        raise jax.errors.JaxRuntimeError('INTERNAL: something else')
+    with pytest.raises(jax.errors.JaxRuntimeError, match='INTERNAL'):  # any other XLA error keeps its traceback
+        bench.cli(other)
