@@ -14,12 +14,12 @@ def main(cfg):
     try:
         job = HydraConfig.get().job  # the run's name: its config and overrides, e.g. colab/opt.peak_lr=0.004
         last = train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(job.config_name, job.override_dirname))[1]
-        'signal' in last and sys.exit(128 + last['signal'])  # stopped, not finished: a sweep ends here too
-    except (utils.PicodoError, RuntimeError) as e:  # bad input, or XLA out of memory: one line
-        if not (utils.out_of_memory(e) or isinstance(e, utils.PicodoError)): raise  # XLA's other errors keep their traceback
-        print(f'error: {str(e).splitlines()[0]}' + (f' ({utils.OOM_HINT})' if utils.out_of_memory(e) else ''), file=sys.stderr)
-        FAILED.append(str(e))  # not e: its traceback would keep this run's arrays alive through the sweep
+        last.get('signal') and sys.exit(128 + last['signal'])  # stopped by a signal, as if killed by it: a sweep ends too
+    except Exception as e:  # bad input, or XLA out of memory: one line
         'wandb' in sys.modules and sys.modules['wandb'].finish(exit_code=1)  # failed: a sweep's next run starts its own
+        if not (isinstance(e, utils.PicodoError) or utils.out_of_memory(e)): raise  # anything else keeps its traceback
+        print(f'error: {e}' if isinstance(e, utils.PicodoError) else f'error: {str(e).splitlines()[0]} ({utils.OOM_HINT})', file=sys.stderr)
+        FAILED.append(str(e))  # not e: its traceback would keep this run's arrays alive through the sweep
 
 
 if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydra's own message takes six)

@@ -231,7 +231,7 @@ def train(cfg, out_dir, name='run'):
                 t0 += time.perf_counter() - t_eval
             if stopping:
                 say(f'signal {stop[0] if stop else "on another process"}: stopped after step {done}, checkpoint in {ckpt_dir}')
-                last['signal'] = int(stop[0] if stop else signal.SIGTERM)  # main.py exits with 128 + it, as if killed
                 break
+    last['signal'] = int(stop[0] if stop else signal.SIGTERM) if stop or stopping else None  # even during the last eval/save
     run.finish()
     return state, last

@@ -85,7 +85,7 @@ def test_bad_input_exits_nonzero_with_a_clear_line(tmp_path, args, message):
     ('INTERNAL: Error dispatching computation: Out of memory allocating 256000000000 bytes.',  # XLA CPU's words
      'INTERNAL: Error dispatching computation: Out of memory allocating 256000000000 bytes. (lower batch_size, raise '
      'grad_accum or set model.remat=dots)'),
-    ('INTERNAL: something else', None)])  # any other XLA error keeps its traceback
+    ('INTERNAL: something else\nwhile out of memory', None)])  # any other XLA error keeps its traceback
 def test_out_of_memory_is_one_line_saying_what_to_change(tmp_path, raised, line):
     """The most common failure on a GPU, a batch too big for its memory: one line, not XLA's long traceback."""
     code = (f'import runpy, sys, jax; sys.path.insert(0, {REPO!r}); import train\n'
