@@ -17,8 +17,8 @@ def main(cfg):
         last.get('signal') and sys.exit(128 + last['signal'])  # stopped by a signal, as if killed by it: a sweep ends too
     except Exception as e:  # bad input, or XLA out of memory: one line
         'wandb' in sys.modules and sys.modules['wandb'].finish(exit_code=1)  # failed: a sweep's next run starts its own
-        if not (isinstance(e, utils.PicodoError) or utils.out_of_memory(e)): raise  # anything else keeps its traceback
-        print(f'error: {e}' if isinstance(e, utils.PicodoError) else f'error: {str(e).splitlines()[0]} ({utils.OOM_HINT})', file=sys.stderr)
+        if not (isinstance(e, utils.PicodoError) or utils.oom_error(e)): raise  # anything else keeps its traceback
+        print(f'error: {e}' if isinstance(e, utils.PicodoError) else utils.oom_error(e), file=sys.stderr)
         FAILED.append(str(e))  # not e: its traceback would keep this run's arrays alive through the sweep
 
 

@@ -18,8 +18,9 @@ def peak_flops(device_kind, override=None):  # the config's override, else the t
 
 
 mfu = lambda model_flops_per_sec, n_devices, peak: None if peak is None else model_flops_per_sec / (peak * n_devices)
-out_of_memory = lambda e: bool(re.search('RESOURCE_EXHAUSTED|out of memory', (str(e).splitlines() or [''])[0], re.I))  # XLA's
-OOM_HINT = 'lower batch_size, raise grad_accum or set model.remat=dots'
+# XLA running out of memory (its first line names it): one error line saying what to change, else None
+oom_error = lambda e: re.search('RESOURCE_EXHAUSTED|out of memory', line := (str(e).splitlines() or [''])[0], re.I) and \
+    f'error: {line} (lower batch_size, raise grad_accum or set model.remat=dots)'
 
 
 def run_name(config_name, overrides):

@@ -168,9 +168,9 @@ def cli(main):  # bad input: one line on stderr, non-zero exit
     except utils.PicodoError as e:
         sys.exit(f'error: {e}')
     except RuntimeError as e:  # a batch too big for the device: one line, as in main.py
-        if not utils.out_of_memory(e):
+        if not utils.oom_error(e):
             raise
-        sys.exit(f'error: {str(e).splitlines()[0]} ({utils.OOM_HINT})')
+        sys.exit(utils.oom_error(e))
 
 
 if __name__ == '__main__':
