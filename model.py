@@ -154,8 +154,7 @@ class GPT(nnx.Module):
         block_fn = lambda block, x: block(x)
         block_fn = block_fn if self.remat == 'none' else nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat])
         if cache is not None and self.scan:
-            x, cache = nnx.scan(lambda x, block, kv: block(x, kv, pos), in_axes=(nnx.Carry, 0, 0),
-                                out_axes=(nnx.Carry, 0))(x, self.blocks, cache)
+            x, cache = nnx.scan(lambda x, block, kv: block(x, kv, pos), in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(x, self.blocks, cache)
         elif cache is not None:  # layer by layer, each reading and updating its slice of the cache
             for i, block in enumerate(self.blocks):
                 x, kv = block(x, (cache[0][i], cache[1][i]), pos)

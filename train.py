@@ -51,8 +51,7 @@ def model_config(c):
 
 def lr_schedule(c, total_steps):
     warmup = int(c.warmup_frac * total_steps)
-    return optax.warmup_cosine_decay_schedule(0.0, c.peak_lr, warmup, max(total_steps, warmup + 1),
-                                              end_value=c.peak_lr * c.min_lr_frac)
+    return optax.warmup_cosine_decay_schedule(0.0, c.peak_lr, warmup, max(total_steps, warmup + 1), c.peak_lr * c.min_lr_frac)
 
 
 def make_optimizer(c, schedule):
@@ -117,12 +116,9 @@ def train_step(graphdef, state, batch):  # batch [A, B/A, T+1]: A micro-batches 
     model, optimizer = nnx.merge(graphdef, state)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
     grad_fn = jax.value_and_grad(lambda params, tokens: loss_fn(nnx.merge(model_def, params, rest), tokens))
-    if batch.shape[0] == 1:
-        loss, grads = grad_fn(params, batch[0])
-    else:
-        add_micro_batch = lambda acc, tokens: (jax.tree.map(jnp.add, acc, grad_fn(params, tokens)), None)
-        zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), params))
-        loss, grads = jax.tree.map(lambda x: x / batch.shape[0], jax.lax.scan(add_micro_batch, zeros, batch)[0])
+    add_micro_batch = lambda acc, tokens: (jax.tree.map(jnp.add, acc, grad_fn(params, tokens)), None)  # XLA drops a 1-step loop
+    zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), params))
+    loss, grads = jax.tree.map(lambda x: x / batch.shape[0], jax.lax.scan(add_micro_batch, zeros, batch)[0])
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), {'train_loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
@@ -130,8 +126,7 @@ def train_step(graphdef, state, batch):  # batch [A, B/A, T+1]: A micro-batches 
 def compile_steps(graphdef, state):
     """Jitted train and eval steps; the state keeps its FSDP layout across steps and is donated. Call them
     under `jax.set_mesh(mesh)`, so the model can pin its activations to batch sharding."""
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    train = jax.jit(partial(train_step, graphdef), donate_argnums=0, out_shardings=(state_sharding, None))
+    train = jax.jit(partial(train_step, graphdef), donate_argnums=0, out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
     return train, jax.jit(lambda state, tokens: loss_fn(nnx.merge(graphdef, state)[0], tokens))
 
 
@@ -151,6 +146,8 @@ def train(cfg, out_dir, name='run'):
     init_distributed(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     B, A, T = cfg.batch_size, cfg.grad_accum, cfg.model.seq_len
+    if cfg.model.attn_impl == 'cudnn' and jax.default_backend() != 'gpu':  # else JAX's traceback at the first compile
+        raise utils.PicodoError(f'model.attn_impl=cudnn needs an NVIDIA GPU, not {jax.devices()[0].device_kind}')
     if B % A or (B // A) % jax.device_count():
         raise utils.PicodoError(f'batch_size {B} must split into grad_accum={A} micro-batches, each divisible over {jax.device_count()} devices')
     if cfg.data.build_if_missing and not any(os.path.exists(p) for p in (cfg.data.train_path, cfg.data.val_path)):  # it writes both
@@ -164,6 +161,10 @@ def train(cfg, out_dir, name='run'):
     schedule = lr_schedule(cfg.opt, total_steps)
     # checkpoints live under the launch directory, not in Hydra's per-run outputs/, so a re-launch finds them
     ckpt_dir = os.path.abspath(cfg.ckpt.dir or os.path.join('checkpoints', cfg.wandb.name or name))
+    with contextlib.suppress(OSError):  # a file in the way, or no write access: said below, before any training
+        os.makedirs(ckpt_dir, exist_ok=True)
+    if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
+        raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep, cleanup_tmp_directories=True))
     source, start = find_checkpoint(cfg.ckpt.resume) if cfg.ckpt.resume else (saver, saver.latest_step() or 0)
     if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step

@@ -129,6 +129,20 @@ def test_the_disk_check_counts_a_replicated_array_once(tmp_path, monkeypatch):
         train.save(manager, 1, state, {'step': 1})
 
 
+@pytest.mark.parametrize('case', ['a file', 'under a file', 'read-only'])
+def test_a_ckpt_dir_that_cannot_be_written_is_one_line_before_training(tiny_cfg, tmp_path, monkeypatch, case):
+    """Checked before the first step: found at the first save, it would cost the steps before it."""
+    (tmp_path / 'f').write_text('mine')
+    ckpt = {'a file': tmp_path / 'f', 'under a file': tmp_path / 'f' / 'ckpt', 'read-only': tmp_path / 'ro'}[case]
+    if case == 'read-only':  # os.access, not chmod: root (CI may run as root) writes through a chmod
+        real = os.access
+        monkeypatch.setattr(os, 'access', lambda p, mode: False if str(p) == str(ckpt) else real(p, mode))
+    monkeypatch.setattr(train, 'create_state', lambda *_: pytest.fail('got past the check'))
+    with pytest.raises(PicodoError, match=f'^ckpt.dir {ckpt} is not a writable directory$'):
+        train.train(tiny_cfg(f'ckpt.dir={ckpt}'), str(tmp_path))
+    assert (tmp_path / 'f').read_text() == 'mine'
+
+
 def corrupt(ckpt):
     for path in glob.glob(f'{ckpt}/20/state/**/*', recursive=True):
         if os.path.isfile(path) and os.path.getsize(path) > 100:

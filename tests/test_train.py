@@ -89,6 +89,17 @@ def test_grad_accumulation_equals_one_big_batch(tiny_cfg):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), out[0][2], out[1][2])
 
 
+def test_one_micro_batch_compiles_to_a_step_without_a_loop(tiny_cfg):
+    """The micro-batch scan costs nothing without accumulation: XLA drops a 1-step loop (no other loop here:
+    XLA's attention, unrolled layers), and with 4 micro-batches the loop is there."""
+    cfg = tiny_cfg('model.attn_impl=xla', 'model.scan=false')
+    mesh, graphdef, state, _, _ = setup(cfg, 1)
+    step, _ = train.compile_steps(graphdef, state)
+    with jax.set_mesh(mesh):
+        loops = [step.lower(state, first_batch(cfg, mesh, a)).compile().as_text().count(' while(') for a in (1, 4)]
+    assert loops == [0, 1]
+
+
 def test_peak_lr_override_reaches_the_schedule(tiny_cfg):
     cfg = tiny_cfg('opt.peak_lr=0.004', 'opt.warmup_frac=0.1')
     schedule = train.lr_schedule(cfg.opt, 100)
@@ -144,6 +155,11 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
 def test_bad_config_values_are_one_line_naming_the_key(tiny_cfg, override, message):
     with pytest.raises(PicodoError, match=re.escape(f'bad config value: {message}') + '$'):
         train.check_config(tiny_cfg(override))
+
+
+def test_cudnn_attention_without_a_gpu_is_one_line(tiny_cfg, tmp_path):
+    with pytest.raises(PicodoError, match=r'^model.attn_impl=cudnn needs an NVIDIA GPU, not cpu$'):
+        train.train(tiny_cfg('model.attn_impl=cudnn'), str(tmp_path))
 
 
 def test_a_token_budget_below_one_step_is_an_error(tiny_cfg, tmp_path):
