@@ -4,7 +4,7 @@ A training example is a window of T+1 consecutive tokens: inputs w[:-1], targets
 The file is cut into non-overlapping windows; each epoch visits them in a fresh permutation, so
 the batch at any step is a pure function of (seed, step) — what makes resume exact.
 """
-import contextlib, functools, os, queue, threading
+import concurrent.futures, functools, os
 import numpy as np
 import jax
 from utils import PicodoError
@@ -54,34 +54,20 @@ def process_rows(batch_size):  # this process's rows of a global batch: with sev
 
 
 class Batches:
-    """Global batches [A, B/A, T+1] from `start_step` on: each process reads its rows, a thread keeps the next ready."""
+    """Global batches [A, B/A, T+1] from `start_step` on: each process reads its rows; a thread loads the next batch
+    onto the devices while the current one trains."""
 
-    def __init__(self, tokens, seq_len, seed, start_step, batch_size, accum, sharding, prefetch=2):
+    def __init__(self, tokens, seq_len, seed, start_step, batch_size, accum, sharding):
         rows = process_rows(batch_size)
-        def fill():
-            step = start_step
-            try:
-                while not self.stopped.is_set():
-                    local = get_batch(tokens, seq_len, seed, step, batch_size, rows)
-                    self.put(jax.make_array_from_process_local_data(sharding, local.reshape(accum, -1, seq_len + 1)))
-                    step += 1
-            except Exception as e:  # hand the failure to the training loop instead of hanging it
-                self.put(e)
-        self.queue, self.stopped = queue.Queue(maxsize=prefetch), threading.Event()
-        self.thread = threading.Thread(target=fill, daemon=True)
-        self.thread.start()
+        self.load = lambda step: jax.make_array_from_process_local_data(
+            sharding, get_batch(tokens, seq_len, seed, step, batch_size, rows).reshape(accum, -1, seq_len + 1))
+        self.pool, self.step = concurrent.futures.ThreadPoolExecutor(1), start_step
+        self.next = self.pool.submit(self.load, start_step)
 
-    def put(self, item):
-        while not self.stopped.is_set():
-            with contextlib.suppress(queue.Full):
-                return self.queue.put(item, timeout=0.05)
+    def __next__(self):  # the thread's failure, if any, is raised here
+        current, self.step = self.next, self.step + 1
+        self.next = self.pool.submit(self.load, self.step)  # one thread: it starts once `current` is loaded
+        return current.result()
 
-    def __next__(self):
-        batch = self.queue.get()
-        if isinstance(batch, Exception):
-            raise batch
-        return batch
-
-    def close(self):  # stop the thread before exit: one killed inside XLA's C++ code aborts the process
-        self.stopped.set()
-        self.thread.join()
+    def close(self):  # wait for the thread before exit: one killed inside XLA's C++ code aborts the process
+        self.pool.shutdown(cancel_futures=True)

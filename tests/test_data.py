@@ -1,3 +1,4 @@
+import threading
 import jax
 import numpy as np
 import pytest
@@ -49,6 +50,7 @@ def test_rows_are_the_process_share_of_the_global_batch(token_file):
 def test_prefetched_batches_are_sharded_and_in_order(token_file):
     mm = data.open_tokens(token_file[0], 1000, T, 8)
     mesh = jax.make_mesh((8,), ('data',), (jax.sharding.AxisType.Auto,))
+    threads = set(threading.enumerate())
     batches = data.Batches(mm, T, seed=1, start_step=2, batch_size=16, accum=2,
                            sharding=NamedSharding(mesh, P(None, 'data')))
     for step in [2, 3]:
@@ -57,7 +59,19 @@ def test_prefetched_batches_are_sharded_and_in_order(token_file):
         assert len({s.device for s in batch.addressable_shards}) == 8
         np.testing.assert_array_equal(np.asarray(batch).reshape(16, T + 1), data.get_batch(mm, T, 1, step, 16))
     batches.close()
-    assert not batches.thread.is_alive()
+    assert set(threading.enumerate()) == threads  # the loader's thread has ended
+
+
+def test_a_failure_in_the_loader_thread_reaches_the_training_loop(token_file, monkeypatch):
+    mm = data.open_tokens(token_file[0], 1000, T, 8)
+    sharding = NamedSharding(jax.make_mesh((8,), ('data',), (jax.sharding.AxisType.Auto,)), P(None, 'data'))
+    get_batch = data.get_batch
+    monkeypatch.setattr(data, 'get_batch', lambda *a: get_batch(*a) if a[3] < 3 else 1 / 0)  # fails from step 3 on
+    batches = data.Batches(mm, T, seed=1, start_step=2, batch_size=16, accum=1, sharding=sharding)
+    assert next(batches).shape == (1, 16, T + 1)
+    with pytest.raises(ZeroDivisionError):
+        next(batches)
+    batches.close()
 
 
 def test_stdlib_corpus_is_byte_tokens(stdlib_data):
