@@ -16,6 +16,9 @@ import data, model as gpt, utils
 
 DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.yaml')
 SHAPE_KEYS = ['vocab_size', 'seq_len', 'd_model', 'n_layers', 'n_heads', 'scan']  # these fix the parameter tree
+# keys that may change between launches of one run (how it runs, logs and saves, where its data is): the others may not
+FREE_KEYS = ('ckpt.', 'wandb.', 'dist.', 'data.', 'log_every', 'eval_every', 'eval_batches', 'sample_tokens', 'peak_flops',
+             'grad_accum', 'model.remat', 'model.attn_impl')
 AT_LEAST = {'seed': 0, 'sample_tokens': 0} | dict.fromkeys(['model.vocab_size', 'model.seq_len', 'model.d_model', 'model.n_layers',
     'model.n_heads', 'batch_size', 'grad_accum', 'train_tokens', 'log_every', 'eval_every', 'eval_batches', 'ckpt.every', 'ckpt.keep'], 1)
 CHOICES = {'dtype': ['float32', 'bfloat16', 'float16'], 'remat': ['none', *gpt.REMAT_POLICIES], 'attn_impl': ['auto', 'xla', 'cudnn', 'chunked']}
@@ -86,18 +89,21 @@ def find_checkpoint(path):
     return manager, step
 
 
-def restore(manager, step, cfg, state):
-    """The saved state laid out like `state` (so onto the current mesh, whatever mesh saved it), and its metadata."""
+def restore(manager, step, cfg, state, same_run=False):
+    """The saved state laid out like `state` (so onto the current mesh, whatever mesh saved it), and its metadata.
+    The config must match the saved one in SHAPE_KEYS or, to go on with the same run (`same_run`), in all but FREE_KEYS."""
     where = os.path.join(manager.directory, str(step))
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-        saved = meta['config']['model']
-        differ = [f'model.{k}={saved[k]} but the config says {cfg.model[k]}' for k in SHAPE_KEYS if saved[k] != cfg.model[k]]
+        saved, now = (utils.flatten(c) for c in (meta['config'], OmegaConf.to_container(cfg, resolve=True)))
+        keys = [k for k in now if not k.startswith(FREE_KEYS)] if same_run else [f'model.{k}' for k in SHAPE_KEYS]
+        differ = [f'{k}={saved.get(k)} but the config says {now[k]}' for k in keys if saved.get(k) != now[k]]
         if not differ:
             return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
     except Exception as e:  # truncated or missing files, garbled metadata, ...
         raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(e).__name__}: {(str(e).splitlines() or [""])[0]}') from None
-    raise utils.PicodoError(f'checkpoint {where} has {differ[0]}')
+    raise utils.PicodoError(f'checkpoint {where} has {differ[0]}' + (': another run (set ckpt.dir), or ckpt.resume to go '
+                            'on from it with this config' if same_run else ''))
 
 
 def save(manager, step, state, meta):  # asynchronous: the arrays are copied off the devices, then written in the background
@@ -160,7 +166,7 @@ def train(cfg, out_dir, name='run'):
         raise utils.PicodoError(f'train_tokens={cfg.train_tokens} is less than one step: batch_size x seq_len = {B * T} tokens')
     schedule = lr_schedule(cfg.opt, total_steps)
     # checkpoints live under the launch directory, not in Hydra's per-run outputs/, so a re-launch finds them
-    ckpt_dir = os.path.abspath(cfg.ckpt.dir or os.path.join('checkpoints', cfg.wandb.name or name))
+    ckpt_dir = os.path.abspath(cfg.ckpt.dir or os.path.join('checkpoints', name))
     with contextlib.suppress(OSError):  # a file in the way, or no write access: said below, before any training
         os.makedirs(ckpt_dir, exist_ok=True)
     if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
@@ -171,7 +177,7 @@ def train(cfg, out_dir, name='run'):
         raise utils.PicodoError(f'{ckpt_dir} holds step {saver.latest_step()}, past step {start}: set ckpt.dir')
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
     n_params = sum(x.size for x in jax.tree.leaves(state[0]))
-    state, meta = restore(source, start, cfg, state) if start else (state, {})
+    state, meta = restore(source, start, cfg, state, same_run=not cfg.ckpt.resume) if start else (state, {})
     start and print(f'resuming at step {start} of {total_steps} from {source.directory}')
     train_step_fn, eval_step_fn = compile_steps(graphdef, state)
     batch_sharding, val_sharding = NamedSharding(mesh, P(None, 'data')), NamedSharding(mesh, P('data'))  # validation: fixed (seed 0)

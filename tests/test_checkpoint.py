@@ -98,10 +98,28 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(finished_run, tiny_cfg, 
     NaN; the losses are checked before the step-25 save, so the checkpoints stay exactly as they were."""
     ckpt = shutil.copytree(finished_run[2], tmp_path / 'ckpt')
     before = {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)}
-    cfg = tiny_cfg('train_tokens=15360', 'opt.peak_lr=1e30', 'opt.clip_norm=1e30', 'ckpt.every=5', f'ckpt.dir={ckpt}')
+    cfg = tiny_cfg('train_tokens=15360', 'opt.peak_lr=1e30', 'opt.clip_norm=1e30', 'ckpt.every=5', f'ckpt.dir={ckpt}', f'ckpt.resume={ckpt}')
     with pytest.raises(PicodoError, match=r'non-finite loss at step 22 \(diverged, or token ids >= model.vocab_size\?\)$'):
         train.train(cfg, str(tmp_path))
     assert {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)} == before
+
+
+@pytest.mark.parametrize('change', ['opt.peak_lr=0.002', 'train_tokens=15360', 'seed=1', 'model.d_model=32'])
+def test_a_checkpoint_dir_of_another_run_is_not_resumed(finished_run, tiny_cfg, tmp_path, change):
+    """A relaunch into a checkpoint dir whose run had another config (a shared ckpt.dir) stops with one line naming
+    the key, before training, and the checkpoints stay as they were; ckpt.resume goes on from it with the new config.
+    Keys of how a run runs or logs (log_every, eval_every, sample_tokens here) may change between launches."""
+    ckpt = shutil.copytree(finished_run[2], tmp_path / 'ckpt')
+    before = {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)}
+    key, value = change.split('=')
+    saved = {'opt.peak_lr': 0.003, 'train_tokens': 10240, 'seed': 0, 'model.d_model': 64}[key]
+    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {ckpt}/20 has {key}={saved} but the config says {value}: '
+                                                    'another run (set ckpt.dir), or ckpt.resume to go on from it with this config')):
+        train.train(tiny_cfg('train_tokens=10240', change, f'ckpt.dir={ckpt}'), str(tmp_path))
+    assert {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)} == before
+    if key == 'opt.peak_lr':
+        _, last = train.train(tiny_cfg('train_tokens=12800', change, f'ckpt.dir={ckpt}', f'ckpt.resume={ckpt}'), str(tmp_path))
+        assert last['step'] == 25 and (ckpt / '25').is_dir()
 
 
 def test_a_full_disk_is_one_clear_error_before_writing(finished_run, tiny_cfg, tmp_path, monkeypatch):
@@ -111,7 +129,7 @@ def test_a_full_disk_is_one_clear_error_before_writing(finished_run, tiny_cfg, t
     before = {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)}
     monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 4096, 4096))
     with pytest.raises(PicodoError, match=rf'^no room for checkpoint 25 in {ckpt}: \d+ MiB needed, 0 MiB free$'):
-        train.train(tiny_cfg('train_tokens=15360', 'ckpt.every=5', f'ckpt.dir={ckpt}'), str(tmp_path))
+        train.train(tiny_cfg('train_tokens=15360', 'ckpt.every=5', f'ckpt.dir={ckpt}', f'ckpt.resume={ckpt}'), str(tmp_path))
     assert {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)} == before
 
 
