@@ -13,7 +13,7 @@ def main(cfg):
     utils.keep_freed_memory()  # before XLA starts its threads
     try:
         job = HydraConfig.get().job  # the run's name: wandb.name or its config, and its overrides: colab/opt.peak_lr=0.004
-        last = train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(cfg.wandb.name or job.config_name, job.override_dirname))[1]
+        last = train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(str(cfg.wandb.name or job.config_name), job.override_dirname))[1]
         last.get('signal') and sys.exit(128 + last['signal'])  # stopped by a signal, as if killed by it: a sweep ends too
     except Exception as e:  # bad input, or XLA out of memory: one line
         'wandb' in sys.modules and sys.modules['wandb'].finish(exit_code=1)  # failed: a sweep's next run starts its own

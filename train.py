@@ -1,5 +1,5 @@
 """The training loop: config in, sharded model and optimizer built, one jitted step, metrics out."""
-import contextlib, functools, json, os, shutil, signal, time
+import contextlib, functools, glob, json, os, shutil, signal, time
 from functools import partial
 from types import SimpleNamespace
 import jax
@@ -21,6 +21,7 @@ FREE_KEYS = ('ckpt.', 'wandb.', 'dist.', 'data.', 'log_every', 'eval_every', 'ev
              'grad_accum', 'model.remat', 'model.attn_impl')
 AT_LEAST = {'seed': 0, 'sample_tokens': 0} | dict.fromkeys(['model.vocab_size', 'model.seq_len', 'model.d_model', 'model.n_layers',
     'model.n_heads', 'batch_size', 'grad_accum', 'train_tokens', 'log_every', 'eval_every', 'eval_batches', 'ckpt.every', 'ckpt.keep'], 1)
+NULL_DEFAULTS = {'peak_flops': float, 'dist.num_processes': int, 'dist.process_id': int}  # the other null defaults are text
 CHOICES = {'dtype': ['float32', 'bfloat16', 'float16'], 'remat': ['none', *gpt.REMAT_POLICIES], 'attn_impl': ['auto', 'xla', 'cudnn', 'chunked']}
 
 
@@ -31,13 +32,16 @@ def check_config(cfg):  # every key must exist in configs/default.yaml (catches 
         OmegaConf.merge(defaults, cfg)
     except Exception as e:  # omegaconf's ConfigKeyError names the key
         raise utils.PicodoError(f'unknown config key: {getattr(e, "full_key", e)}') from None
-    get, m = lambda key: OmegaConf.select(cfg, key), cfg.model
+    get, defaults = lambda key: OmegaConf.select(cfg, key), utils.flatten(OmegaConf.to_container(defaults) | {'hydra': {}})
+    kind = {k: NULL_DEFAULTS.get(k, str) if v is None else type(v) for k, v in defaults.items()}  # each key's type
+    for k in [k for k, t in kind.items() if t is str and type(get(k)) in (int, float)]:  # wandb.name=777 is a name
+        OmegaConf.update(cfg, k, str(get(k)))
     bad = [f'{k}={get(k)} (must be an integer >= {n})' for k, n in AT_LEAST.items() if not (isinstance(get(k), int) and get(k) >= n)]
-    bad += [f'{k}={get(k)} (must be {type(v).__name__})' for k, v in utils.flatten(OmegaConf.to_container(defaults)).items()
-            if type(v) in (int, float, bool) and type(get(k)) not in ((int, float) if type(v) is float else (type(v),))]  # as its default
-    bad += [f'opt.{k}={v} (must be >= 0)' for k, v in cfg.opt.items() if type(v) in (int, float) and v < 0]
-    bad += [f'model.{k}={m[k]} (one of {", ".join(v)})' for k, v in CHOICES.items() if m[k] not in v]
-    bad = bad or ([f'model.n_heads={m.n_heads} (must divide model.d_model={m.d_model})'] if m.d_model % m.n_heads else [])
+    bad += [f'{k}={get(k)} (must be {t.__name__})' for k, t in kind.items() if not (get(k) is None is defaults[k])  # null if its default is
+            and type(get(k)) not in ((int, float) if t is float else (t,))]
+    bad += [f'{k}={get(k)} (must be >= 0)' for k in defaults if k.startswith(('opt.', 'peak_flops')) and type(get(k)) in (int, float) and get(k) < 0]
+    bad += [f'model.{k}={get("model." + k)} (one of {", ".join(v)})' for k, v in CHOICES.items() if get('model.' + k) not in v]
+    bad = bad or ([f'model.n_heads={cfg.model.n_heads} (must divide model.d_model={cfg.model.d_model})'] if cfg.model.d_model % cfg.model.n_heads else [])
     if bad:
         raise utils.PicodoError(f'bad config value: {bad[0]}')
 
@@ -142,9 +146,9 @@ def init_distributed(coordinator, num_processes, process_id):
     SLURM or Open MPI. With neither, JAX finds no coordinator and this stays a single process."""
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id)
-    except (ValueError, RuntimeError) as e:  # no cluster found, or JAX already running in this process
-        if coordinator or not any(m in str(e) for m in ('coordinator_address', 'must be called before')):
-            raise
+    except (ValueError, RuntimeError) as e:  # no cluster found (fine if no dist.* key asked for one), or JAX already running
+        if coordinator or num_processes is not None or not any(m in str(e) for m in ('coordinator_address', 'must be called before')):
+            raise utils.PicodoError(f'dist.* keys: cannot join the processes of the run: {(str(e).splitlines() or [""])[0]}') from None
 
 
 def train(cfg, out_dir, name='run'):
@@ -171,7 +175,9 @@ def train(cfg, out_dir, name='run'):
         os.makedirs(ckpt_dir, exist_ok=True)
     if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
         raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
-    saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep, cleanup_tmp_directories=True))
+    for tmp in glob.glob(os.path.join(ckpt_dir, '*.orbax-checkpoint-tmp*')):  # a killed save's unfinished step: now, not in
+        shutil.rmtree(tmp, ignore_errors=True)  # orbax's background thread, which fails at exit if a start-up error ends the run
+    saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep))
     source, start = find_checkpoint(cfg.ckpt.resume) if cfg.ckpt.resume else (saver, saver.latest_step() or 0)
     if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
         raise utils.PicodoError(f'{ckpt_dir} holds step {saver.latest_step()}, past step {start}: set ckpt.dir')
@@ -230,6 +236,8 @@ def train(cfg, out_dir, name='run'):
                 jax.block_until_ready(state)  # the steps queued before it count as training time, the eval does not
                 t_eval = time.perf_counter()
                 last['eval_loss'] = float(np.mean(jax.device_get([eval_step_fn(state, b) for b in val_batches])))
+                if not np.isfinite(last['eval_loss']):  # the training loss was finite: the validation file's ids, past the start-up sample
+                    raise utils.PicodoError(f'non-finite eval loss at step {done} (token ids >= model.vocab_size in {cfg.data.val_path}?)')
                 log(dict(step=done, eval_loss=last['eval_loss']))
                 say(f'step {done}: eval_loss {last["eval_loss"]:.4f}')
                 if cfg.sample_tokens:

@@ -59,6 +59,7 @@ def test_killed_and_stopped_runs_resume_exactly(finished_run):
     b3 = launch(d, args + ['ckpt.dir=b', 'hydra.run.dir=run_b3'], d / 'cache')
     out = b3.communicate(timeout=240)[0]
     assert b3.returncode == 0 and f'resuming at step {stopped} of 20' in out, out[-3000:]
+    assert not [name for name in os.listdir(d / 'b') if 'tmp' in name]  # the unfinished step 10 went at the next start
 
     def after_5(*run_dirs):
         rows = [r for run in run_dirs for r in records(d / run) if r['step'] > 5]

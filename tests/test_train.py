@@ -151,6 +151,13 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
     ('opt.peak_lr=-0.001', 'opt.peak_lr=-0.001 (must be >= 0)'),  # once accepted: gradient ascent
     ('opt.clip_norm=-1', 'opt.clip_norm=-1 (must be >= 0)'),
     ('model.scan=1', 'model.scan=1 (must be bool)'),
+    ('data.train_path=null', 'data.train_path=None (must be str)'),  # keys whose default is text or null: once tracebacks
+    ('ckpt.dir=[a]', "ckpt.dir=['a'] (must be str)"),
+    ('peak_flops=abc', 'peak_flops=abc (must be float)'),
+    ('peak_flops=-1', 'peak_flops=-1 (must be >= 0)'),
+    ('dist.process_id=x', 'dist.process_id=x (must be int)'),
+    ('opt=3', 'opt.peak_lr=None (must be float)'),  # a whole group replaced
+    ('model=null', 'model.vocab_size=None (must be an integer >= 1)'),
 ])
 def test_bad_config_values_are_one_line_naming_the_key(tiny_cfg, override, message):
     with pytest.raises(PicodoError, match=re.escape(f'bad config value: {message}') + '$'):
@@ -160,6 +167,21 @@ def test_bad_config_values_are_one_line_naming_the_key(tiny_cfg, override, messa
 def test_cudnn_attention_without_a_gpu_is_one_line(tiny_cfg, tmp_path):
     with pytest.raises(PicodoError, match=r'^model.attn_impl=cudnn needs an NVIDIA GPU, not cpu$'):
         train.train(tiny_cfg('model.attn_impl=cudnn'), str(tmp_path))
+
+
+def test_a_number_given_for_a_name_or_path_is_text(tiny_cfg):
+    cfg = tiny_cfg('wandb.name=777', 'ckpt.dir=123')
+    train.check_config(cfg)
+    assert (cfg.wandb.name, cfg.ckpt.dir) == ('777', '123')
+
+
+def test_a_non_finite_eval_loss_stops_the_run(tiny_cfg, tmp_path, monkeypatch):
+    """Token ids >= vocab in the validation file where the start-up sample did not look (here: the sample skipped)."""
+    val = write_tokens(tmp_path / 'val.bin', np.arange(2000) % 300)
+    monkeypatch.setattr(data, 'open_tokens', lambda path, *_: np.memmap(path, dtype='<u2', mode='r'))
+    with pytest.raises(PicodoError, match=re.escape(f'non-finite eval loss at step 5 (token ids >= model.vocab_size in {val}?)')):
+        train.train(tiny_cfg('train_tokens=2560', 'eval_every=5', f'data.val_path={val}', f'ckpt.dir={tmp_path}/ckpt'), str(tmp_path))
+    assert all(np.isfinite(v) for l in open(tmp_path / 'metrics.jsonl') for k, v in json.loads(l).items() if 'loss' in k)  # no NaN logged
 
 
 def test_a_token_budget_below_one_step_is_an_error(tiny_cfg, tmp_path):

@@ -22,6 +22,18 @@ def test_wandb_online_without_a_reachable_server_or_a_key_logs_offline_at_once(t
     assert glob.glob(str(tmp_path / 'wandb' / 'offline-run-*'))
 
 
+def test_wandb_online_checks_the_port_of_a_self_hosted_server(tmp_path, monkeypatch):
+    """WANDB_BASE_URL=http://host:8080 is reached on 8080, not 443: online, not a fallback to offline."""
+    import socket
+    server, modes = socket.create_server(('127.0.0.1', 0)), []
+    monkeypatch.setenv('WANDB_BASE_URL', f'http://127.0.0.1:{server.getsockname()[1]}')
+    monkeypatch.setenv('WANDB_API_KEY', 'a' * 40)
+    monkeypatch.delenv('WANDB_MODE', raising=False)
+    monkeypatch.setattr(wandb, 'init', lambda **kwargs: modes.append(kwargs['mode']) or 'run')
+    with server:
+        assert utils.init_wandb(make_cfg().wandb, {}, str(tmp_path)) == 'run' and modes == ['online']
+
+
 def test_a_bad_wandb_mode_does_not_stop_the_run(tmp_path):
     """In a fresh process, as `WANDB_MODE=offlne python main.py` (this crashed on wandb's own fallback once)."""
     code = (f'import sys, types; sys.path.insert(0, {REPO!r}); import utils; '
