@@ -390,6 +390,15 @@ def run_inspect(args):
     return inspect(args.path, args.vocab, args.seq_len, decoder, args.show)
 
 
+def at_least(n, kind=int, below=None):  # an argparse type: a number >= n (and < below)
+    def parse(text):
+        value = kind(text)
+        if not (value >= n and (below is None or value < below)):
+            raise argparse.ArgumentTypeError(f'{text} is not {">= " + str(n) if below is None else f"in [{n}, {below})"}')
+        return value
+    return parse
+
+
 def parser():
     p = argparse.ArgumentParser(prog='prepare.py', description='Get, make and check nanoGPT .bin files.')
     commands = p.add_subparsers(dest='command', required=True)
@@ -397,7 +406,7 @@ def parser():
     d.add_argument('--out', default='data', help='directory for the files (default: data)')
     d.add_argument('--splits', nargs='+', default=['train', 'val'], choices=['train', 'val'])
     d.add_argument('--url', default=SAMPLE_URL, help='URL with a {split} placeholder')
-    d.add_argument('--retries', type=int, default=5, help='resumes after a cut-off before giving up')
+    d.add_argument('--retries', type=at_least(0), default=5, help='resumes after a cut-off before giving up')
     d.add_argument('--force', action='store_true', help='replace existing files')
     d.set_defaults(run=run_download)
     for name, what in (('tokenize', 'GPT-2 BPE tokens (tiktoken)'), ('bytes', 'byte tokens (vocab 256)')):
@@ -409,19 +418,19 @@ def parser():
         t.add_argument('--hf-config', help='the dataset configuration, if it has several')
         t.add_argument('--hf-split', default='train')
         t.add_argument('--text-field', default='text')
-        t.add_argument('--val-fraction', type=float, default=0.005, help='share of documents for val.bin')
+        t.add_argument('--val-fraction', type=at_least(1e-9, float, 1), default=0.005, help='share of documents for val.bin')
         t.add_argument('--seed', type=int, default=0, help='seed of the document shuffle')
-        t.add_argument('--workers', type=int, default=os.cpu_count(), help='processes (default: all cores)')
+        t.add_argument('--workers', type=at_least(1), default=os.cpu_count(), help='processes (default: all cores)')
         t.add_argument('--force', action='store_true', help='replace existing train.bin / val.bin')
         if name == 'tokenize':
             t.add_argument('--encoding', default='gpt2', help='tiktoken encoding name (default: gpt2)')
         t.set_defaults(run=run_tokenize)
     i = commands.add_parser('inspect', help='token count, id range, vocab, windows, decoded start; exit 1 if bad')
     i.add_argument('path')
-    i.add_argument('--vocab', type=int, help='fail if any id is >= this')
-    i.add_argument('--seq-len', type=int, default=1024, help='T, for the count of windows of T+1 tokens')
+    i.add_argument('--vocab', type=at_least(1), help='fail if any id is >= this')
+    i.add_argument('--seq-len', type=at_least(1), default=1024, help='T, for the count of windows of T+1 tokens')
     i.add_argument('--decode', default='auto', choices=['auto', 'bytes', 'gpt2'])
-    i.add_argument('--show', type=int, default=200, help='how many tokens to decode')
+    i.add_argument('--show', type=at_least(0), default=200, help='how many tokens to decode')
     i.set_defaults(run=run_inspect)
     return p
 

@@ -71,8 +71,8 @@ def sample(model, encode, decode, prompt, max_new_tokens, num_samples=1, tempera
     T, ids = model.seq_len, encode(prompt)
     if not ids:
         raise utils.PicodoError('empty prompt')
-    if temperature < 0:
-        raise utils.PicodoError(f'temperature {temperature} < 0')
+    if not temperature >= 0:  # nan too
+        raise utils.PicodoError(f'temperature {temperature} is not >= 0')
     if not 0 <= top_k <= model.vocab_size:
         raise utils.PicodoError(f'top_k {top_k} is not in 0..{model.vocab_size} (the vocabulary size; 0 keeps all)')
     if num_samples < 1 or max_new_tokens < 0:

@@ -23,18 +23,30 @@ TINY = ['model.vocab_size=256', 'model.seq_len=32', 'model.d_model=64', 'model.n
         'model.dtype=float32', 'batch_size=8']
 
 
+def at_least(n):  # an argparse type: an integer >= n
+    def parse(text):
+        if not (text.lstrip('-').isdigit() and int(text) >= n):
+            raise argparse.ArgumentTypeError(f'{text} is not an integer >= {n}')
+        return int(text)
+    return parse
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('overrides', nargs='*', help='Hydra overrides, e.g. model.dtype=bfloat16 batch_size=16')
     p.add_argument('-cn', '--config-name', default='bench_cpu')
-    p.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
-    p.add_argument('--rounds', type=int, default=5, help='timed rounds; medians are reported')
-    p.add_argument('--steps', type=int, default=2, help='training steps per timed round')
-    p.add_argument('--devices', type=int, default=1, help='devices in the mesh; 0 = all')
-    p.add_argument('--matmul-size', type=int, default=None, help='roofline matmul side (default 2048 on CPU, 8192 else)')
+    p.add_argument('--warmup', type=at_least(0), default=2, help='untimed steps after compiling')
+    p.add_argument('--rounds', type=at_least(1), default=5, help='timed rounds; medians are reported')
+    p.add_argument('--steps', type=at_least(1), default=2, help='training steps per timed round')
+    p.add_argument('--devices', type=at_least(0), default=1, help='devices in the mesh; 0 = all')
+    p.add_argument('--matmul-size', type=at_least(1), default=None, help='roofline matmul side (default 2048 on CPU, 8192 else)')
     p.add_argument('--depths', default='2,12,24', help="layer counts for the compile-time sweep; '' skips it")
     p.add_argument('--tiny', action='store_true', help='a tiny model, one short round, for smoke tests')
     args = p.parse_args(argv)
+    if args.devices > jax.device_count():
+        p.error(f'--devices {args.devices}: this machine has {jax.device_count()}')
+    if not all(d.isdigit() and int(d) > 0 for d in filter(None, args.depths.split(','))):
+        p.error(f'--depths {args.depths!r}: layer counts >= 1, separated by commas')
     if args.tiny:
         args.overrides = TINY + args.overrides
         args.warmup, args.rounds, args.steps, args.matmul_size, args.depths = 1, 1, 1, 128, '1,2'
@@ -42,8 +54,11 @@ def parse(argv):
 
 
 def compose_config(name, overrides):
-    with initialize_config_dir(os.path.join(REPO, 'configs'), version_base=None):
-        cfg = compose(name, overrides=list(overrides))
+    try:
+        with initialize_config_dir(os.path.join(REPO, 'configs'), version_base=None):
+            cfg = compose(name, overrides=list(overrides))
+    except Exception as e:  # Hydra: a misspelt key, an unknown config name, a malformed override
+        raise utils.PicodoError(f'{type(e).__name__}: {(str(e).splitlines() or [""])[0]}') from None
     train.check_config(cfg)
     return cfg
 

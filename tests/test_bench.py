@@ -42,3 +42,19 @@ def test_a_batch_too_big_for_memory_is_one_line(monkeypatch):
         raise jax.errors.JaxRuntimeError('INTERNAL: something else')
     with pytest.raises(jax.errors.JaxRuntimeError, match='INTERNAL'):  # any other XLA error keeps its traceback
         bench.cli(other)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--rounds', '0'], 'argument --rounds: 0 is not an integer >= 1'), (['--steps', '0'], 'argument --steps: 0 is not'),
+    (['--warmup', '-1'], 'argument --warmup: -1 is not an integer >= 0'), (['--devices', '9'], '--devices 9: this machine has 8'),
+    (['--depths', '0'], "--depths '0': layer counts >= 1"), (['--depths', 'a,2'], "--depths 'a,2'"),
+])
+def test_bad_arguments_are_one_usage_line(capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        bench.parse(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_misspelt_key_is_one_line():
+    with pytest.raises(utils.PicodoError, match=r"^ConfigCompositionException: Could not override 'model.d_modl'"):
+        bench.compose_config('bench_cpu', ['model.d_modl=3'])

@@ -154,6 +154,20 @@ def test_bad_input_is_one_line_and_leaves_no_bin_file(tmp_path, corpus, capsys, 
         assert prepare.main(['bytes', str(source), '--out', str(out), '--force']) == 0
 
 
+@pytest.mark.parametrize('args,message', [
+    (['bytes', 'x', '--out', 'o', '--workers', '0'], 'argument --workers: 0 is not >= 1'),
+    (['bytes', 'x', '--out', 'o', '--val-fraction', '1.5'], 'argument --val-fraction: 1.5 is not in [1e-09, 1)'),
+    (['inspect', 'f.bin', '--seq-len', '0'], 'argument --seq-len: 0 is not >= 1'),
+    (['inspect', 'f.bin', '--vocab', '0'], 'argument --vocab: 0 is not >= 1'),
+    (['inspect', 'f.bin', '--show', '-5'], 'argument --show: -5 is not >= 0'),
+])
+def test_bad_numbers_are_a_usage_error_before_anything_is_made(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        prepare.main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err and not os.listdir(tmp_path)
+
+
 def test_a_failure_midway_leaves_neither_bin_nor_tmp(corpus, tmp_path):
     class Failing(prepare.ByteTokens):
         def encode(self, docs):

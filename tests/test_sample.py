@@ -91,6 +91,7 @@ def test_sample_py_from_a_trained_checkpoint(finished_run, capsys):
     with pytest.raises(SystemExit, match='error: checkpoint not found: .*nope'):
         sample.main([ckpt + '/nope'])
     for args, message in [(['--top_k', '100000'], 'top_k 100000 is not in 0..256'), (['--top_k', '-3'], 'top_k -3 is not in'),
-                          (['--temperature', '-1'], 'temperature -1.0 < 0'), (['--num_samples', '0'], 'num_samples 0 < 1')]:
+                          (['--temperature', '-1'], 'temperature -1.0 is not >= 0'),
+                          (['--temperature', 'nan'], 'temperature nan is not >= 0'), (['--num_samples', '0'], 'num_samples 0 < 1')]:
         with pytest.raises(SystemExit, match=f'^error: {message}'):
             sample.main([ckpt, *args])
