@@ -34,11 +34,10 @@ def check_config(cfg):  # every key must exist in configs/default.yaml (catches 
         raise utils.PicodoError(f'unknown config key: {getattr(e, "full_key", e)}') from None
     get, defaults = lambda key: OmegaConf.select(cfg, key), utils.flatten(OmegaConf.to_container(defaults) | {'hydra': {}})
     kind = {k: NULL_DEFAULTS.get(k, str) if v is None else type(v) for k, v in defaults.items()}  # each key's type
-    for k in [k for k, t in kind.items() if t is str and type(get(k)) in (int, float)]:  # wandb.name=777 is a name
-        OmegaConf.update(cfg, k, str(get(k)))
     bad = [f'{k}={get(k)} (must be an integer >= {n})' for k, n in AT_LEAST.items() if not (isinstance(get(k), int) and get(k) >= n)]
-    bad += [f'{k}={get(k)} (must be {t.__name__})' for k, t in kind.items() if not (get(k) is None is defaults[k])  # null if its default is
-            and type(get(k)) not in ((int, float) if t is float else (t,))]
+    bad += [f'{k}={get(k)} (must be {t.__name__}{": quote a number" * (t is str and type(get(k)) in (int, float))})'  # 'ckpt.dir="7"'
+            for k, t in kind.items()
+            if not (get(k) is None is defaults[k]) and type(get(k)) not in ((int, float) if t is float else (t,))]  # null if its default is
     bad += [f'{k}={get(k)} (must be >= 0)' for k in defaults if k.startswith(('opt.', 'peak_flops')) and type(get(k)) in (int, float) and get(k) < 0]
     bad += [f'model.{k}={get("model." + k)} (one of {", ".join(v)})' for k, v in CHOICES.items() if get('model.' + k) not in v]
     bad = bad or ([f'model.n_heads={cfg.model.n_heads} (must divide model.d_model={cfg.model.d_model})'] if cfg.model.d_model % cfg.model.n_heads else [])
@@ -175,7 +174,7 @@ def train(cfg, out_dir, name='run'):
         os.makedirs(ckpt_dir, exist_ok=True)
     if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
         raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
-    for tmp in glob.glob(os.path.join(ckpt_dir, '*.orbax-checkpoint-tmp*')):  # a killed save's unfinished step: now, not in
+    for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):  # a killed save's unfinished step: now, not in
         shutil.rmtree(tmp, ignore_errors=True)  # orbax's background thread, which fails at exit if a start-up error ends the run
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep))
     source, start = find_checkpoint(cfg.ckpt.resume) if cfg.ckpt.resume else (saver, saver.latest_step() or 0)
@@ -236,8 +235,8 @@ def train(cfg, out_dir, name='run'):
                 jax.block_until_ready(state)  # the steps queued before it count as training time, the eval does not
                 t_eval = time.perf_counter()
                 last['eval_loss'] = float(np.mean(jax.device_get([eval_step_fn(state, b) for b in val_batches])))
-                if not np.isfinite(last['eval_loss']):  # the training loss was finite: the validation file's ids, past the start-up sample
-                    raise utils.PicodoError(f'non-finite eval loss at step {done} (token ids >= model.vocab_size in {cfg.data.val_path}?)')
+                if not np.isfinite(last['eval_loss']):  # steps since the last log step are not checked yet: either may be the cause
+                    raise utils.PicodoError(f'non-finite eval loss at step {done} (diverged, or token ids >= model.vocab_size in {cfg.data.val_path}?)')
                 log(dict(step=done, eval_loss=last['eval_loss']))
                 say(f'step {done}: eval_loss {last["eval_loss"]:.4f}')
                 if cfg.sample_tokens:

@@ -66,8 +66,8 @@ def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
     import wandb  # here, so that the data tools can use this module without loading wandb
     mode = (os.environ.get('WANDB_MODE') or cfg.mode) if enabled else 'disabled'
     url = urllib.parse.urlparse(os.environ.get('WANDB_BASE_URL') or wandb.Settings().base_url)
-    if mode not in ('offline', 'dryrun', 'disabled') and not online_ok(url.hostname, url.port or {'http': 80}.get(url.scheme, 443)):
-        print(f'wandb: no API key for {url.hostname} or no connection to it: logging offline (upload later with `wandb sync`)')
+    if mode not in ('offline', 'dryrun', 'disabled') and not online_ok(url):
+        print(f'wandb: no API key for {url.netloc} or no connection to it: logging offline (upload later with `wandb sync`)')
         mode = 'offline'
     for mode in dict.fromkeys([mode, 'offline']) if enabled else ():  # other processes of a multi-host run: no wandb
         try:
@@ -77,9 +77,9 @@ def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
     return types.SimpleNamespace(id=None, log=lambda *args, **kwargs: None, finish=lambda: None)
 
 
-def online_ok(host, port=443):  # an API key (WANDB_API_KEY, or `wandb login`'s entry in ~/.netrc) and a connection to host
+def online_ok(url):  # an API key (WANDB_API_KEY, or `wandb login`'s ~/.netrc entry: host:port, or host) and a connection
     try:
-        key = os.environ.get('WANDB_API_KEY') or netrc.netrc(os.environ.get('NETRC')).authenticators(host)
-        return bool(key) and socket.create_connection((host, port), timeout=3).close() is None
-    except (OSError, netrc.NetrcParseError):
+        key = os.environ.get('WANDB_API_KEY') or any(netrc.netrc(os.environ.get('NETRC')).authenticators(h) for h in (url.netloc, url.hostname))
+        return bool(key) and socket.create_connection((url.hostname, url.port or {'http': 80}.get(url.scheme, 443)), timeout=3).close() is None
+    except (OSError, ValueError, netrc.NetrcParseError):  # ValueError: a port that is not a number
         return False

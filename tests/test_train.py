@@ -169,17 +169,19 @@ def test_cudnn_attention_without_a_gpu_is_one_line(tiny_cfg, tmp_path):
         train.train(tiny_cfg('model.attn_impl=cudnn'), str(tmp_path))
 
 
-def test_a_number_given_for_a_name_or_path_is_text(tiny_cfg):
-    cfg = tiny_cfg('wandb.name=777', 'ckpt.dir=123')
-    train.check_config(cfg)
-    assert (cfg.wandb.name, cfg.ckpt.dir) == ('777', '123')
+def test_a_number_for_a_name_or_path_needs_quotes(tiny_cfg):
+    """Hydra reads ckpt.dir=2024.10 as the number 2024.1: turned back into text it would name another directory."""
+    with pytest.raises(PicodoError, match=re.escape('ckpt.dir=2024.1 (must be str: quote a number)')):
+        train.check_config(tiny_cfg('ckpt.dir=2024.10'))
+    train.check_config(cfg := tiny_cfg('ckpt.dir="2024.10"', "wandb.name='007'"))
+    assert (cfg.ckpt.dir, cfg.wandb.name) == ('2024.10', '007')
 
 
 def test_a_non_finite_eval_loss_stops_the_run(tiny_cfg, tmp_path, monkeypatch):
     """Token ids >= vocab in the validation file where the start-up sample did not look (here: the sample skipped)."""
     val = write_tokens(tmp_path / 'val.bin', np.arange(2000) % 300)
     monkeypatch.setattr(data, 'open_tokens', lambda path, *_: np.memmap(path, dtype='<u2', mode='r'))
-    with pytest.raises(PicodoError, match=re.escape(f'non-finite eval loss at step 5 (token ids >= model.vocab_size in {val}?)')):
+    with pytest.raises(PicodoError, match=re.escape(f'non-finite eval loss at step 5 (diverged, or token ids >= model.vocab_size in {val}?)')):
         train.train(tiny_cfg('train_tokens=2560', 'eval_every=5', f'data.val_path={val}', f'ckpt.dir={tmp_path}/ckpt'), str(tmp_path))
     assert all(np.isfinite(v) for l in open(tmp_path / 'metrics.jsonl') for k, v in json.loads(l).items() if 'loss' in k)  # no NaN logged
 

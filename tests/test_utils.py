@@ -22,16 +22,26 @@ def test_wandb_online_without_a_reachable_server_or_a_key_logs_offline_at_once(t
     assert glob.glob(str(tmp_path / 'wandb' / 'offline-run-*'))
 
 
-def test_wandb_online_checks_the_port_of_a_self_hosted_server(tmp_path, monkeypatch):
-    """WANDB_BASE_URL=http://host:8080 is reached on 8080, not 443: online, not a fallback to offline."""
+@pytest.mark.parametrize('key', ['env', 'netrc host:port', 'netrc host', 'bad port'])
+def test_wandb_online_checks_the_port_of_a_self_hosted_server(tmp_path, monkeypatch, key):
+    """WANDB_BASE_URL=http://host:8080 is reached on 8080, not 443, with the key from WANDB_API_KEY or from the
+    netrc entry `wandb login` writes (host:port; older wandb: host): online, not a fallback to offline. A port
+    that is not a number: offline, not a crash."""
     import socket
     server, modes = socket.create_server(('127.0.0.1', 0)), []
-    monkeypatch.setenv('WANDB_BASE_URL', f'http://127.0.0.1:{server.getsockname()[1]}')
-    monkeypatch.setenv('WANDB_API_KEY', 'a' * 40)
+    port = 'abc' if key == 'bad port' else server.getsockname()[1]
+    monkeypatch.setenv('WANDB_BASE_URL', f'http://127.0.0.1:{port}')
     monkeypatch.delenv('WANDB_MODE', raising=False)
+    monkeypatch.delenv('WANDB_API_KEY', raising=False)
+    (tmp_path / 'netrc').write_text(f'machine 127.0.0.1{":" + str(port) if key != "netrc host" else ""} login user password {"a" * 40}\n')
+    monkeypatch.setenv('NETRC', str(tmp_path / 'netrc'))
+    if key == 'env':
+        monkeypatch.setenv('WANDB_API_KEY', 'a' * 40)
+        monkeypatch.setenv('NETRC', str(tmp_path / 'no-netrc'))
     monkeypatch.setattr(wandb, 'init', lambda **kwargs: modes.append(kwargs['mode']) or 'run')
     with server:
-        assert utils.init_wandb(make_cfg().wandb, {}, str(tmp_path)) == 'run' and modes == ['online']
+        assert utils.init_wandb(make_cfg().wandb, {}, str(tmp_path)) == 'run'
+    assert modes == ['offline' if key == 'bad port' else 'online']
 
 
 def test_a_bad_wandb_mode_does_not_stop_the_run(tmp_path):
