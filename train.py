@@ -174,8 +174,6 @@ def train(cfg, out_dir, name='run'):
         os.makedirs(ckpt_dir, exist_ok=True)
     if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
         raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
-    for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):  # a killed save's unfinished step: now, not in
-        shutil.rmtree(tmp, ignore_errors=True)  # orbax's background thread, which fails at exit if a start-up error ends the run
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep))
     source, start = find_checkpoint(cfg.ckpt.resume) if cfg.ckpt.resume else (saver, saver.latest_step() or 0)
     if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
@@ -183,6 +181,8 @@ def train(cfg, out_dir, name='run'):
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
     n_params = sum(x.size for x in jax.tree.leaves(state[0]))
     state, meta = restore(source, start, cfg, state, same_run=not cfg.ckpt.resume) if start else (state, {})
+    for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):  # a killed save's unfinished step, once the
+        shutil.rmtree(tmp, ignore_errors=True)  # dir is this run's; here, not in orbax's thread (it fails at exit after a start-up error)
     start and print(f'resuming at step {start} of {total_steps} from {source.directory}')
     train_step_fn, eval_step_fn = compile_steps(graphdef, state)
     batch_sharding, val_sharding = NamedSharding(mesh, P(None, 'data')), NamedSharding(mesh, P('data'))  # validation: fixed (seed 0)

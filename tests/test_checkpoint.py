@@ -111,6 +111,7 @@ def test_a_checkpoint_dir_of_another_run_is_not_resumed(finished_run, tiny_cfg, 
     the key, before training, and the checkpoints stay as they were; ckpt.resume goes on from it with the new config.
     Keys of how a run runs or logs (log_every, eval_every, sample_tokens here) may change between launches."""
     ckpt = shutil.copytree(finished_run[2], tmp_path / 'ckpt')
+    (ckpt / '25.orbax-checkpoint-tmp-1').mkdir()  # as if the run that owns the dir were saving step 25 right now
     before = {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)}
     key, value = change.split('=')
     saved = {'opt.peak_lr': 0.003, 'train_tokens': 10240, 'seed': 0, 'model.d_model': 64}[key]
