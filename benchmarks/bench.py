@@ -8,7 +8,7 @@ Prints a summary table and, as its last line, one JSON object. Besides MFU again
 (null where unknown), it reports `roofline_fraction`: model FLOP/s divided by the FLOP/s of a large dense
 matmul in the model's dtype, measured on the same devices in the same run, interleaved with the training
 rounds so both see the same machine noise. A depth sweep reports compile time at 2, 12 and 24 layers
-with the layer scan on (the CPU configs turn it off: there, unrolled layers step faster).
+with the layer scan on (the configs turn it off: unrolled layers step faster on CPUs and on an H200).
 """
 import argparse, json, os, statistics, sys, time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -123,9 +123,12 @@ def op_events(trace_dir, module, ops):
         on_device0 = lambda e: (e['pid'], e['tid']) in lines
     else:
         on_device0 = lambda e: e['args'].get('device_ordinal', '0') == '0'
-    # GPU kernels name their module 'hlo module'; the CPU runtime 'hlo_module'
+    # GPU kernels name their module 'hlo_module' (JAX 0.11; earlier 'hlo module'), as the CPU runtime does
     ours = [e for e in events if e['ph'] == 'X' and e.get('args', {}).get('hlo_op') in ops and on_device0(e)
             and e['args'].get('hlo_module', e['args'].get('hlo module', module)) == module]
+    if not ours and any(on_device0(e) and e['args'].get('hlo_op', '').startswith('command_buffer') for e in events if e['ph'] == 'X'):
+        raise utils.PicodoError(f'the ops of {module} ran inside CUDA graphs, which hide them from the trace: run with '
+                                'XLA_FLAGS=--xla_gpu_enable_command_buffer= (set by profile_step.py unless XLA_FLAGS names it)')
     if not ours:
         raise utils.PicodoError(f'no op of {module} found on {devices[0] if devices else "the host"} in {path}')
     if devices:  # how much of the device's busy time the ops account for
@@ -237,4 +240,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    if 'xla_gpu_enable_command_buffer' not in os.environ.get('XLA_FLAGS', ''):  # no CUDA graphs: their kernels name no op
+        os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_gpu_enable_command_buffer='
     bench.cli(main)

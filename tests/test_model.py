@@ -115,8 +115,8 @@ def operand_types(hlo):  # each matmul's two operand types in lowered StableHLO 
 
 def test_head_gradients_equal_autodiff_and_run_in_the_model_dtype():
     """The output head's backward: JAX's own in fp32; in bf16, matmuls on bf16 operands (JAX's rule would upcast
-    both operands to the fp32 cotangent's dtype), within bf16 rounding of the fp32 reference."""
-    x = jax.random.normal(jax.random.key(0), (2, 5, 16)).astype(jnp.bfloat16).astype(jnp.float32)  # exact in bf16
+    both operands to the fp32 cotangent's dtype), within bf16 rounding of the fp32 reference (the logits are rounded too)."""
+    x = (jax.random.normal(jax.random.key(0), (2, 5, 16)) / 4).astype(jnp.bfloat16).astype(jnp.float32)  # exact in bf16; logits ~1
     e = jax.random.normal(jax.random.key(1), (40, 16)).astype(jnp.bfloat16).astype(jnp.float32)
     loss = lambda f: lambda x, e: jnp.sum(jnp.sin(f(x, e)))
     plain = lambda x, e: jnp.einsum('btd,vd->btv', x, e, preferred_element_type=jnp.float32)
@@ -124,7 +124,7 @@ def test_head_gradients_equal_autodiff_and_run_in_the_model_dtype():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), jax.grad(loss(gpt.head), argnums=(0, 1))(x, e), want)
     bf16 = (x.astype(jnp.bfloat16), e.astype(jnp.bfloat16))
     got = jax.grad(loss(gpt.head), argnums=(0, 1))(*bf16)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.float32(a), b, rtol=0.02, atol=0.02), got, want)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.float32(a), b, rtol=0.02, atol=0.05), got, want)  # |grads| up to ~5
     hlo = jax.jit(jax.grad(loss(gpt.head), argnums=(0, 1))).lower(*bf16).as_text()
     dots = operand_types(hlo)
     assert len(dots) == 3 and all(a.endswith('xbf16>') and b.endswith('xbf16>') for a, b in dots), dots

@@ -1,8 +1,10 @@
 """The step profiler (benchmarks/profile_step.py) attributes a real traced step; no assertion on speed."""
 import json, os, sys
+import pytest
 from conftest import REPO
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import profile_step
+import utils
 
 
 def test_ops_running_together_share_their_time():
@@ -60,7 +62,7 @@ def test_device_timelines_count_kernels_not_summary_lines(tmp_path, capsys):
     import gzip
     M = lambda kind, pid, name, tid=0: dict(ph='M', name=kind, pid=pid, tid=tid, args=dict(name=name))
     X = lambda pid, tid, name, ts, dur, op: dict(ph='X', pid=pid, tid=tid, name=name, ts=ts, dur=dur,
-                                                 args={'hlo_op': op, 'hlo module': 'jit_train_step'})
+                                                 args={'hlo_op': op, 'hlo_module': 'jit_train_step'})  # as JAX 0.11.2 wrote it
     events = [M('process_name', 1, '/device:GPU:0'), M('process_name', 701, '/host:CPU'),
               M('thread_name', 1, 'Stream #7(Compute)', 7), M('thread_name', 1, 'XLA Ops', 200), M('thread_name', 1, 'XLA Modules', 201),
               X(1, 7, 'gemm_kernel', 0, 10, 'dot.1'), X(1, 7, 'splitk_reduce', 10, 1, 'dot.1'), X(1, 7, 'loop_add', 12, 3, 'fusion.2'),
@@ -71,3 +73,9 @@ def test_device_timelines_count_kernels_not_summary_lines(tmp_path, capsys):
     found, runs = profile_step.op_events(str(tmp_path), 'jit_train_step', {'dot.1': None, 'fusion.2': None})
     assert sorted(found) == [('dot.1', 0, 10), ('dot.1', 10, 11), ('fusion.2', 12, 15)]
     assert runs == {'dot.1': 1, 'fusion.2': 1} and 'warning' not in capsys.readouterr().out
+    # CUDA graphs (on by default; seen on an H200): each kernel names only its command buffer, not its op
+    events = events[:5] + [X(1, 7, 'loop_add', 0, 3, 'command_buffer_1')]
+    with gzip.open(tmp_path / 'plugins' / 'host.trace.json.gz', 'wt') as f:
+        json.dump({'traceEvents': events}, f)
+    with pytest.raises(utils.PicodoError, match='inside CUDA graphs.*xla_gpu_enable_command_buffer='):
+        profile_step.op_events(str(tmp_path), 'jit_train_step', {'dot.1': None, 'fusion.2': None})
