@@ -126,7 +126,7 @@ def op_events(trace_dir, module, ops):
     # GPU kernels name their module 'hlo_module' (JAX 0.11; earlier 'hlo module'), as the CPU runtime does
     ours = [e for e in events if e['ph'] == 'X' and e.get('args', {}).get('hlo_op') in ops and on_device0(e)
             and e['args'].get('hlo_module', e['args'].get('hlo module', module)) == module]
-    if not ours and any(on_device0(e) and e['args'].get('hlo_op', '').startswith('command_buffer') for e in events if e['ph'] == 'X'):
+    if not ours and any(e.get('args', {}).get('hlo_op', '').startswith('command_buffer') and on_device0(e) for e in events if e['ph'] == 'X'):
         raise utils.PicodoError(f'the ops of {module} ran inside CUDA graphs, which hide them from the trace: run with '
                                 'XLA_FLAGS=--xla_gpu_enable_command_buffer= (set by profile_step.py unless XLA_FLAGS names it)')
     if not ours:

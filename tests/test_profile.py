@@ -79,3 +79,9 @@ def test_device_timelines_count_kernels_not_summary_lines(tmp_path, capsys):
         json.dump({'traceEvents': events}, f)
     with pytest.raises(utils.PicodoError, match='inside CUDA graphs.*xla_gpu_enable_command_buffer='):
         profile_step.op_events(str(tmp_path), 'jit_train_step', {'dot.1': None, 'fusion.2': None})
+    # a host-only (CPU) trace without our ops, with events that carry no args: the plain error, not a KeyError
+    events = [M('process_name', 701, '/host:CPU'), dict(ph='X', pid=701, tid=3, name='python', ts=0, dur=5)]
+    with gzip.open(tmp_path / 'plugins' / 'host.trace.json.gz', 'wt') as f:
+        json.dump({'traceEvents': events}, f)
+    with pytest.raises(utils.PicodoError, match='no op of jit_train_step found on the host'):
+        profile_step.op_events(str(tmp_path), 'jit_train_step', {'dot.1': None})
