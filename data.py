@@ -36,10 +36,7 @@ def permutation(n_windows, seed, epoch):
 def window_ids(n_windows, seed, step, batch_size):
     """Indices of the windows in the global batch at `step`: epoch after epoch of permutations."""
     epoch, i = np.divmod(step * batch_size + np.arange(batch_size), n_windows)
-    ids = np.empty(batch_size, np.int64)
-    for e in np.unique(epoch):
-        ids[epoch == e] = permutation(n_windows, seed, int(e))[i[epoch == e]]
-    return ids
+    return np.array([permutation(n_windows, seed, int(e))[j] for e, j in zip(epoch, i)], np.int64)
 
 
 def get_batch(tokens, seq_len, seed, step, batch_size, rows=slice(None)):

@@ -1,7 +1,7 @@
-"""GPT decoder in Flax NNX, its parameter count and its FLOPs per token.
+"""GPT decoder in Flax NNX, its loss, its parameter count and its FLOPs per token.
 
 Dims: B batch, T sequence, D model width, H heads, K head width (D/H), V vocab, L layers.
-Parameters are fp32; activations and matmuls run in `dtype`, the logits too (then fp32, as the loss).
+Parameters are fp32; activations, matmuls and logits run in `dtype`; cross_entropy computes the loss in fp32.
 Every weight carries an FSDP sharding annotation over the mesh axis 'data'.
 """
 import math
@@ -139,7 +139,7 @@ class GPT(nnx.Module):
         L, H, K = self.cache_shape
         return tuple(jnp.zeros((L, batch_size, length, H, K), self.token_embed.dtype) for _ in 'kv')
 
-    def __call__(self, tokens, cache=None, pos=0):  # [B, T] int -> logits [B, T, V_padded] fp32
+    def __call__(self, tokens, cache=None, pos=0):  # [B, T] int -> logits [B, T, V_padded] in the model's dtype
         """With a cache (init_cache), tokens sit at positions pos.. and the updated cache is returned too."""
         positions = jax.lax.dynamic_slice_in_dim(self.pos_embed.embedding[...], pos, tokens.shape[1])
         x = self.token_embed(tokens) + positions.astype(self.token_embed.dtype)
@@ -157,11 +157,26 @@ class GPT(nnx.Module):
             for block in self.blocks:
                 x = block_fn(block, x)
         x = self.ln_f(x)
-        # weight tying: the head is the token embedding. Logits in x's dtype (bf16: an H200 step 2.7% faster than fp32
-        # logits), then fp32; so the backward's cotangent is cast back first and its matmuls run on x's dtype too
-        logits = jnp.einsum('btd,vd->btv', x, self.token_embed.embedding[...].astype(x.dtype)).astype(jnp.float32)
+        # weight tying: the head is the token embedding. Logits in x's dtype (bf16: 2 bytes each, 3.3 GB for GPT-2 small
+        # at B=32, written once and read twice), so the backward's matmuls run on x's dtype too
+        logits = jnp.einsum('btd,vd->btv', x, self.token_embed.embedding[...].astype(x.dtype))
         logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -jnp.inf)  # never predict padding
         return logits if cache is None else (logits, cache)
+
+
+def _ce_fwd(logits, labels):  # [..., V] in any dtype, integer [...]: the mean over tokens, in fp32
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), -1)
+    return (lse - jnp.take_along_axis(logits, labels[..., None], -1)[..., 0]).mean(), (logits, labels, lse)
+
+
+def _ce_bwd(res, g):  # softmax minus one-hot in one pass over the logits, written in their dtype (JAX differentiating log_softmax: 3)
+    logits, labels, lse = res
+    d = jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - (labels[..., None] == jnp.arange(logits.shape[-1]))
+    return (d * (g / labels.size)).astype(logits.dtype), None
+
+
+cross_entropy = jax.custom_vjp(lambda logits, labels: _ce_fwd(logits, labels)[0])  # an H200 step 6% faster than optax's
+cross_entropy.defvjp(_ce_fwd, _ce_bwd)
 
 
 def flops_per_token(c):

@@ -29,6 +29,7 @@ def tokenizer(vocab_size):
 
 
 def sample_token(logits, key, temperature, top_k):  # logits [B, V] -> token ids [B]
+    logits = logits.astype(jnp.float32)  # bf16 models give bf16 logits: sample from their fp32 values
     if temperature == 0:
         return jnp.argmax(logits, -1)
     if top_k:

@@ -116,9 +116,7 @@ def save(manager, step, state, meta):  # asynchronous: the arrays are copied off
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 
-def loss_fn(model, tokens):  # tokens [B, T+1]
-    logits = model(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+loss_fn = lambda model, tokens: gpt.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])  # tokens [B, T+1]
 
 
 def train_step(graphdef, state, batch):  # batch [A, B/A, T+1]: A micro-batches whose gradients add up
@@ -135,7 +133,9 @@ def train_step(graphdef, state, batch):  # batch [A, B/A, T+1]: A micro-batches 
 def compile_steps(graphdef, state):
     """Jitted train and eval steps; the state keeps its FSDP layout across steps and is donated. Call them
     under `jax.set_mesh(mesh)`, so the model can pin its activations to batch sharding."""
-    train = jax.jit(partial(train_step, graphdef), donate_argnums=0, out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
+    # cuBLAS, not Triton, for matmuls on GPUs: an H200 step 1.3% faster (cuBLAS also fuses GELU), compiles in half the time
+    opts = {'xla_gpu_enable_triton_gemm': False} if jax.default_backend() == 'gpu' else None
+    train = jax.jit(partial(train_step, graphdef), donate_argnums=0, out_shardings=(jax.tree.map(lambda x: x.sharding, state), None), compiler_options=opts)
     return train, jax.jit(lambda state, tokens: loss_fn(nnx.merge(graphdef, state)[0], tokens))
 
 

@@ -32,10 +32,33 @@ def test_shapes(scan):
     assert logits.dtype == jnp.float32
 
 
-def test_bf16_activations_keep_fp32_params_and_logits():
+def test_bf16_activations_keep_fp32_params_and_loss():
     model = gpt.GPT(config(dtype=jnp.bfloat16), nnx.Rngs(0))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    assert model(tokens()).dtype == jnp.float32
+    logits = model(tokens())
+    assert logits.dtype == jnp.bfloat16 and gpt.cross_entropy(logits, tokens()).dtype == jnp.float32
+
+
+def reference_cross_entropy(logits, labels):  # the textbook formula, in fp32, through JAX's own gradient rules
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.take_along_axis(logp, labels[..., None], -1).mean()
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_cross_entropy_matches_the_textbook_formula_and_its_gradient(dtype):
+    """model.cross_entropy's own backward (softmax minus one-hot, in one pass) against JAX differentiating log_softmax;
+    the padded vocab (-inf logits) gets zero gradient, and the gradient comes back in the logits' dtype."""
+    k1, k2 = jax.random.split(jax.random.key(1))
+    logits = jnp.where(jnp.arange(384) < 300, 4 * jax.random.normal(k1, (3, 16, 384)), -jnp.inf).astype(dtype)
+    labels = jax.random.randint(k2, (3, 16), 0, 300)
+    (loss, grad), (ref, ref_grad) = (jax.value_and_grad(f)(logits, labels) for f in (gpt.cross_entropy, reference_cross_entropy))
+    assert loss.dtype == jnp.float32 and grad.dtype == dtype
+    np.testing.assert_allclose(loss, ref, rtol=1e-6)
+    tol = 1e-7 if dtype == jnp.float32 else 2 ** -9 * float(jnp.abs(ref_grad).max())  # bf16: the gradient's rounding
+    np.testing.assert_allclose(grad.astype(jnp.float32), ref_grad.astype(jnp.float32), atol=tol)
+    assert jnp.all(grad[..., 300:] == 0) and jnp.all(jnp.isfinite(grad))
+    grad_sum = 5 * jax.grad(lambda l: 5 * gpt.cross_entropy(l, labels))(logits.astype(jnp.float32))  # scales with the cotangent
+    np.testing.assert_allclose(grad_sum, 25 * jax.grad(reference_cross_entropy)(logits.astype(jnp.float32), labels), rtol=1e-5, atol=1e-8)
 
 
 def test_padded_vocab_is_never_predicted():
@@ -114,10 +137,10 @@ def operand_types(hlo):  # each matmul's two operand types in lowered StableHLO 
 
 
 def test_bf16_training_step_runs_every_matmul_on_bf16_operands():
-    """The output head's backward too: its logits are bf16 before the cast to fp32, so JAX's rule casts the fp32
-    cotangent back first (with fp32 logits it would upcast both operands: 2/3 of the head's FLOPs, 18% of GPT-2 small's)."""
+    """The output head's backward too: its logits are bf16, so is their cotangent (with fp32 logits JAX's rule would
+    upcast both operands of the head's backward matmuls: 2/3 of the head's FLOPs, 18% of GPT-2 small's)."""
     model = gpt.GPT(config(dtype=jnp.bfloat16, attn_impl='chunked', scan=False), nnx.Rngs(0))
-    loss = lambda m, x: m(x[:, :-1]).mean()
+    loss = lambda m, x: gpt.cross_entropy(m(x[:, :-1]), x[:, 1:])
     hlo = jax.jit(nnx.grad(loss)).lower(model, tokens(T=17)).as_text()
     dots = operand_types(hlo)
     assert len(dots) > 20 and all(a.endswith('xbf16>') and b.endswith('xbf16>') for a, b in dots), dots
