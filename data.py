@@ -36,7 +36,7 @@ def permutation(n_windows, seed, epoch):
 def window_ids(n_windows, seed, step, batch_size):
     """Indices of the windows in the global batch at `step`: epoch after epoch of permutations."""
     epoch, i = np.divmod(step * batch_size + np.arange(batch_size), n_windows)
-    return np.array([permutation(n_windows, seed, int(e))[j] for e, j in zip(epoch, i)], np.int64)
+    return np.concatenate([permutation(n_windows, seed, int(e))[i[epoch == e]] for e in np.unique(epoch)])  # epochs ascend
 
 
 def get_batch(tokens, seq_len, seed, step, batch_size, rows=slice(None)):
