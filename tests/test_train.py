@@ -100,6 +100,16 @@ def test_one_micro_batch_compiles_to_a_step_without_a_loop(tiny_cfg):
     assert loops == [0, 1]
 
 
+def test_the_gpu_compile_options_are_known_to_this_xla(tiny_cfg, monkeypatch):
+    """On GPUs compile_steps passes XLA options (Triton's matmuls off). XLA rejects a name it does not know, so a
+    JAX release that drops one would stop every GPU run at its first compile: build the step as on a GPU and
+    compile it here (the options are XLA's, whatever the backend)."""
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    cfg = tiny_cfg('model.attn_impl=xla')
+    mesh, _, state, step, _ = setup(cfg, 1)
+    assert np.isfinite(float(step(state, first_batch(cfg, mesh))[1]['train_loss']))
+
+
 def test_peak_lr_override_reaches_the_schedule(tiny_cfg):
     cfg = tiny_cfg('opt.peak_lr=0.004', 'opt.warmup_frac=0.1')
     schedule = train.lr_schedule(cfg.opt, 100)
