@@ -2,8 +2,7 @@
 
 A training example is a window of T+1 consecutive tokens: inputs w[:-1], targets w[1:].
 The file is cut into non-overlapping windows; each epoch visits them in a fresh permutation, so
-the batch at any step is a pure function of (seed, step) — what makes resume exact.
-"""
+the batch at any step is a pure function of (seed, step) — what makes resume exact."""
 import concurrent.futures, functools, os
 import numpy as np
 import jax
@@ -51,8 +50,7 @@ def process_rows(batch_size):  # this process's rows of a global batch: with sev
 
 
 class Batches:
-    """Global batches [A, B/A, T+1] from `start_step` on: each process reads its rows; a thread loads the next batch
-    onto the devices while the current one trains."""
+    """Global batches [A, B/A, T+1] from `start_step` on, each process reading its rows, the next loaded while one trains."""
 
     def __init__(self, tokens, seq_len, seed, start_step, batch_size, accum, sharding):
         rows = process_rows(batch_size)

@@ -2,8 +2,7 @@
 
 Dims: B batch, T sequence, D model width, H heads, K head width (D/H), V vocab, L layers.
 Parameters are fp32; activations, matmuls and logits run in `dtype`; cross_entropy computes the loss in fp32.
-Every weight carries an FSDP sharding annotation over the mesh axis 'data'.
-"""
+Every weight carries an FSDP sharding annotation over the mesh axis 'data'."""
 import math
 from functools import partial
 import jax
@@ -28,9 +27,8 @@ def _scores(q, k, i, C, keys_first=False):  # query chunk i [H, C, K] (pre-scale
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def chunked_attention(q, k, v, C=128):
-    """Causal attention over query chunks of C: each chunk skips the keys after it, so about half the T×T work;
-    only the log-sum-exp is kept for backward, which recomputes the probabilities (no T×T residuals).
-    A loop over pairs of sequences keeps each step's scores in the CPU's cache."""
+    """Causal attention over query chunks of C, each skipping the keys after it (about half the T×T work); backward keeps
+    the log-sum-exp and recomputes the probabilities. A loop over pairs of sequences keeps its scores in the CPU's cache."""
     return chunked_fwd(q, k, v, C)[0]
 
 
@@ -180,8 +178,7 @@ cross_entropy.defvjp(_ce_fwd, _ce_bwd)
 
 
 def flops_per_token(c):
-    """Training FLOPs per token, forward + backward (PaLM appendix B): 6N + 12·L·D·T, where N counts
-    the weights in matmuls: the tied embedding (unpadded vocab) and 12·D² per block."""
+    """Training FLOPs per token (PaLM appendix B): 6N + 12·L·D·T, N the matmul weights: tied embedding (unpadded) + 12·D²/block."""
     D, L = c.d_model, c.n_layers
     n_matmul = c.vocab_size * D + 12 * L * D * D
     return 6 * n_matmul + 12 * L * D * c.seq_len

@@ -70,8 +70,8 @@ def sample(model, encode, decode, prompt, max_new_tokens, num_samples=1, tempera
     """num_samples continuations of `prompt`. Learned positions stop at seq_len: when the window is full,
     the newest half of it refills the cache in one pass and decoding goes on from there."""
     T, ids = model.seq_len, encode(prompt)
-    if not ids:
-        raise utils.PicodoError('empty prompt')
+    if not ids or T < 2:
+        raise utils.PicodoError('empty prompt' if not ids else f'model.seq_len {T} leaves no room for a prompt and a new token')
     if not temperature >= 0:  # nan too
         raise utils.PicodoError(f'temperature {temperature} is not >= 0')
     if not 0 <= top_k <= model.vocab_size:
@@ -93,7 +93,7 @@ def sample(model, encode, decode, prompt, max_new_tokens, num_samples=1, tempera
 
 def eval_sample(model, tokens, max_new_tokens, seed):
     """The trainer's optional sample at each eval: a continuation of the first quarter window of `tokens`."""
-    P = model.seq_len // 4
+    P = max(1, model.seq_len // 4)  # at least one token of prompt
     out = generate(model, np.asarray(tokens[None, :P], np.int32), jax.random.key(seed), min(max_new_tokens, model.seq_len - P))
     ids = np.asarray(out[0, P:]).tolist()
     try:

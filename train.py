@@ -21,8 +21,10 @@ FREE_KEYS = ('ckpt.', 'wandb.', 'dist.', 'data.', 'log_every', 'eval_every', 'ev
              'grad_accum', 'model.remat', 'model.attn_impl')
 AT_LEAST = {'seed': 0, 'sample_tokens': 0} | dict.fromkeys(['model.vocab_size', 'model.seq_len', 'model.d_model', 'model.n_layers',
     'model.n_heads', 'batch_size', 'grad_accum', 'train_tokens', 'log_every', 'eval_every', 'eval_batches', 'ckpt.every', 'ckpt.keep'], 1)
+in_01, below_1 = ('in [0, 1]', lambda x: 0 <= x <= 1), ('in [0, 1)', lambda x: 0 <= x < 1)  # other opt.* and peak_flops: >= 0
+BOUNDS = {'opt.b1': below_1, 'opt.b2': below_1, 'opt.warmup_frac': in_01, 'opt.min_lr_frac': in_01, 'opt.clip_norm': ('> 0', lambda x: x > 0)}
 NULL_DEFAULTS = {'peak_flops': float, 'dist.num_processes': int, 'dist.process_id': int}  # the other null defaults are text
-CHOICES = {'dtype': ['float32', 'bfloat16', 'float16'], 'remat': ['none', *gpt.REMAT_POLICIES], 'attn_impl': ['auto', 'xla', 'cudnn', 'chunked']}
+CHOICES = {'dtype': ['float32', 'bfloat16'], 'remat': ['none', *gpt.REMAT_POLICIES], 'attn_impl': ['auto', 'xla', 'cudnn', 'chunked']}
 
 
 def check_config(cfg):  # every key must exist in configs/default.yaml (catches typos in config files, not just overrides)
@@ -38,7 +40,8 @@ def check_config(cfg):  # every key must exist in configs/default.yaml (catches 
     bad += [f'{k}={get(k)} (must be {t.__name__}{": quote a number" * (t is str and type(get(k)) in (int, float))})'  # 'ckpt.dir="7"'
             for k, t in kind.items()
             if not (get(k) is None is defaults[k]) and type(get(k)) not in ((int, float) if t is float else (t,))]  # null if its default is
-    bad += [f'{k}={get(k)} (must be >= 0)' for k in defaults if k.startswith(('opt.', 'peak_flops')) and type(get(k)) in (int, float) and get(k) < 0]
+    bad += [f'{k}={get(k)} (must be {b[0]})' for k in defaults if k.startswith(('opt.', 'peak_flops')) and type(get(k)) in (int, float)
+            and not (b := BOUNDS.get(k, ('>= 0', lambda x: x >= 0)))[1](get(k))]
     bad += [f'model.{k}={get("model." + k)} (one of {", ".join(v)})' for k, v in CHOICES.items() if get('model.' + k) not in v]
     bad = bad or ([f'model.n_heads={cfg.model.n_heads} (must divide model.d_model={cfg.model.d_model})'] if cfg.model.d_model % cfg.model.n_heads else [])
     if bad:
@@ -79,8 +82,7 @@ def create_state(cfg, mesh, tx):
 
 
 def find_checkpoint(path):
-    """(manager, step): the newest complete checkpoint in a checkpoint dir, or the step dir `path` itself.
-    Orbax writes each step under a temporary name and renames it once complete; only those count."""
+    """(manager, step): the newest complete step (orbax renames each once written) in checkpoint dir `path`, or step dir `path`."""
     path = os.path.abspath(path)
     one_step = os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, 'state'))
     if not os.path.isdir(path):
@@ -94,12 +96,12 @@ def find_checkpoint(path):
 
 def restore(manager, step, cfg, state, same_run=False):
     """The saved state laid out like `state` (so onto the current mesh, whatever mesh saved it), and its metadata.
-    The config must match the saved one in SHAPE_KEYS or, to go on with the same run (`same_run`), in all but FREE_KEYS."""
+    The config must match the saved one in SHAPE_KEYS or, to go on with the same run (`same_run`), in ckpt.resume and all but FREE_KEYS."""
     where = os.path.join(manager.directory, str(step))
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
         saved, now = (utils.flatten(c) for c in (meta['config'], OmegaConf.to_container(cfg, resolve=True)))
-        keys = [k for k in now if not k.startswith(FREE_KEYS)] if same_run else [f'model.{k}' for k in SHAPE_KEYS]
+        keys = [k for k in now if not k.startswith(FREE_KEYS) or k == 'ckpt.resume'] if same_run else [f'model.{k}' for k in SHAPE_KEYS]
         differ = [f'{k}={saved.get(k)} but the config says {now[k]}' for k in keys if saved.get(k) != now[k]]
         if not differ:
             return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
@@ -131,8 +133,7 @@ def train_step(graphdef, state, batch):  # batch [A, B/A, T+1]: A micro-batches 
 
 
 def compile_steps(graphdef, state):
-    """Jitted train and eval steps; the state keeps its FSDP layout across steps and is donated. Call them
-    under `jax.set_mesh(mesh)`, so the model can pin its activations to batch sharding."""
+    """Jitted train and eval steps, the state donated and kept in its FSDP layout; call them under `jax.set_mesh(mesh)`."""
     # cuBLAS, not Triton, for matmuls on GPUs: an H200 step 1.5% faster (cuBLAS also fuses GELU), compiles in half the time
     opts = {'xla_gpu_enable_triton_gemm': False} if jax.default_backend() == 'gpu' else None
     train = jax.jit(partial(train_step, graphdef), donate_argnums=0, out_shardings=(jax.tree.map(lambda x: x.sharding, state), None), compiler_options=opts)
@@ -141,8 +142,7 @@ def compile_steps(graphdef, state):
 
 @functools.cache  # once per process: a Hydra sweep calls train() again in the same process
 def init_distributed(coordinator, num_processes, process_id):
-    """Join JAX's multi-controller runtime: with the dist.* keys, or as JAX detects it on a TPU pod slice,
-    SLURM or Open MPI. With neither, JAX finds no coordinator and this stays a single process."""
+    """Join JAX's multi-controller runtime, by the dist.* keys or as JAX detects it (TPU pod slice, SLURM, Open MPI), or stay alone."""
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id)
     except (ValueError, RuntimeError) as e:  # no cluster found (fine if no dist.* key asked for one), or JAX already running
@@ -155,8 +155,8 @@ def train(cfg, out_dir, name='run'):
     init_distributed(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     B, A, T = cfg.batch_size, cfg.grad_accum, cfg.model.seq_len
-    if cfg.model.attn_impl == 'cudnn' and jax.default_backend() != 'gpu':  # else JAX's traceback at the first compile
-        raise utils.PicodoError(f'model.attn_impl=cudnn needs an NVIDIA GPU, not {jax.devices()[0].device_kind}')
+    if cfg.model.attn_impl == 'cudnn' and (jax.default_backend() != 'gpu' or cfg.model.dtype != 'bfloat16'):  # else JAX's traceback
+        raise utils.PicodoError(f'model.attn_impl=cudnn needs an NVIDIA GPU and model.dtype=bfloat16, not {jax.devices()[0].device_kind} and {cfg.model.dtype}')
     if B % A or (B // A) % jax.device_count():
         raise utils.PicodoError(f'batch_size {B} must split into grad_accum={A} micro-batches, each divisible over {jax.device_count()} devices')
     if cfg.data.build_if_missing and not any(os.path.exists(p) for p in (cfg.data.train_path, cfg.data.val_path)):  # it writes both
@@ -176,11 +176,13 @@ def train(cfg, out_dir, name='run'):
         raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep))
     source, start = find_checkpoint(cfg.ckpt.resume) if cfg.ckpt.resume else (saver, saver.latest_step() or 0)
+    if source.directory != saver.directory and saver.latest_step():  # a relaunch of a run begun from ckpt.resume (same
+        source, start = saver, saver.latest_step()  # ckpt.resume saved, checked by restore) goes on from its own checkpoints
     if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
         raise utils.PicodoError(f'{ckpt_dir} holds step {saver.latest_step()}, past step {start}: set ckpt.dir')
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
     n_params = sum(x.size for x in jax.tree.leaves(state[0]))
-    state, meta = restore(source, start, cfg, state, same_run=not cfg.ckpt.resume) if start else (state, {})
+    state, meta = restore(source, start, cfg, state, same_run=source is saver) if start else (state, {})
     for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):  # a killed save's unfinished step, once the
         shutil.rmtree(tmp, ignore_errors=True)  # dir is this run's; here, not in orbax's thread (it fails at exit after a start-up error)
     start and print(f'resuming at step {start} of {total_steps} from {source.directory}')
@@ -194,12 +196,15 @@ def train(cfg, out_dir, name='run'):
     config = OmegaConf.to_container(cfg, resolve=True)
     main = jax.process_index() == 0  # only process 0 prints, logs and writes metrics
     run = utils.init_wandb(cfg.wandb, utils.flatten(config) | {'n_params': n_params, 'flops_per_token': flops_per_token},
-                           out_dir, meta.get('wandb_id'), main)  # a resumed run continues its wandb run
+                           out_dir, meta.get('wandb_id') if source is saver else None, main)  # a resumed run continues its wandb run
     main and print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} '
           f'{jax.devices()[0].device_kind}; logging to {out_dir}, checkpoints in {ckpt_dir}')
 
     log_file = open(os.path.join(out_dir, 'metrics.jsonl') if main else os.devnull, 'a')
-    log = lambda record: (print(json.dumps(record), file=log_file, flush=True), run.log(record, step=record['step']))
+    def log(record):  # metrics.jsonl first: a wandb that fails mid-run (its service killed, ...) must not stop training
+        print(json.dumps(record), file=log_file, flush=True)
+        with contextlib.suppress(Exception):
+            run.log(record, step=record['step'])
 
     pending, t0, last, stopping = [], time.perf_counter(), {}, False
     bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not main)
@@ -247,5 +252,6 @@ def train(cfg, out_dir, name='run'):
                 say(f'signal {stop[0] if stop else "on another process"}: stopped after step {done}, checkpoint in {ckpt_dir}')
                 break
     last['signal'] = int(stop[0] if stop else signal.SIGTERM) if stop or stopping else None  # even during the last eval/save
-    run.finish()
+    with contextlib.suppress(Exception):
+        run.finish()
     return state, last

@@ -48,8 +48,7 @@ def keep_freed_memory():
 
 @contextlib.contextmanager
 def stop_signals():
-    """Within: SIGTERM (preemption) and SIGINT (Ctrl-C) append to the yielded list instead of killing, so the
-    loop can checkpoint and exit cleanly; a second signal acts as usual. The old handlers come back on exit."""
+    """Within: SIGTERM (preemption) and SIGINT (Ctrl-C) append to the yielded list instead of killing (a second acts as usual)."""
     stop, previous = [], {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     for s in previous:
         signal.signal(s, lambda sig, _: (stop.append(sig), signal.signal(sig, previous[sig])))
@@ -61,8 +60,7 @@ def stop_signals():
 
 
 def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
-    """Start a wandb run that can never block or crash training: WANDB_MODE wins over the config; online falls back to
-    offline without an API key or a connection to the server; if wandb cannot start at all, logging goes nowhere."""
+    """A wandb run that never blocks training: WANDB_MODE wins; online goes offline without a key or server; else a no-op."""
     import wandb  # here, so that the data tools can use this module without loading wandb
     mode = (os.environ.get('WANDB_MODE') or cfg.mode) if enabled else 'disabled'
     url = urllib.parse.urlparse(os.environ.get('WANDB_BASE_URL') or wandb.Settings().base_url)

@@ -74,6 +74,22 @@ def test_killed_and_stopped_runs_resume_exactly(finished_run):
     assert len(wandb_ids(d / 'run_b')) == 1 and wandb_ids(d / 'run_b') == wandb_ids(d / 'run_b2') == wandb_ids(d / 'run_b3')
 
 
+def test_a_relaunch_of_a_run_begun_from_ckpt_resume_goes_on_from_its_own_checkpoints(finished_run, tiny_cfg, tmp_path):
+    """`ckpt.resume=A` starts a new run, with its own wandb run, from A's newest step; the same command again (a
+    requeue) goes on from the new run's own checkpoints and wandb run (it once stopped: its dir was past A's step).
+    A dir holding checkpoints saved without that ckpt.resume is another run's: refused, left as it was."""
+    d, _, a = finished_run
+    branch = lambda *more: tiny_cfg('train_tokens=12800', 'ckpt.every=5', f'ckpt.resume={a}', *more)
+    assert train.train(branch(f'ckpt.dir={tmp_path / "b"}'), str(tmp_path / 'run1'))[1]['step'] == 25
+    train.train(branch(f'ckpt.dir={tmp_path / "b"}'), str(tmp_path / 'run2'))  # resumes at step 25 of 25
+    assert os.listdir(tmp_path / 'b') == ['25']
+    assert wandb_ids(tmp_path / 'run1') == wandb_ids(tmp_path / 'run2') != wandb_ids(d / 'run_a')
+    other = shutil.copytree(a, tmp_path / 'other')
+    before = {p: os.path.getmtime(p) for p in glob.glob(f'{other}/**', recursive=True)}
+    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {other}/20 has ckpt.resume=None but the config says {a}: another run')):
+        train.train(tiny_cfg('train_tokens=10240', 'ckpt.every=5', f'ckpt.resume={a}', f'ckpt.dir={other}'), str(tmp_path / 'run3'))
+    assert {p: os.path.getmtime(p) for p in glob.glob(f'{other}/**', recursive=True)} == before
+
 def test_restores_onto_any_mesh(tiny_cfg, tmp_path):
     """Saved on 8 devices, restored onto 1; saved from 1, restored onto 4: same values, new layouts."""
     cfg = tiny_cfg()

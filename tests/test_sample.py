@@ -83,6 +83,20 @@ def test_long_prompt_is_cut_with_a_warning_and_generation_runs_past_the_window(o
     assert texts == sample.sample(model, encode, lambda ids: ids, 'x' * 40, 50, num_samples=2, seed=3)
 
 
+@pytest.mark.parametrize('T', [1, 2, 3])
+def test_tiny_windows_sample_or_say_why_not(one_device_mesh, T):
+    """seq_len under 4 once gave the eval sample an empty prompt (an IndexError that stopped training); seq_len 1
+    leaves no room for a prompt and a new token."""
+    c = SimpleNamespace(vocab_size=256, seq_len=T, d_model=32, n_layers=1, n_heads=2, dtype=jnp.float32, scan=False,
+                        remat='none', attn_impl='chunked')
+    model = gpt.GPT(c, nnx.Rngs(0))
+    assert len(sample.eval_sample(model, np.arange(10, dtype=np.uint16), 4, 0)) <= T - 1
+    if T == 1:
+        with pytest.raises(sample.utils.PicodoError, match='^model.seq_len 1 leaves no room for a prompt and a new token$'):
+            sample.sample(model, *sample.tokenizer(256), 'ab', 4)
+    else:
+        assert len(sample.sample(model, *sample.tokenizer(256), 'ab', 4)[0]) > 0
+
 def test_sample_py_from_a_trained_checkpoint(finished_run, capsys):
     ckpt = finished_run[2]
     sample.main([ckpt, '--prompt', 'def ', '--max_new_tokens', '20', '--num_samples', '2', '--top_k', '20'])

@@ -1,4 +1,4 @@
-import json, time, types
+import json, os, time, types
 import re
 import jax
 import jax.numpy as jnp
@@ -146,7 +146,8 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize('override,message', [
-    ('model.dtype=bf16', 'model.dtype=bf16 (one of float32, bfloat16, float16)'),
+    ('model.dtype=bf16', 'model.dtype=bf16 (one of float32, bfloat16)'),
+    ('model.dtype=float16', 'model.dtype=float16 (one of float32, bfloat16)'),  # no loss scaling: its logit gradients underflow
     ('model.attn_impl=flash', 'model.attn_impl=flash (one of auto, xla, cudnn, chunked)'),
     ('model.n_heads=3', 'model.n_heads=3 (must divide model.d_model=64)'),
     ('model.n_heads=0', 'model.n_heads=0 (must be an integer >= 1)'),
@@ -159,7 +160,12 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
     ('opt.peak_lr=abc', 'opt.peak_lr=abc (must be float)'),
     ('opt.b1=true', 'opt.b1=True (must be float)'),
     ('opt.peak_lr=-0.001', 'opt.peak_lr=-0.001 (must be >= 0)'),  # once accepted: gradient ascent
-    ('opt.clip_norm=-1', 'opt.clip_norm=-1 (must be >= 0)'),
+    ('opt.clip_norm=0', 'opt.clip_norm=0 (must be > 0)'),  # once accepted: every update clipped to zero
+    ('opt.b1=1.0', 'opt.b1=1.0 (must be in [0, 1))'),  # once a non-finite loss at step 2
+    ('opt.b2=1.5', 'opt.b2=1.5 (must be in [0, 1))'),
+    ('opt.warmup_frac=3.0', 'opt.warmup_frac=3.0 (must be in [0, 1])'),  # once a run that never reached its peak lr
+    ('opt.min_lr_frac=-0.1', 'opt.min_lr_frac=-0.1 (must be in [0, 1])'),
+    ('opt.weight_decay=-1', 'opt.weight_decay=-1 (must be >= 0)'),
     ('model.scan=1', 'model.scan=1 (must be bool)'),
     ('data.train_path=null', 'data.train_path=None (must be str)'),  # keys whose default is text or null: once tracebacks
     ('ckpt.dir=[a]', "ckpt.dir=['a'] (must be str)"),
@@ -174,8 +180,11 @@ def test_bad_config_values_are_one_line_naming_the_key(tiny_cfg, override, messa
         train.check_config(tiny_cfg(override))
 
 
-def test_cudnn_attention_without_a_gpu_is_one_line(tiny_cfg, tmp_path):
-    with pytest.raises(PicodoError, match=r'^model.attn_impl=cudnn needs an NVIDIA GPU, not cpu$'):
+def test_cudnn_attention_without_a_gpu_or_bf16_is_one_line(tiny_cfg, tmp_path, monkeypatch):
+    with pytest.raises(PicodoError, match=r'^model.attn_impl=cudnn needs an NVIDIA GPU and model.dtype=bfloat16, not cpu and float32$'):
+        train.train(tiny_cfg('model.attn_impl=cudnn'), str(tmp_path))
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # on a GPU in fp32, JAX's cuDNN call fails at the first compile
+    with pytest.raises(PicodoError, match=r'^model.attn_impl=cudnn needs an NVIDIA GPU and model.dtype=bfloat16, not cpu and float32$'):
         train.train(tiny_cfg('model.attn_impl=cudnn'), str(tmp_path))
 
 
@@ -242,3 +251,14 @@ def test_step_time_counts_every_step_but_neither_the_compile_nor_evals(tiny_cfg,
     times = [r['step_time'] for r in records if 'step_time' in r]  # logged at steps 4, 5, 8, 10, 12, 15, 16, 20
     assert len(times) == 8 and jump[0] == 1000 + 20 + 7 * 2 * 1000 + 5 * 1000
     assert all(1 <= t < 1.5 for t in times), times
+
+
+def test_a_wandb_that_fails_mid_run_stops_neither_training_nor_checkpoints(tiny_cfg, tmp_path, monkeypatch):
+    """wandb's service killed mid-run: its log and finish calls raise (ConnectionResetError, seen with a killed
+    wandb-core). The run goes on, metrics.jsonl gets every record and the checkpoints are written."""
+    def lost(*args, **kwargs):
+        raise ConnectionResetError('Connection lost')
+    monkeypatch.setattr(train.utils, 'init_wandb', lambda *args: types.SimpleNamespace(id='x', log=lost, finish=lost))
+    _, last = train.train(tiny_cfg('train_tokens=5120', 'ckpt.every=5', f'ckpt.dir={tmp_path / "ckpt"}'), str(tmp_path))
+    assert last['step'] == 10 and sorted(os.listdir(tmp_path / 'ckpt')) == ['10', '5']
+    assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [5, 10, 10]  # 2 logs, 1 eval
