@@ -1,5 +1,5 @@
 """train_colab.ipynb, executed headless on the tiny local config (install and download cells switched off)."""
-import os
+import os, sys
 import nbformat
 from nbclient import NotebookClient
 from conftest import REPO, TINY
@@ -18,3 +18,22 @@ def test_notebook_trains_plots_and_samples(tmp_path, stdlib_data):
     assert (tmp_path / 'run' / 'loss.png').stat().st_size > 1000
     assert any('image/png' in out.get('data', {}) for c in code for out in c.outputs)  # the plot is shown inline
     assert (tmp_path / 'run' / 'sample.txt').read_text().startswith('def ')
+
+
+def test_interrupting_the_notebook_passes_ctrl_c_on_to_the_trainer(capsys):
+    """The stop button raises KeyboardInterrupt in the kernel, not in the command: `sh` sends the command SIGINT
+    (the trainer then checkpoints and exits), waits for it and raises; the trainer once went on in the background."""
+    import signal, threading, time
+    nb = nbformat.read(os.path.join(REPO, 'train_colab.ipynb'), as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == 'code' and 'def sh(' in c.source)
+    scope = {}
+    exec(cell.split('\nif not os.path.exists')[0], scope)  # the imports and sh
+    child = ("import signal, sys, time; signal.signal(signal.SIGINT, lambda *a: (print('SIGINT: checkpoint, exit'), sys.exit(130)));"
+             " print('training', flush=True); time.sleep(60)")
+    threading.Thread(target=lambda: (time.sleep(3), os.kill(os.getpid(), signal.SIGINT))).start()  # as Jupyter's stop button
+    try:
+        scope['sh'](f'{sys.executable} -c "{child}"')
+        raise AssertionError('no KeyboardInterrupt')
+    except KeyboardInterrupt:
+        pass
+    assert capsys.readouterr().out == 'training\nSIGINT: checkpoint, exit\n'  # not the end of its 60 s sleep
