@@ -6,10 +6,10 @@
   python prepare.py bytes my_texts/ --out data/mine_bytes        # the same with byte tokens (vocab 256)
   python prepare.py inspect data/mine/train.bin --vocab 50257 --seq-len 1024
 
-Bad input (a missing path, no text, an existing output without --force, a cut-off download...) is one
+Bad input (a missing path, no text, an existing train.bin without --force, a cut-off download...) is one
 line on stderr and exit code 1; a .bin file appears under its final name only once it is complete.
 """
-import argparse, collections, glob, http.client, multiprocessing, os, re, sys, sysconfig, urllib.error, urllib.request
+import argparse, collections, concurrent.futures, glob, http.client, multiprocessing, os, re, signal, sys, sysconfig, urllib.error, urllib.request
 import numpy as np
 import utils
 
@@ -27,9 +27,11 @@ class CutOff(Exception):
 
 
 def download(url, path, retries=3, force=False):
-    """Fetch `url` to `path` through `path`.part, resuming with an HTTP Range request after a cut-off."""
+    """Fetch `url` to `path` through `path`.part, resuming with an HTTP Range request after a cut-off. A file already
+    under its final name came complete from an earlier run: it is kept (so a rerun goes on with the other split)."""
     if os.path.exists(path) and not force:
-        raise PrepareError(f'{path} already exists (--force replaces it)')
+        print(f'{path} is already there: kept (--force downloads it again)', file=sys.stderr)
+        return path
     make_dir(os.path.dirname(path))
     for attempt in range(retries + 1):
         try:
@@ -42,29 +44,36 @@ def download(url, path, retries=3, force=False):
 
 def fetch(url, path):
     from tqdm import tqdm
-    part = path + '.part'
+    part, tag = path + '.part', path + '.part.etag'  # tag: the version the .part file holds (ETag or Last-Modified)
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    request = urllib.request.Request(url, headers={'Range': f'bytes={have}-'} if have else {})
+    version = open(tag).read() if have and os.path.exists(tag) else None  # If-Range: the rest of that version, else all
+    headers = ({'Range': f'bytes={have}-'} | ({'If-Range': version} if version else {})) if have else {}
     try:
-        response = urllib.request.urlopen(request, timeout=60)
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
     except urllib.error.HTTPError as e:
         if e.code == 416:  # nothing left to send: the .part file is complete, or stale
             total = re.fullmatch(r'bytes \*/(\d+)', e.headers.get('Content-Range', ''))
             if total and int(total[1]) == have:
                 return finish(url, part, path, have)
-            os.remove(part)
+            remove(part, tag)
             raise CutOff(f'{url}: stale partial file {part} removed') from None
         raise PrepareError(f'{url}: HTTP {e.code} {e.reason}') from None
-    except (urllib.error.URLError, OSError) as e:
-        raise PrepareError(f'{url}: {getattr(e, "reason", e)}') from None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # ValueError: not a URL
+        raise PrepareError(f'{url}: {getattr(e, "reason", None) or e}') from None
     with response:
         if response.status == 206:  # the rest of the file, after the `have` bytes we kept
             m = re.fullmatch(r'bytes (\d+)-\d+/(\d+)', response.headers.get('Content-Range', ''))
             if not m or int(m[1]) != have:
                 raise PrepareError(f'{url}: bad Content-Range {response.headers.get("Content-Range")!r}')
             total = int(m[2])
-        else:  # the whole file: a first request, or a server that ignores Range
+        else:  # the whole file: a first request, a server that ignores Range, or a file changed since the .part began
             have, total = 0, int(response.headers.get('Content-Length') or -1)
+            etag = response.headers.get('ETag') or ''
+            version = etag if etag and not etag.startswith('W/') else response.headers.get('Last-Modified')  # strong only
+            remove(tag)
+            if version:
+                with open(tag, 'w') as f:
+                    f.write(version)
         if total < 0:
             raise PrepareError(f'{url}: the server does not say how big the file is, so it cannot be checked')
         if total % 2:
@@ -88,11 +97,18 @@ def finish(url, part, path, total):
     if size < total:
         raise CutOff(f'{url}: cut off after {size} of {total} bytes')
     if size > total:
-        os.remove(part)
+        remove(part, part + '.etag')
         raise PrepareError(f'{url}: got {size} bytes, the server said {total}; removed {part}')
     os.replace(part, path)
+    remove(part + '.etag')
     print(f'{path}: {total} bytes, {total // 2} tokens')
     return path
+
+
+def remove(*paths):
+    for p in paths:
+        if os.path.exists(p):
+            os.remove(p)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers
@@ -137,14 +153,13 @@ class FileDocs:
     or per piece between occurrences of `separator`. Only (file, start, end) offsets are kept in memory."""
 
     def __init__(self, inputs, separator=None):
-        self.files = []
+        files = {}  # each file once, however often it is named: a document in both splits would leak val into train
         for path in inputs:
-            if os.path.isdir(path):
-                self.files += text_files(path)
-            elif os.path.isfile(path):
-                self.files.append(path)
-            else:
+            if not os.path.exists(path):
                 raise PrepareError(f'input not found: {path}')
+            for f in text_files(path) if os.path.isdir(path) else [path]:
+                files.setdefault(os.path.realpath(f), f)
+        self.files = list(files.values())
         sep = separator.encode() if separator else None
         spans = [(i, a, b) for i, f in enumerate(self.files) for a, b in doc_spans(f, sep)]
         self.spans = np.array(spans, np.int64).reshape(-1, 3)
@@ -168,11 +183,11 @@ class FileDocs:
         return docs
 
 
-def text_files(root):
+def text_files(root):  # hidden files and this tool's outputs (.bin, .tmp, .part, as when --out is inside root) skipped
     files = []
     for d, dirs, names in os.walk(root):
         dirs[:] = sorted(x for x in dirs if not x.startswith('.'))
-        files += sorted(os.path.join(d, f) for f in names if not f.startswith('.'))
+        files += sorted(os.path.join(d, f) for f in names if not f.startswith('.') and not f.endswith(('.bin', '.tmp', '.part', '.etag')))
     return files
 
 
@@ -185,8 +200,9 @@ def doc_spans(path, sep, block=1 << 24):
     with open(path, 'rb') as f:
         while data := f.read(block):
             buffer, base = tail + data, offset - len(tail)
-            cuts += [(base + m.start(), base + m.end()) for m in re.finditer(re.escape(sep), buffer)
-                     if base + m.start() >= cuts[-1][1]]
+            # from the end of the last separator, as one scan of the whole file would (a separator such as
+            # '\n\n' can overlap itself: a match in the carried tail must not hide the one after it)
+            cuts += [(base + m.start(), base + m.end()) for m in re.compile(re.escape(sep)).finditer(buffer, max(0, cuts[-1][1] - base))]
             offset, tail = offset + len(data), buffer[-(len(sep) - 1):] if len(sep) > 1 else b''
     cuts.append((size, size))
     return [(a[1], b[0]) for a, b in zip(cuts, cuts[1:]) if b[0] > a[1]]
@@ -231,9 +247,11 @@ class HFDocs:
 _job = None  # (docs, tokenizer) of this worker process
 
 
-def _start_worker(docs, tokenizer):
+def _start_worker(docs, tokenizer, worker=False):
     global _job
     _job = docs, tokenizer
+    if worker:  # Ctrl-C reaches the whole process group: the parent alone handles it (a worker killed by it hung the pool)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _encode_chunk(ids):
@@ -255,11 +273,11 @@ def token_chunks(pool, chunks, depth):
         return
     pending = collections.deque()
     for ids in chunks:
-        pending.append(pool.apply_async(_encode_chunk, (ids,)))
+        pending.append(pool.submit(_encode_chunk, ids))
         if len(pending) >= depth:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def write_splits(docs, tokenizer, train_path, val_path, val_fraction=0.005, seed=0, workers=1, force=False,
@@ -281,7 +299,8 @@ def write_splits(docs, tokenizer, train_path, val_path, val_fraction=0.005, seed
     order = np.random.default_rng(seed).permutation(len(docs))
     n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
     _start_worker(docs, tokenizer)
-    pool = multiprocessing.get_context('spawn').Pool(workers, _start_worker, (docs, tokenizer)) if workers > 1 else None
+    pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context('spawn'), _start_worker,
+                                                  (docs, tokenizer, True)) if workers > 1 else None
     counts, tmps = [], []
     try:
         with tqdm(total=len(docs), unit='doc', disable=not progress) as bar:
@@ -296,12 +315,10 @@ def write_splits(docs, tokenizer, train_path, val_path, val_fraction=0.005, seed
                         bar.update(len(chunk))
         for tmp, path in zip(tmps, (train_path, val_path)):
             os.replace(tmp, path)
-    finally:
+    finally:  # the unfinished files first: a second Ctrl-C while the pool shuts down must not leave them
+        remove(*tmps)
         if pool is not None:
-            pool.terminate()
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            pool.shutdown(cancel_futures=True)
     return tuple(counts)
 
 
@@ -354,7 +371,7 @@ def inspect(path, vocab=None, seq_len=1024, decoder=None, show=200, chunk=1 << 2
         decoder = TiktokenTokens(decoder) if isinstance(decoder, str) else decoder
         print(f'documents: {counts[decoder.eot]:,} end-of-text tokens ({decoder.name} id {decoder.eot})')
         print(f'first {min(show, len(tokens))} tokens, decoded with {decoder.name}:\n{decoder.decode(tokens[:show])!r}')
-    except PrepareError as e:
+    except (PrepareError, KeyError, ValueError) as e:  # KeyError: an id the encoding does not have (the bad: line says)
         print(f'(not decoded: {e})')
     if over:
         print(f'bad: {path}: {over:,} ids >= vocab {vocab}, the first at token {first_over:,} (id {tokens[first_over]})',
@@ -366,6 +383,8 @@ def inspect(path, vocab=None, seq_len=1024, decoder=None, show=200, chunk=1 << 2
 # ---------------------------------------------------------------------------------------------- command line
 
 def run_download(args):
+    if '{split}' not in args.url or re.search('[{}]', args.url.replace('{split}', '')):
+        raise PrepareError(f'--url {args.url}: needs one placeholder, {{split}}, and no other braces')
     for split in args.splits:
         download(args.url.format(split=split), os.path.join(args.out, os.path.basename(args.url.format(split=split))),
                  args.retries, args.force)
@@ -440,8 +459,9 @@ def main(argv=None, tokenizer=None):
     args = parser().parse_args(argv)
     try:
         return (run_tokenize(args, tokenizer) if args.run is run_tokenize else args.run(args)) or 0
-    except (PrepareError, OSError) as e:  # OSError: a full disk, a vanished file...
-        print(f'error: {e}', file=sys.stderr)
+    except (PrepareError, OSError, concurrent.futures.process.BrokenProcessPool) as e:  # OSError: a full disk, a vanished file...
+        print(f'error: {e}' if not isinstance(e, concurrent.futures.process.BrokenProcessPool) else
+              'error: a worker process died (out of memory? try fewer --workers); no .bin file was written', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print('interrupted: no .bin file was left half-written (a download resumes from its .part file)', file=sys.stderr)

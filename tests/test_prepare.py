@@ -1,6 +1,6 @@
 """prepare.py, the data tool: download, tokenize, bytes, inspect. Offline: a local HTTP server on 127.0.0.1 and a
 tiktoken Encoding built here stand in for the internet and GPT-2's vocabulary."""
-import http.server, os, re, subprocess, sys, threading
+import http.server, os, re, subprocess, sys, threading, time
 import numpy as np
 import pytest
 import tiktoken
@@ -83,6 +83,64 @@ def test_bytes_are_the_utf8_bytes_with_nul_between_documents(corpus, tmp_path):
     assert sorted(bytes(tokens.astype(np.uint8)).decode().split('\0')[1:]) == sorted(DOCS)
 
 
+def test_each_input_file_is_one_document_once_and_outputs_are_never_inputs(corpus, tmp_path, encoding):
+    """A file named twice (or inside a named dir) once landed in both splits; --out inside the input dir made a
+    second run read the first one's train.bin and val.bin as text (and a stray .tmp or .part would be read too)."""
+    out = os.path.join(corpus, 'out')
+    args = ['bytes', corpus, os.path.join(corpus, 'part0', 'doc00.txt'), corpus, '--out', out, '--val-fraction', '0.2']
+    assert prepare.main(args) == 0
+    first = [open(f'{out}/{f}', 'rb').read() for f in ('train.bin', 'val.bin')]
+    open(f'{out}/train.bin.123.tmp', 'wb').write(b'junk')
+    assert prepare.main([*args, '--force']) == 0
+    assert [open(f'{out}/{f}', 'rb').read() for f in ('train.bin', 'val.bin')] == first
+    docs = split_documents(f'{out}/train.bin', prepare.ByteTokens()) + split_documents(f'{out}/val.bin', prepare.ByteTokens())
+    assert sorted(docs) == sorted(DOCS)
+
+
+CTRL_C = '''
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import prepare
+class SlowBytes(prepare.ByteTokens):  # each chunk takes 2 s: Ctrl-C comes while the workers are busy
+    def encode(self, docs):
+        open({out!r} + '.busy', 'w').close()
+        time.sleep(2)
+        return super().encode(docs)
+class DyingBytes(prepare.ByteTokens):  # a worker killed, as by the out-of-memory killer
+    def encode(self, docs):
+        os.kill(os.getpid(), signal.SIGKILL)
+if __name__ == '__main__':
+    sys.exit(prepare.main(['bytes', {src!r}, '--out', {out!r}, '--workers', '2'], {tokenizer}()))
+'''
+
+
+def test_ctrl_c_with_workers_ends_promptly_and_leaves_no_file(corpus, tmp_path):
+    """Ctrl-C reaches the whole process group. Workers that died of it (holding the pool's queue lock) once hung the
+    parent, and a second Ctrl-C then left the .tmp file behind (2 of 2 tries on a 574 MB corpus, 4 workers; this tiny
+    corpus did not hang the old code): now the workers ignore it, and the parent cleans up and exits with 130."""
+    import signal
+    out, script = tmp_path / 'out', tmp_path / 'ctrl_c.py'
+    script.write_text(CTRL_C.format(repo=REPO, src=corpus, out=str(out), tokenizer='SlowBytes'))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    end = time.time() + 60
+    while not os.path.exists(f'{out}.busy'):  # a worker is encoding (and the parent writing its .tmp file)
+        assert p.poll() is None and time.time() < end, p.communicate()[0]
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+    output = p.communicate(timeout=60)[0]
+    assert p.returncode == 130 and 'interrupted: no .bin file was left half-written' in output, output
+    assert 'Traceback' not in output and os.listdir(out) == []
+
+
+def test_a_worker_that_dies_is_one_error_line_not_a_hang(corpus, tmp_path):
+    out, script = tmp_path / 'out', tmp_path / 'dying.py'
+    script.write_text(CTRL_C.format(repo=REPO, src=corpus, out=str(out), tokenizer='DyingBytes'))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.endswith(
+        'error: a worker process died (out of memory? try fewer --workers); no .bin file was written\n'), result.stderr
+    assert os.listdir(out) == []
+
 @pytest.mark.parametrize('block', [1, 2, 3, 5, 8, 1 << 20])
 def test_doc_separator_splits_files_into_documents(tmp_path, block):
     text = b'<|endoftext|>one<|endoftext|>two<|endoftext|><|endoftext|>three<|endoftext|>'
@@ -90,6 +148,8 @@ def test_doc_separator_splits_files_into_documents(tmp_path, block):
     path.write_bytes(text)
     assert [text[a:b] for a, b in prepare.doc_spans(str(path), b'<|endoftext|>', block)] == [b'one', b'two', b'three']
     assert prepare.doc_spans(str(path), b'\n\n', block) == [(0, len(text))]
+    path.write_bytes(b'one\n\n\n\ntwo\n\n\nthree')  # a separator that overlaps itself: once it hid a match at block ends
+    assert prepare.doc_spans(str(path), b'\n\n', block) == [(0, 3), (7, 10), (12, 18)]  # one, two, \nthree
 
 
 def test_a_hugging_face_dataset_by_name_and_text_field(tmp_path, monkeypatch, encoding):
@@ -184,25 +244,29 @@ CONTENT = np.arange(50_000, dtype='<u2').tobytes()  # 100 kB
 
 class Server(http.server.BaseHTTPRequestHandler):
     """Serves CONTENT at any path; honours `Range: bytes=N-`. Test knobs (class attributes): `cut_after`
-    bytes for the next response only, `ignore_range`, `extra_length` claimed but never sent, `status`."""
-    cut_after, ignore_range, extra_length, status, ranges = None, False, 0, 200, []
+    bytes for the next response only, `ignore_range`, `extra_length` claimed but never sent, `status`, the `content`
+    served and its `etag` (an If-Range naming another one gets the whole content)."""
+    cut_after, ignore_range, extra_length, status, ranges, content, etag = None, False, 0, 200, [], CONTENT, None
 
     def do_GET(self):
         if self.status != 200:
             return self.send_error(self.status)
         m = re.fullmatch(r'bytes=(\d+)-', self.headers.get('Range') or '')
         Server.ranges.append(self.headers.get('Range'))
-        start = int(m[1]) if m and not self.ignore_range else 0
-        if start >= len(CONTENT) and m and not self.ignore_range:
+        changed = self.headers.get('If-Range') not in (None, self.etag)  # RFC 9110: then the whole (new) file
+        start = int(m[1]) if m and not self.ignore_range and not changed else 0
+        if start >= len(self.content) and m and not self.ignore_range:
             self.send_response(416)
-            self.send_header('Content-Range', f'bytes */{len(CONTENT)}')
+            self.send_header('Content-Range', f'bytes */{len(self.content)}')
             self.end_headers()
             return
-        body = CONTENT[start:]
+        body = self.content[start:]
         self.send_response(206 if start else 200)
         if start:
-            self.send_header('Content-Range', f'bytes {start}-{len(CONTENT) - 1}/{len(CONTENT) + self.extra_length}')
+            self.send_header('Content-Range', f'bytes {start}-{len(self.content) - 1}/{len(self.content) + self.extra_length}')
         self.send_header('Content-Length', str(len(body) + self.extra_length))
+        if self.etag:
+            self.send_header('ETag', self.etag)
         self.end_headers()
         if Server.cut_after is not None:
             body, Server.cut_after = body[:Server.cut_after], None
@@ -215,7 +279,8 @@ class Server(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(monkeypatch):
-    for knob, value in dict(cut_after=None, ignore_range=False, extra_length=0, status=200, ranges=[]).items():
+    for knob, value in dict(cut_after=None, ignore_range=False, extra_length=0, status=200, ranges=[], content=CONTENT,
+                            etag=None).items():
         monkeypatch.setattr(Server, knob, value)
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Server)
     threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
@@ -267,7 +332,8 @@ def test_a_complete_part_file_is_finished_without_refetching(server, tmp_path):
     ('short', 'cut off after 100000 of 100002 bytes; run the same command again to resume'),
     ('odd', '100001 bytes, an odd size: not a uint16 .bin file'),
     ('missing', 'HTTP 404'),
-    ('exists', 'already exists \\(--force replaces it\\)'),
+    ('no-split', '--url .*: needs one placeholder, {split}, and no other braces'),
+    ('not-a-url', "unknown url type: 'nothing/fineweb_edu_gpt2_val.bin'"),
 ])
 def test_a_bad_download_is_one_line_and_no_bin_file(server, tmp_path, capsys, case, message):
     final = tmp_path / 'fineweb_edu_gpt2_val.bin'
@@ -277,11 +343,35 @@ def test_a_bad_download_is_one_line_and_no_bin_file(server, tmp_path, capsys, ca
         Server.extra_length = 1
     elif case == 'missing':
         Server.status = 404
-    elif case == 'exists':
-        final.write_bytes(b'keep')
-    assert prepare.main(['download', '--url', server, '--out', str(tmp_path), '--splits', 'val', '--retries', '0']) == 1
+    url = {'no-split': server.replace('{split}', 'val'), 'not-a-url': 'nothing/fineweb_edu_gpt2_{split}.bin'}.get(case, server)
+    assert prepare.main(['download', '--url', url, '--out', str(tmp_path), '--splits', 'val', '--retries', '0']) == 1
     assert re.search(rf'^error: .*{message}.*\n\Z', capsys.readouterr().err, re.M)
-    assert (final.read_bytes() == b'keep') if case == 'exists' else not final.exists()
+    assert not final.exists()
+
+
+def test_a_rerun_after_a_cut_off_second_split_keeps_the_first_and_resumes_the_second(server, tmp_path, capsys):
+    """train done, val cut off: the same command again keeps train (once it stopped: train.bin exists) and resumes val."""
+    args = ['download', '--url', server, '--out', str(tmp_path), '--retries', '0']
+    (tmp_path / 'fineweb_edu_gpt2_train.bin').write_bytes(b'done')
+    (tmp_path / 'fineweb_edu_gpt2_val.bin.part').write_bytes(CONTENT[:1000])
+    assert prepare.main(args) == 0
+    assert 'fineweb_edu_gpt2_train.bin is already there: kept (--force downloads it again)' in capsys.readouterr().err
+    assert (tmp_path / 'fineweb_edu_gpt2_train.bin').read_bytes() == b'done'
+    assert (tmp_path / 'fineweb_edu_gpt2_val.bin').read_bytes() == CONTENT and Server.ranges == ['bytes=1000-']
+
+
+def test_a_file_changed_on_the_server_since_the_part_began_is_fetched_whole(server, tmp_path):
+    """The .part keeps the first response's ETag; the resume sends it as If-Range, so a server whose file changed
+    sends all of the new one instead of its tail to splice onto the old head."""
+    args = ['download', '--url', server, '--out', str(tmp_path), '--splits', 'val', '--retries', '0']
+    Server.cut_after, Server.etag = 30_000, '"v1"'
+    assert prepare.main(args) == 1 and (tmp_path / 'fineweb_edu_gpt2_val.bin.part.etag').read_text() == '"v1"'
+    Server.content, Server.etag = CONTENT[::-1], '"v2"'
+    assert prepare.main(args) == 0 and (tmp_path / 'fineweb_edu_gpt2_val.bin').read_bytes() == CONTENT[::-1]
+    assert sorted(os.listdir(tmp_path)) == ['fineweb_edu_gpt2_val.bin']  # no .part, no .etag
+    Server.content, Server.etag, Server.cut_after = CONTENT, '"v1"', 30_000  # unchanged: resumed, not refetched
+    assert prepare.main([*args, '--force']) == 1 and prepare.main([*args, '--force']) == 0
+    assert (tmp_path / 'fineweb_edu_gpt2_val.bin').read_bytes() == CONTENT and Server.ranges[-1] == 'bytes=30000-'
 
 
 # ---------------------------------------------------------------------------------------------- inspect
@@ -304,6 +394,12 @@ def test_inspect_decodes_bpe_tokens_with_the_given_encoding(tmp_path, capsys, en
     assert 'vocab:     GPT-2 (50257)' in out
 
 
+def test_inspect_of_ids_beyond_the_encoding_is_a_bad_line_not_a_traceback(tmp_path, capsys, encoding):
+    path = write_tokens(tmp_path / 'x.bin', [259, 104, 300, 105])  # 300: no such id in the 260-id encoding
+    assert prepare.inspect(path, vocab=260, seq_len=2, decoder=encoding) == 1
+    captured = capsys.readouterr()
+    assert '(not decoded: ' in captured.out and 'bad: ' in captured.err and 'id 300' in captured.err
+
 @pytest.mark.parametrize('content,message', [
     (b'\x01\x00' * 10 + b'\x01', 'odd byte size 21'),
     (b'', 'empty file'),
@@ -323,7 +419,7 @@ def test_inspect_of_a_missing_file(tmp_path, capsys):
 
 
 BUILD = '''
-import sys, time
+import os, signal, sys, time
 sys.path.insert(0, {repo!r})
 import prepare
 class SlowBytes(prepare.ByteTokens):  # slow enough that the two builds overlap
