@@ -30,6 +30,12 @@ def test_benchmark_measures_the_configured_model():
             default.batch_size, default.model.vocab_size) == (384, 6, 6, 512, 8, 256)
 
 
+def test_the_roofline_matmul_counts_every_devices_rows():
+    mesh = jax.make_mesh((8,), ('data',), (jax.sharding.AxisType.Auto,))
+    timer, flops = bench.matmul_roofline(mesh, 64, jax.numpy.float32)
+    assert flops == 2 * 8 * 64 ** 3 and timer() > 0  # [64·8, 64] @ [64, 64], split over 8 devices
+
+
 def test_a_batch_too_big_for_memory_is_one_line(monkeypatch):
     """`bench.py batch_size=64` on a GPU where 64 does not fit: XLA's first line and what to change, no traceback."""
     monkeypatch.setattr(utils, 'keep_freed_memory', lambda: None)  # leave this test process's malloc alone

@@ -41,6 +41,12 @@ def test_batches_deterministic_disjoint_and_covering_an_epoch(token_file):
     assert sorted(next_epoch) == sorted(starts) and not np.array_equal(next_epoch, starts)
 
 
+def test_each_seed_and_epoch_has_its_own_order():
+    """A seed's epoch e must not replay another seed's epoch (as seeding with seed + epoch would: 7, 1 = 8, 0)."""
+    orders = {(s, e): tuple(data.permutation(1000, s, e)) for s in range(4) for e in range(4)}
+    assert len(set(orders.values())) == len(orders)
+
+
 def test_rows_are_the_process_share_of_the_global_batch(token_file):
     mm = data.open_tokens(token_file[0], 1000, T, B)
     full = data.get_batch(mm, T, 0, 3, B)
@@ -85,6 +91,7 @@ def test_stdlib_corpus_is_byte_tokens(stdlib_data):
     ('missing', 'data file not found'),
     ('odd', 'odd byte size'),
     ('big_id', 'token id 5000 >= model.vocab_size 1000'),
+    ('id_is_vocab', 'token id 1000 >= model.vocab_size 1000'),  # the boundary: ids run 0..vocab_size-1
     ('short', 'fewer than one batch'),
     ('empty', '0 tokens give 0 windows'),  # np.memmap cannot map an empty file: checked before it
 ])
@@ -92,8 +99,8 @@ def test_bad_files_get_a_clear_error(tmp_path, case, message):
     path = tmp_path / 'bad.bin'
     if case == 'odd':
         path.write_bytes(b'\x01\x00' * 100 + b'\x01')
-    elif case == 'big_id':
-        write_tokens(path, [1] * 500 + [5000] + [1] * 500)
+    elif case in ('big_id', 'id_is_vocab'):
+        write_tokens(path, [1] * 500 + [5000 if case == 'big_id' else 1000] + [1] * 500)
     elif case == 'short':
         write_tokens(path, [1] * (B * T))  # one token short of B windows of T+1
     elif case == 'empty':

@@ -132,6 +132,16 @@ def test_remat_gives_same_gradients(remat, attn_impl):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ref, got)
 
 
+@pytest.mark.parametrize('scan', [True, False])
+def test_every_parameter_gets_a_gradient(scan):
+    """Each weight, of each layer, moves the loss: a block that used ln1 twice (ln2 left out) fails here."""
+    x = tokens(T=17)
+    grads = nnx.grad(lambda m: gpt.cross_entropy(m(x[:, :-1]), x[:, 1:]))(gpt.GPT(config(scan=scan), nnx.Rngs(0)))
+    for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
+        per_layer = np.abs(np.asarray(g)).reshape(3 if scan and 'blocks' in jax.tree_util.keystr(path) else 1, -1).max(1)
+        assert (per_layer > 0).all(), jax.tree_util.keystr(path)
+
+
 def operand_types(hlo):  # each matmul's two operand types in lowered StableHLO text: [('tensor<2x5x16xbf16>', ...), ...]
     return re.findall(r'stablehlo.dot_general [^:]*: \((tensor<[^>]*>), (tensor<[^>]*>)\)', hlo)
 

@@ -116,6 +116,28 @@ def test_peak_lr_override_reaches_the_schedule(tiny_cfg):
     assert schedule(0) == 0 and np.isclose(schedule(10), 0.004) and np.isclose(schedule(100), 0.0004)
 
 
+def test_weight_decay_reaches_matmul_weights_and_embeddings_only(tiny_cfg):
+    """With zero gradients Adam's step is 0, so what moves is weight decay: every kernel and embedding, and never
+    a LayerNorm scale or bias."""
+    cfg = tiny_cfg('opt.warmup_frac=0', 'opt.weight_decay=0.5')
+    graphdef, state = train.create_state(cfg, mesh_of(1), tx := train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 100)))
+    params = state[0]
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    moved = {jax.tree_util.keystr(p): bool(np.abs(np.asarray(u)).max() > 0) for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+    assert all(moved[k] == ('kernel' in k or 'embedding' in k) for k in moved), moved
+    assert sum(moved.values()) == 2 * 4 + 2 and len(moved) == 2 * 8 + 4  # per layer 4 kernels, 2 LayerNorms; 2 embeddings, ln_f
+
+
+def test_targets_are_the_next_tokens(tiny_cfg, tmp_path):
+    """On uniform random tokens the next token cannot be predicted: the loss stays at ln 256 = 5.55. Targets not
+    shifted (each position predicting its own input) would fall towards 0 within these 30 steps."""
+    rng = np.random.default_rng(0)
+    paths = [write_tokens(tmp_path / f'{s}.bin', rng.integers(0, 256, 100_000)) for s in ('train', 'val')]
+    cfg = tiny_cfg('train_tokens=15360', 'opt.peak_lr=0.003', f'data.train_path={paths[0]}', f'data.val_path={paths[1]}')
+    _, last = train.train(cfg, str(tmp_path))
+    assert last['step'] == 30 and 5.4 < last['train_loss'] < 5.7 and 5.4 < last['eval_loss'] < 5.7
+
+
 def test_loss_falls_on_real_text(tiny_cfg, tmp_path):
     """A few dozen steps on the stdlib byte corpus take the model well below its starting loss."""
     cfg = tiny_cfg('train_tokens=30720', 'opt.peak_lr=0.01', 'eval_every=10')  # 60 steps of 16x32

@@ -71,3 +71,7 @@ def test_peak_flops_first_match_wins_and_unknown_chips_have_none():
     assert utils.peak_flops('NVIDIA L40S') == 362e12 and utils.peak_flops('NVIDIA L40') == 181e12  # not the L4's
     assert utils.peak_flops('TPU v5 lite') == 197e12 and utils.peak_flops('TPU v5p') == 459e12
     assert utils.peak_flops('cpu') is None and utils.peak_flops('cpu', 1e12) == 1e12
+
+
+def test_mfu_divides_by_the_peak_of_all_devices():
+    assert utils.mfu(8e12, 8, 1e12) == 1.0 and utils.mfu(2e12, 4, 1e12) == 0.5 and utils.mfu(1e12, 8, None) is None
