@@ -1,5 +1,5 @@
 """MFU, the peak FLOP/s table, wandb setup and small helpers."""
-import contextlib, ctypes, hashlib, importlib.util, netrc, os, re, signal, socket, types, urllib.parse
+import concurrent.futures, contextlib, ctypes, hashlib, importlib.util, netrc, os, re, signal, socket, types, urllib.parse
 
 
 class PicodoError(Exception):
@@ -65,8 +65,7 @@ def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
     mode = (os.environ.get('WANDB_MODE') or cfg.mode) if enabled else 'disabled'
     url = urllib.parse.urlparse(os.environ.get('WANDB_BASE_URL') or wandb.Settings().base_url)
     if mode not in ('offline', 'dryrun', 'disabled') and not online_ok(url):
-        print(f'wandb: no API key for {url.netloc} or no connection to it: logging offline (upload later with `wandb sync`)')
-        mode = 'offline'
+        mode = print(f'wandb: no API key for {url.netloc} or no connection to it: logging offline (upload later with `wandb sync`)') or 'offline'
     for mode in dict.fromkeys([mode, 'offline']) if enabled else ():  # other processes of a multi-host run: no wandb
         try:
             return wandb.init(project=cfg.project, name=cfg.name, config=config, dir=out_dir, mode=mode, id=run_id, resume='allow')
@@ -78,6 +77,7 @@ def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
 def online_ok(url):  # an API key (WANDB_API_KEY, or `wandb login`'s ~/.netrc entry: host:port, or host) and a connection
     try:
         key = os.environ.get('WANDB_API_KEY') or any(netrc.netrc(os.environ.get('NETRC')).authenticators(h) for h in (url.netloc, url.hostname))
-        return bool(key) and socket.create_connection((url.hostname, url.port or {'http': 80}.get(url.scheme, 443)), timeout=3).close() is None
-    except (OSError, ValueError, netrc.NetrcParseError):  # ValueError: a port that is not a number
+        connect = key and concurrent.futures.ThreadPoolExecutor(1).submit(socket.create_connection, (url.hostname, url.port or {'http': 80}.get(url.scheme, 443)), 3)
+        return bool(key) and connect.result(timeout=5).close() is None  # in a thread: a DNS lookup ignores socket timeouts; 5 s in all
+    except (OSError, ValueError, netrc.NetrcParseError, concurrent.futures.TimeoutError):  # ValueError: a port not a number
         return False

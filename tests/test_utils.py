@@ -44,6 +44,23 @@ def test_wandb_online_checks_the_port_of_a_self_hosted_server(tmp_path, monkeypa
     assert modes == ['offline' if key == 'bad port' else 'online']
 
 
+def test_a_dns_lookup_that_never_answers_does_not_hold_up_the_run(tmp_path, monkeypatch):
+    """A socket's timeout does not cover the DNS lookup (a resolver that does not answer can take its 5 s per try, per
+    server, per address family): the check runs in a thread and gives up after 5 s in all, while the lookup still hangs."""
+    import socket, threading
+    release, modes = threading.Event(), []
+    monkeypatch.setattr(socket, 'create_connection', lambda *args, **kwargs: release.wait())  # hangs until released
+    threading.Timer(60, release.set).start()  # the old code waited here, then failed
+    monkeypatch.setenv('WANDB_BASE_URL', 'https://api.example.com')
+    monkeypatch.setenv('WANDB_API_KEY', 'a' * 40)
+    monkeypatch.delenv('WANDB_MODE', raising=False)
+    monkeypatch.setattr(wandb, 'init', lambda **kwargs: modes.append(kwargs['mode']) or 'run')
+    try:
+        assert utils.init_wandb(make_cfg().wandb, {}, str(tmp_path)) == 'run' and modes == ['offline']
+        assert not release.is_set()  # it returned while the lookup still hung
+    finally:
+        release.set()
+
 def test_a_bad_wandb_mode_does_not_stop_the_run(tmp_path):
     """In a fresh process, as `WANDB_MODE=offlne python main.py` (this crashed on wandb's own fallback once)."""
     code = (f'import sys, types; sys.path.insert(0, {REPO!r}); import utils; '
