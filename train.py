@@ -175,9 +175,9 @@ def train(cfg, out_dir, name='run'):
     if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
         raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep))
-    source, start = find_checkpoint(cfg.ckpt.resume) if cfg.ckpt.resume else (saver, saver.latest_step() or 0)
-    if source.directory != saver.directory and saver.latest_step():  # a relaunch of a run begun from ckpt.resume (same
-        source, start = saver, saver.latest_step()  # ckpt.resume saved, checked by restore) goes on from its own checkpoints
+    resume = cfg.ckpt.resume and os.path.abspath(cfg.ckpt.resume)  # a relaunch of a run begun from another dir's checkpoint
+    own = not resume or saver.latest_step() and ckpt_dir not in (resume, os.path.dirname(resume))  # goes on from its own (its
+    source, start = (saver, saver.latest_step() or 0) if own else find_checkpoint(resume)  # ckpt.resume must match: restore)
     if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
         raise utils.PicodoError(f'{ckpt_dir} holds step {saver.latest_step()}, past step {start}: set ckpt.dir')
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))

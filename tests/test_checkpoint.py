@@ -79,8 +79,10 @@ def test_a_relaunch_of_a_run_begun_from_ckpt_resume_goes_on_from_its_own_checkpo
     requeue) goes on from the new run's own checkpoints and wandb run (it once stopped: its dir was past A's step).
     A dir holding checkpoints saved without that ckpt.resume is another run's: refused, left as it was."""
     d, _, a = finished_run
-    branch = lambda *more: tiny_cfg('train_tokens=12800', 'ckpt.every=5', f'ckpt.resume={a}', *more)
+    source = shutil.copytree(a, tmp_path / 'source')
+    branch = lambda *more: tiny_cfg('train_tokens=12800', 'ckpt.every=5', f'ckpt.resume={source}', *more)
     assert train.train(branch(f'ckpt.dir={tmp_path / "b"}'), str(tmp_path / 'run1'))[1]['step'] == 25
+    shutil.rmtree(source)  # the source may be gone by then (its own run rotated the step out, say)
     train.train(branch(f'ckpt.dir={tmp_path / "b"}'), str(tmp_path / 'run2'))  # resumes at step 25 of 25
     assert os.listdir(tmp_path / 'b') == ['25']
     assert wandb_ids(tmp_path / 'run1') == wandb_ids(tmp_path / 'run2') != wandb_ids(d / 'run_a')
