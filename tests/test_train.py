@@ -89,6 +89,21 @@ def test_grad_accumulation_equals_one_big_batch(tiny_cfg):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), out[0][2], out[1][2])
 
 
+def test_eval_runs_in_the_training_micro_batches(tiny_cfg):
+    """grad_accum is there because a whole batch does not fit: the eval step takes the same [A, B/A, T+1] batches,
+    runs one micro-batch at a time (its compiled scratch memory shrinks with A) and gives the whole batch's loss."""
+    cfg = tiny_cfg('model.attn_impl=xla', 'model.scan=false', 'batch_size=32')
+    mesh, graphdef, state, _, _ = setup(cfg, 1)
+    _, evaluate = train.compile_steps(graphdef, state)
+    losses, scratch = [], []
+    with jax.set_mesh(mesh):
+        for accum in [1, 4]:
+            batch = first_batch(cfg, mesh, accum)
+            losses.append(float(evaluate(state, batch)))
+            scratch.append(evaluate.lower(state, batch).compile().memory_analysis().temp_size_in_bytes)
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+    assert 5 < losses[0] < 6 and scratch[1] < scratch[0] / 2, scratch
+
 def test_one_micro_batch_compiles_to_a_step_without_a_loop(tiny_cfg):
     """The micro-batch scan costs nothing without accumulation: XLA drops a 1-step loop (no other loop here:
     XLA's attention, unrolled layers), and with 4 micro-batches the loop is there."""
