@@ -1,5 +1,5 @@
 """Entry point: `python main.py` (configs/local.yaml) or `python main.py -cn colab opt.peak_lr=0.004`."""
-import sys
+import os, sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -27,4 +27,4 @@ if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydr
     for key in (a.split('=', 1)[0] for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
         OmegaConf.select(defaults, key, default=absent) is absent and sys.exit(f'error: unknown config key: {key}')
     main()
-    sys.exit(1 if FAILED else 0)
+    FAILED and (sys.stdout.flush(), sys.stderr.flush(), os._exit(1))  # no atexit: threads a failed restore left print tracebacks

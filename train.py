@@ -105,8 +105,9 @@ def restore(manager, step, cfg, state, same_run=False):
         differ = [f'{k}={saved.get(k)} but the config says {now[k]}' for k in keys if saved.get(k) != now[k]]
         if not differ:
             return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
-    except Exception as e:  # truncated or missing files, garbled metadata, ...
-        raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(e).__name__}: {(str(e).splitlines() or [""])[0]}') from None
+    except Exception as e:  # truncated or missing files, garbled metadata, ...: the innermost cause names the file
+        while e.__cause__: e = e.__cause__
+        raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(e).__name__}: {(str(e).splitlines() or [""])[0].split(" [tensorstore_spec")[0]}') from None
     raise utils.PicodoError(f'checkpoint {where} has {differ[0]}' + (': another run (set ckpt.dir), or ckpt.resume to go '
                             'on from it with this config' if same_run else ''))
 
@@ -170,8 +171,7 @@ def train(cfg, out_dir, name='run'):
     schedule = lr_schedule(cfg.opt, total_steps)
     # checkpoints live under the launch directory, not in Hydra's per-run outputs/, so a re-launch finds them
     ckpt_dir = os.path.abspath(cfg.ckpt.dir or os.path.join('checkpoints', name))
-    with contextlib.suppress(OSError):  # a file in the way, or no write access: said below, before any training
-        os.makedirs(ckpt_dir, exist_ok=True)
+    with contextlib.suppress(OSError): os.makedirs(ckpt_dir, exist_ok=True)  # a file in the way, or no write access: said below
     if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
         raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep))

@@ -211,6 +211,19 @@ def test_bad_checkpoints_get_a_clear_error_and_nothing_is_deleted(finished_run, 
     assert sorted(glob.glob(f'{ckpt}/**', recursive=True)) == files
 
 
+def test_a_damaged_checkpoint_from_the_command_line_is_one_line_naming_the_file(finished_run, tmp_path):
+    """The error names the array file orbax could not read, and nothing follows it: the reads still in flight
+    when the restore failed used to print a dozen tracebacks from TensorStore's threads as Python exited."""
+    ckpt = str(shutil.copytree(finished_run[2], tmp_path / 'ckpt'))
+    for path in glob.glob(f'{ckpt}/20/state/**/d/*', recursive=True):  # the arrays' data, not the metadata
+        open(path, 'r+b').truncate(10)
+    p = launch(tmp_path, [*finished_run[1], f'ckpt.resume={ckpt}', f'ckpt.dir={tmp_path / "new"}'], tmp_path / 'cache')
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 1 and len(out.strip().splitlines()) == 1, out[-3000:]
+    assert re.fullmatch(rf'error: cannot restore checkpoint {ckpt}/20: ValueError: .*Error reading .* local file "{ckpt}/20/state/d/\w+": '
+                        r'Requested byte range \[\d+, \d+\) is not valid for value of size 10\n', out), out  # not TensorStore's spec
+
+
 def test_ctrl_c_stops_a_sweep_after_checkpointing_its_current_run(tmp_path, stdlib_data):
     """Ctrl-C in `-m`: the running point checkpoints and the sweep ends there with exit code 130 (it used to go
     on with the next point, so each point took its own Ctrl-C)."""
