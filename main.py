@@ -1,5 +1,8 @@
 """Entry point: `python main.py` (configs/local.yaml) or `python main.py -cn colab opt.peak_lr=0.004`."""
-import os, sys
+import os, signal, sys
+# Ctrl-C before the first step (in the loop, utils.stop_signals saves a checkpoint first): exit at once, without a traceback;
+# os._exit skips Python's teardown, which could crash in XLA's compiler threads
+signal.signal(signal.SIGINT, lambda *_: (sys.stdout.flush(), os._exit(130)))
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -27,4 +30,4 @@ if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydr
     for key in (a.split('=', 1)[0] for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
         OmegaConf.select(defaults, key, default=absent) is absent and sys.exit(f'error: unknown config key: {key}')
     main()
-    FAILED and (sys.stdout.flush(), sys.stderr.flush(), os._exit(1))  # no atexit: threads a failed restore left print tracebacks
+    FAILED and (sys.stdout.flush(), os._exit(1))  # os._exit: a failed restore's TensorStore threads print tracebacks at exit

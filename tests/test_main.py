@@ -101,6 +101,22 @@ def test_out_of_memory_is_one_line_saying_what_to_change(tmp_path, raised, line)
         assert 'Traceback' in r.stderr and 'something else' in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.parametrize('when', ['import', 'start-up'])
+def test_ctrl_c_before_the_first_step_exits_130_without_a_traceback(tmp_path, stdlib_data, when):
+    """Ctrl-C while main.py imports its libraries or builds the model (a GPU compile can take a minute): exit code 130 at
+    once, nothing saved, no traceback (it printed a KeyboardInterrupt traceback, and once crashed in XLA's threads)."""
+    interrupt = 'os.kill(os.getpid(), signal.SIGINT); time.sleep(60)'
+    hook = (f'import train\ndef create_state(*args):\n    {interrupt}\ntrain.create_state = create_state\n' if when == 'start-up'
+            else f'import hydra\ndef main(**kwargs):  # called as main.py runs, as its decorator\n    {interrupt}\nhydra.main = main\n')
+    code = (f'import os, runpy, signal, sys, time; sys.path.insert(0, {REPO!r})\n{hook}'
+            f'sys.argv = ["main.py", *{TINY!r}, "data.train_path={stdlib_data[0]}", "data.val_path={stdlib_data[1]}"]\n'
+            f'runpy.run_path({os.path.join(REPO, "main.py")!r}, run_name="__main__")')
+    r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=50,
+                       env=dict(os.environ, WANDB_MODE='disabled'), stdin=subprocess.DEVNULL)
+    assert r.returncode == 130 and 'Traceback' not in r.stdout + r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / 'checkpoints') or not glob.glob(f'{tmp_path}/checkpoints/*/*/[0-9]*')
+
+
 def test_odd_sized_file_from_the_command_line(tmp_path):
     write_tokens(tmp_path / 'train.bin', [1] * 10_000)
     (tmp_path / 'val.bin').write_bytes(b'\x01' * 20001)
