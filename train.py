@@ -189,7 +189,7 @@ def train(cfg, out_dir, name='run'):
     train_step_fn, eval_step_fn = compile_steps(graphdef, state)
     batch_sharding = NamedSharding(mesh, P(None, 'data'))  # [A, B/A, T+1]; validation: fixed (seed 0), in the same micro-batches
     val_batches = [jax.make_array_from_process_local_data(batch_sharding, data.get_batch(val_tokens, T, 0, i, B, data.process_rows(B))
-                   .reshape(A, -1, T + 1)) for i in range(cfg.eval_batches)]
+                   .reshape(A, -1, T + 1)) for i in range(min(cfg.eval_batches, (len(val_tokens) - 1) // T // B))]  # no window twice
 
     flops_per_token = gpt.flops_per_token(model_config(cfg.model))
     peak = utils.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
@@ -197,8 +197,8 @@ def train(cfg, out_dir, name='run'):
     main = jax.process_index() == 0  # only process 0 prints, logs and writes metrics
     run = utils.init_wandb(cfg.wandb, utils.flatten(config) | {'n_params': n_params, 'flops_per_token': flops_per_token},
                            out_dir, meta.get('wandb_id') if source is saver else None, main)  # a resumed run continues its wandb run
-    main and print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} '
-          f'{jax.devices()[0].device_kind}; logging to {out_dir}, checkpoints in {ckpt_dir}')
+    main and print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} {jax.devices()[0].device_kind}, '
+          f'eval on {len(val_batches)}x{B} windows{" (all of val)" * (len(val_batches) < cfg.eval_batches)}; logging to {out_dir}, checkpoints in {ckpt_dir}')
 
     log_file = open(os.path.join(out_dir, 'metrics.jsonl') if main else os.devnull, 'a')
     def log(record):  # metrics.jsonl first: a wandb that fails mid-run (its service killed, ...) must not stop training

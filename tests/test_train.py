@@ -242,6 +242,16 @@ def test_a_non_finite_eval_loss_stops_the_run(tiny_cfg, tmp_path, monkeypatch):
     assert all(np.isfinite(v) for l in open(tmp_path / 'metrics.jsonl') for k, v in json.loads(l).items() if 'loss' in k)  # no NaN logged
 
 
+def test_eval_reads_no_validation_window_twice(tiny_cfg, tmp_path, capsys):
+    """A validation file with 1.5 batches of windows and eval_batches=2: one batch is evaluated, and the run says so
+    (the second batch used to wrap into another epoch's order, counting windows twice)."""
+    val = write_tokens(tmp_path / 'val.bin', np.random.default_rng(0).integers(0, 256, 16 * 32 * 3 // 2 + 1))
+    evals = [train.train(tiny_cfg('train_tokens=2560', f'data.val_path={val}', f'eval_batches={n}', f'ckpt.dir={tmp_path}/{n}'),
+                         str(tmp_path))[1]['eval_loss'] for n in (2, 1)]
+    assert evals[0] == evals[1], evals
+    assert 'eval on 1x16 windows (all of val);' in capsys.readouterr().out.splitlines()[0]
+
+
 def test_a_token_budget_below_one_step_is_an_error(tiny_cfg, tmp_path):
     with pytest.raises(PicodoError, match=r'^train_tokens=500 is less than one step: batch_size x seq_len = 512 tokens$'):
         train.train(tiny_cfg('train_tokens=500'), str(tmp_path))
