@@ -138,7 +138,8 @@ def compile_steps(graphdef, state):
     # cuBLAS, not Triton, for matmuls on GPUs: an H200 step 1.5% faster (cuBLAS also fuses GELU), compiles in half the time
     opts = {'xla_gpu_enable_triton_gemm': False} if jax.default_backend() == 'gpu' else None
     train = jax.jit(partial(train_step, graphdef), donate_argnums=0, out_shardings=(jax.tree.map(lambda x: x.sharding, state), None), compiler_options=opts)
-    return train, jax.jit(lambda state, tokens: jax.lax.map(partial(loss_fn, nnx.merge(graphdef, state)[0]), tokens).mean())
+    # the state passes through the loop as its carry: a model merged outside (or closed over) fails inside nnx.scan's layers
+    return train, jax.jit(lambda state, tokens: jax.lax.scan(lambda s, t: (s, loss_fn(nnx.merge(graphdef, s)[0], t)), state, tokens)[1].mean())
 
 
 @functools.cache  # once per process: a Hydra sweep calls train() again in the same process

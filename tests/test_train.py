@@ -89,10 +89,11 @@ def test_grad_accumulation_equals_one_big_batch(tiny_cfg):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), out[0][2], out[1][2])
 
 
-def test_eval_runs_in_the_training_micro_batches(tiny_cfg):
+@pytest.mark.parametrize('scan', [False, True])  # with the scan, a model merged outside the eval loop failed to trace
+def test_eval_runs_in_the_training_micro_batches(tiny_cfg, scan):
     """grad_accum is there because a whole batch does not fit: the eval step takes the same [A, B/A, T+1] batches,
     runs one micro-batch at a time (its compiled scratch memory shrinks with A) and gives the whole batch's loss."""
-    cfg = tiny_cfg('model.attn_impl=xla', 'model.scan=false', 'batch_size=32')
+    cfg = tiny_cfg('model.attn_impl=xla', f'model.scan={scan}', 'batch_size=32')
     mesh, graphdef, state, _, _ = setup(cfg, 1)
     _, evaluate = train.compile_steps(graphdef, state)
     losses, scratch = [], []
@@ -153,9 +154,11 @@ def test_targets_are_the_next_tokens(tiny_cfg, tmp_path):
     assert last['step'] == 30 and 5.4 < last['train_loss'] < 5.7 and 5.4 < last['eval_loss'] < 5.7
 
 
-def test_loss_falls_on_real_text(tiny_cfg, tmp_path):
-    """A few dozen steps on the stdlib byte corpus take the model well below its starting loss."""
-    cfg = tiny_cfg('train_tokens=30720', 'opt.peak_lr=0.01', 'eval_every=10')  # 60 steps of 16x32
+@pytest.mark.parametrize('variant', [[], ['model.scan=true', 'grad_accum=2', 'model.remat=dots']])
+def test_loss_falls_on_real_text(tiny_cfg, tmp_path, variant):
+    """A few dozen steps on the stdlib byte corpus take the model well below its starting loss; also with the layer
+    scan, micro-batches and remat, whole runs of which (evals included) nothing else trains."""
+    cfg = tiny_cfg('train_tokens=30720', 'opt.peak_lr=0.01', 'eval_every=10', *variant)  # 60 steps of 16x32
     state, last = train.train(cfg, str(tmp_path))
     records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
     evals = [r['eval_loss'] for r in records if 'eval_loss' in r]
