@@ -459,8 +459,8 @@ def main(argv=None, tokenizer=None):
     args = parser().parse_args(argv)
     try:
         return (run_tokenize(args, tokenizer) if args.run is run_tokenize else args.run(args)) or 0
-    except (PrepareError, OSError, concurrent.futures.process.BrokenProcessPool) as e:  # OSError: a full disk, a vanished file...
-        print(f'error: {e}' if not isinstance(e, concurrent.futures.process.BrokenProcessPool) else
+    except (PrepareError, OSError, concurrent.futures.BrokenExecutor) as e:  # OSError: a full disk, a vanished file...
+        print(f'error: {e}' if not isinstance(e, concurrent.futures.BrokenExecutor) else
               'error: a worker process died (out of memory? try fewer --workers); no .bin file was written', file=sys.stderr)
         return 1
     except KeyboardInterrupt:

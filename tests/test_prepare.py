@@ -413,9 +413,13 @@ def test_inspect_calls_a_bad_file_bad_with_a_nonzero_exit(tmp_path, content, mes
     assert result.returncode == 1 and re.search(f'^bad: {re.escape(str(path))}: {message}', result.stderr, re.M)
 
 
-def test_inspect_of_a_missing_file(tmp_path, capsys):
-    assert prepare.main(['inspect', str(tmp_path / 'nope.bin')]) == 1
-    assert capsys.readouterr().err == f'error: file not found: {tmp_path / "nope.bin"}\n'
+@pytest.mark.parametrize('args,message', [(['inspect', 'nope.bin'], 'file not found: nope.bin'),
+                                          (['bytes', 'nope', '--out', 'out'], 'input not found: nope')])
+def test_an_error_from_the_command_line_is_one_line(tmp_path, args, message):
+    """In a fresh process: the error handler named concurrent.futures.process, a submodule only loaded once a worker
+    pool exists, so an error before any pool was an AttributeError traceback (in-process tests had it loaded)."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), *args], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == f'error: {message}\n', result.stderr[-2000:]
 
 
 BUILD = '''
