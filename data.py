@@ -44,18 +44,17 @@ def get_batch(tokens, seq_len, seed, step, batch_size, rows=slice(None)):
     return np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
 
 
-def process_rows(batch_size):  # this process's rows of a global batch: with several processes, each loads only its share
+def load_batch(tokens, seq_len, seed, step, batch_size, accum, sharding):  # global [A, B/A, T+1]: each process loads only its rows
     n, i = jax.process_count(), jax.process_index()
-    return slice(i * batch_size // n, (i + 1) * batch_size // n)
+    rows = get_batch(tokens, seq_len, seed, step, batch_size, slice(i * batch_size // n, (i + 1) * batch_size // n))
+    return jax.make_array_from_process_local_data(sharding, rows.reshape(accum, -1, seq_len + 1))
 
 
 class Batches:
     """Global batches [A, B/A, T+1] from `start_step` on, each process reading its rows, the next loaded while one trains."""
 
     def __init__(self, tokens, seq_len, seed, start_step, batch_size, accum, sharding):
-        rows = process_rows(batch_size)
-        self.load = lambda step: jax.make_array_from_process_local_data(
-            sharding, get_batch(tokens, seq_len, seed, step, batch_size, rows).reshape(accum, -1, seq_len + 1))
+        self.load = lambda step: load_batch(tokens, seq_len, seed, step, batch_size, accum, sharding)
         self.pool, self.step = concurrent.futures.ThreadPoolExecutor(1), start_step
         self.next = self.pool.submit(self.load, start_step)
 

@@ -90,12 +90,10 @@ padded_vocab = lambda vocab_size: -(-vocab_size // 128) * 128  # round up: matmu
 class Block(nnx.Module):
     def __init__(self, c, rngs):
         D, std, proj_std = c.d_model, 0.02, 0.02 / math.sqrt(2 * c.n_layers)  # GPT-2: residual projections shrink with depth
-        dense = partial(nnx.Linear, use_bias=False, dtype=c.dtype, rngs=rngs)
+        dense = lambda n_in, n_out, s: nnx.Linear(n_in, n_out, use_bias=False, dtype=c.dtype, rngs=rngs, kernel_init=init(s, ('data', None)))
         self.ln1, self.ln2 = layer_norm(c, rngs), layer_norm(c, rngs)
-        self.qkv = dense(D, 3 * D, kernel_init=init(std, ('data', None)))
-        self.attn_out = dense(D, D, kernel_init=init(proj_std, ('data', None)))
-        self.mlp_in = dense(D, 4 * D, kernel_init=init(std, ('data', None)))
-        self.mlp_out = dense(4 * D, D, kernel_init=init(proj_std, ('data', None)))
+        self.qkv, self.attn_out = dense(D, 3 * D, std), dense(D, D, proj_std)
+        self.mlp_in, self.mlp_out = dense(D, 4 * D, std), dense(4 * D, D, proj_std)
         self.n_heads, self.attn_impl = c.n_heads, c.attn_impl
 
     def __call__(self, x, cache=None, pos=0):  # x [B, T, D]; cache: this layer's (keys, values) [B, C, H, K] when decoding
@@ -121,14 +119,10 @@ class GPT(nnx.Module):
         D, L = c.d_model, c.n_layers
         self.vocab_size, self.scan, self.remat = c.vocab_size, c.scan, c.remat
         self.seq_len, self.cache_shape = c.seq_len, (L, c.n_heads, D // c.n_heads)
-        self.token_embed = nnx.Embed(padded_vocab(c.vocab_size), D, dtype=c.dtype, rngs=rngs,
-                                     embedding_init=init(0.02, ('data', None)))
-        self.pos_embed = nnx.Embed(c.seq_len, D, dtype=c.dtype, rngs=rngs,
-                                   embedding_init=init(0.01, (None, 'data')))
+        self.token_embed = nnx.Embed(padded_vocab(c.vocab_size), D, dtype=c.dtype, rngs=rngs, embedding_init=init(0.02, ('data', None)))
+        self.pos_embed = nnx.Embed(c.seq_len, D, dtype=c.dtype, rngs=rngs, embedding_init=init(0.01, (None, 'data')))
         if c.scan:  # one stacked Block with a leading [L] axis, so compile time is flat in depth
-            make = nnx.vmap(lambda r: Block(c, r), in_axes=0, out_axes=0,
-                            transform_metadata={nnx.PARTITION_NAME: None})
-            self.blocks = make(rngs.split(L))
+            self.blocks = nnx.vmap(lambda r: Block(c, r), transform_metadata={nnx.PARTITION_NAME: None})(rngs.split(L))
         else:
             self.blocks = nnx.List([Block(c, rngs) for _ in range(L)])
         self.ln_f = layer_norm(c, rngs)
@@ -180,5 +174,4 @@ cross_entropy.defvjp(_ce_fwd, _ce_bwd)
 def flops_per_token(c):
     """Training FLOPs per token (PaLM appendix B): 6N + 12·L·D·T, N the matmul weights: tied embedding (unpadded) + 12·D²/block."""
     D, L = c.d_model, c.n_layers
-    n_matmul = c.vocab_size * D + 12 * L * D * D
-    return 6 * n_matmul + 12 * L * D * c.seq_len
+    return 6 * (c.vocab_size * D + 12 * L * D * D) + 12 * L * D * c.seq_len

@@ -1,5 +1,5 @@
 """The training loop: config in, sharded model and optimizer built, one jitted step, metrics out."""
-import contextlib, functools, glob, json, os, shutil, signal, time
+import contextlib, functools, glob, io, json, os, shutil, signal, time
 from functools import partial
 from types import SimpleNamespace
 import jax
@@ -103,8 +103,13 @@ def restore(manager, step, cfg, state, same_run=False):
         saved, now = (utils.flatten(c) for c in (meta['config'], OmegaConf.to_container(cfg, resolve=True)))
         keys = [k for k in now if not k.startswith(FREE_KEYS) or k == 'ckpt.resume'] if same_run else [f'model.{k}' for k in SHAPE_KEYS]
         differ = [f'{k}={saved.get(k)} but the config says {now[k]}' for k in keys if saved.get(k) != now[k]]
-        if not differ:
-            return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
+        if not differ:  # a failed read: orbax closes its event loop with other reads in flight, and as they end (within ms)
+            with contextlib.redirect_stderr(io.StringIO()):  # TensorStore's threads print tracebacks (event loop is closed)
+                try:
+                    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
+                except Exception:
+                    time.sleep(0.5)  # ... here, into nothing
+                    raise
     except Exception as e:  # truncated or missing files, garbled metadata, ...: the innermost cause names the file
         while e.__cause__: e = e.__cause__
         raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(e).__name__}: {(str(e).splitlines() or [""])[0].split(" [tensorstore_spec")[0]}') from None
@@ -189,8 +194,8 @@ def train(cfg, out_dir, name='run'):
     start and print(f'resuming at step {start} of {total_steps} from {source.directory}')
     train_step_fn, eval_step_fn = compile_steps(graphdef, state)
     batch_sharding = NamedSharding(mesh, P(None, 'data'))  # [A, B/A, T+1]; validation: fixed (seed 0), in the same micro-batches
-    val_batches = [jax.make_array_from_process_local_data(batch_sharding, data.get_batch(val_tokens, T, 0, i, B, data.process_rows(B))
-                   .reshape(A, -1, T + 1)) for i in range(min(cfg.eval_batches, (len(val_tokens) - 1) // T // B))]  # no window twice
+    val_batches = [data.load_batch(val_tokens, T, 0, i, B, A, batch_sharding)
+                   for i in range(min(cfg.eval_batches, (len(val_tokens) - 1) // T // B))]  # no window twice
 
     flops_per_token = gpt.flops_per_token(model_config(cfg.model))
     peak = utils.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
@@ -204,8 +209,7 @@ def train(cfg, out_dir, name='run'):
     log_file = open(os.path.join(out_dir, 'metrics.jsonl') if main else os.devnull, 'a')
     def log(record):  # metrics.jsonl first: a wandb that fails mid-run (its service killed, ...) must not stop training
         print(json.dumps(record), file=log_file, flush=True)
-        with contextlib.suppress(Exception):
-            run.log(record, step=record['step'])
+        with contextlib.suppress(Exception): run.log(record, step=record['step'])
 
     pending, t0, last, stopping = [], time.perf_counter(), {}, False
     bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not main)
@@ -253,6 +257,5 @@ def train(cfg, out_dir, name='run'):
                 say(f'signal {stop[0] if stop else "on another process"}: stopped after step {done}, checkpoint in {ckpt_dir}')
                 break
     last['signal'] = int(stop[0] if stop else signal.SIGTERM) if stop or stopping else None  # even during the last eval/save
-    with contextlib.suppress(Exception):
-        run.finish()
+    with contextlib.suppress(Exception): run.finish()
     return state, last
