@@ -1,7 +1,6 @@
 """Entry point: `python main.py` (configs/local.yaml) or `python main.py -cn colab opt.peak_lr=0.004`."""
 import os, signal, sys
-# Ctrl-C before the first step (in the loop, utils.stop_signals saves a checkpoint first): exit at once, without a traceback;
-# os._exit skips Python's teardown, which could crash in XLA's compiler threads
+# Ctrl-C while the libraries load: exit at once, without a traceback (in main(), it unwinds; in the loop, it checkpoints)
 signal.signal(signal.SIGINT, lambda *_: (sys.stdout.flush(), os._exit(130)))
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,12 +13,14 @@ FAILED = []  # runs that stopped on an error: a sweep (-m) goes on with its next
 @hydra.main(config_path='configs', config_name='local', version_base=None)
 def main(cfg):
     utils.keep_freed_memory()  # before XLA starts its threads
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt: a first run's corpus build removes its files
     try:
         job = HydraConfig.get().job  # the run's name: wandb.name or its config, and its overrides: colab/opt.peak_lr=0.004
         last = train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(str(cfg.wandb.name or job.config_name), job.override_dirname))[1]
         last.get('signal') and sys.exit(128 + last['signal'])  # stopped by a signal, as if killed by it: a sweep ends too
-    except Exception as e:  # bad input, or XLA out of memory: one line
+    except (Exception, KeyboardInterrupt) as e:  # bad input, or XLA out of memory: one line; Ctrl-C before the loop, or twice
         'wandb' in sys.modules and sys.modules['wandb'].finish(exit_code=1)  # failed: a sweep's next run starts its own
+        isinstance(e, KeyboardInterrupt) and (sys.stdout.flush(), os._exit(130))  # no traceback; no teardown (crashed in XLA's threads)
         if not (isinstance(e, utils.PicodoError) or utils.oom_error(e)): raise  # anything else keeps its traceback
         print(f'error: {e}' if isinstance(e, utils.PicodoError) else utils.oom_error(e), file=sys.stderr)
         FAILED.append(str(e))  # not e: its traceback would keep this run's arrays alive through the sweep
@@ -30,4 +31,4 @@ if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydr
     for key in (a.split('=', 1)[0] for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
         OmegaConf.select(defaults, key, default=absent) is absent and sys.exit(f'error: unknown config key: {key}')
     main()
-    FAILED and (sys.stdout.flush(), os._exit(1))  # os._exit: a failed restore's TensorStore threads print tracebacks at exit
+    sys.exit(1 if FAILED else 0)

@@ -214,7 +214,7 @@ def test_bad_checkpoints_get_a_clear_error_and_nothing_is_deleted(finished_run, 
 def test_a_damaged_checkpoint_from_the_command_line_is_one_line_naming_the_file(finished_run, tmp_path):
     """The error names the array file orbax could not read, and nothing comes before or after it: orbax closes its
     event loop with reads still in flight, whose TensorStore threads printed a dozen 'Event loop is closed' tracebacks
-    (before the error line 3 runs in 4, at exit), and Python's exit logged the tasks' exceptions."""
+    (before the error line 3 runs in 4)."""
     ckpt = str(shutil.copytree(finished_run[2], tmp_path / 'ckpt'))
     for path in glob.glob(f'{ckpt}/20/state/**/d/*', recursive=True):  # the arrays' data, not the metadata
         open(path, 'r+b').truncate(10)

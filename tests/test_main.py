@@ -1,5 +1,5 @@
 """The user's commands, run as a user runs them: `python main.py ...` in a fresh directory."""
-import glob, importlib.util, json, os, platform, subprocess, sys
+import glob, importlib.util, json, os, platform, signal, subprocess, sys, time
 from types import SimpleNamespace
 import pytest
 import train
@@ -115,6 +115,20 @@ def test_ctrl_c_before_the_first_step_exits_130_without_a_traceback(tmp_path, st
                        env=dict(os.environ, WANDB_MODE='disabled'), stdin=subprocess.DEVNULL)
     assert r.returncode == 130 and 'Traceback' not in r.stdout + r.stderr, r.stderr[-2000:]
     assert not os.path.exists(tmp_path / 'checkpoints') or not glob.glob(f'{tmp_path}/checkpoints/*/*/[0-9]*')
+
+
+def test_ctrl_c_while_a_first_run_builds_its_corpus_leaves_no_file(tmp_path):
+    """`python main.py` builds the stdlib corpus on its first run: a Ctrl-C then exits 130 without a traceback and
+    removes the half-written .tmp file (an os._exit from the signal handler had skipped the build's cleanup)."""
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, 'main.py')], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=dict(os.environ, WANDB_MODE='disabled'))
+    while not glob.glob(f'{tmp_path}/data/*.tmp'):
+        assert p.poll() is None, p.communicate()[0][-2000:]
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 130 and 'Traceback' not in out, out[-2000:]
+    assert os.listdir(tmp_path / 'data') == [], os.listdir(tmp_path / 'data')
 
 
 def test_odd_sized_file_from_the_command_line(tmp_path):
