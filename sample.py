@@ -34,7 +34,7 @@ def sample_token(logits, key, temperature, top_k):  # logits [B, V] -> token ids
         return jnp.argmax(logits, -1)
     if top_k:
         logits = jnp.where(logits < jax.lax.top_k(logits, top_k)[0][:, -1:], -jnp.inf, logits)
-    return jax.random.categorical(key, logits / temperature)
+    return jax.random.categorical(key, (logits - logits.max(-1, keepdims=True)) / temperature)  # <= 0: a tiny temperature gives no inf
 
 
 @partial(nnx.jit, static_argnames=('n_new', 'temperature', 'top_k'))
@@ -72,8 +72,10 @@ def sample(model, encode, decode, prompt, max_new_tokens, num_samples=1, tempera
     T, ids = model.seq_len, encode(prompt)
     if not ids or T < 2:
         raise utils.PicodoError('empty prompt' if not ids else f'model.seq_len {T} leaves no room for a prompt and a new token')
-    if not temperature >= 0:  # nan too
-        raise utils.PicodoError(f'temperature {temperature} is not >= 0')
+    if not 0 <= temperature < float('inf'):  # nan too; inf would make every logit nan
+        raise utils.PicodoError(f'temperature {temperature} is not finite and >= 0')
+    if max(ids) >= model.vocab_size:  # a non-ASCII byte for a vocab under 256, a BPE id for a small vocab: garbage logits
+        raise utils.PicodoError(f'prompt token id {max(ids)} >= model.vocab_size {model.vocab_size}')
     if not 0 <= top_k <= model.vocab_size:
         raise utils.PicodoError(f'top_k {top_k} is not in 0..{model.vocab_size} (the vocabulary size; 0 keeps all)')
     if num_samples < 1 or max_new_tokens < 0:

@@ -105,7 +105,20 @@ def test_sample_py_from_a_trained_checkpoint(finished_run, capsys):
     with pytest.raises(SystemExit, match='error: checkpoint not found: .*nope'):
         sample.main([ckpt + '/nope'])
     for args, message in [(['--top_k', '100000'], 'top_k 100000 is not in 0..256'), (['--top_k', '-3'], 'top_k -3 is not in'),
-                          (['--temperature', '-1'], 'temperature -1.0 is not >= 0'),
-                          (['--temperature', 'nan'], 'temperature nan is not >= 0'), (['--num_samples', '0'], 'num_samples 0 < 1')]:
+                          (['--temperature', '-1'], 'temperature -1.0 is not finite and >= 0'),
+                          (['--temperature', 'nan'], 'temperature nan is not finite and >= 0'),
+                          (['--temperature', 'inf'], 'temperature inf is not finite and >= 0'), (['--num_samples', '0'], 'num_samples 0 < 1')]:
         with pytest.raises(SystemExit, match=f'^error: {message}'):
             sample.main([ckpt, *args])
+
+
+def test_a_tiny_temperature_is_greedy_and_prompt_ids_must_be_in_the_vocab(one_device_mesh):
+    """1e-40 (denormal in fp32) made the scaled logits inf and then nan: padding or id 0 came out, not the argmax.
+    A prompt id >= vocab_size (a non-ASCII byte for a vocab under 256) gave non-finite logits and garbage."""
+    model = random_model()
+    prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, 300)
+    greedy = sample.generate(model, prompt, jax.random.key(0), n_new=6, temperature=0)
+    np.testing.assert_array_equal(sample.generate(model, prompt, jax.random.key(0), n_new=6, temperature=1e-40), greedy)
+    ids = lambda text: [int(x) for x in text.split()]
+    with pytest.raises(sample.utils.PicodoError, match='^prompt token id 300 >= model.vocab_size 300$'):
+        sample.sample(model, ids, str, '5 300 7', 4)
