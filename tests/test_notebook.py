@@ -10,14 +10,16 @@ def test_notebook_trains_plots_and_samples(tmp_path, stdlib_data):
     code = [c for c in nb.cells if c.cell_type == 'code']
     assert all(not c.outputs and c.execution_count is None for c in code)  # stored without outputs
     params = next(c for c in code if 'parameters' in c.metadata.get('tags', []))
-    overrides = ' '.join([*TINY, 'train_tokens=5120', 'eval_every=5', f'data.train_path={stdlib_data[0]}',
-                          f'data.val_path={stdlib_data[1]}'])
-    params.source += (f"\nCONFIG, OVERRIDES, RUN_DIR = 'local', '{overrides}', '{tmp_path}/run'"
-                      "\nINSTALL = DOWNLOAD = False\nPROMPT = 'def '")
+    overrides = ' '.join([*TINY, 'train_tokens=5120', 'eval_every=5'])
+    (tmp_path / 'data').mkdir()  # the data files under the names the download gives them, in DATA_DIR
+    for split, path in zip(['train', 'val'], stdlib_data):
+        os.symlink(path, tmp_path / 'data' / f'fineweb_edu_gpt2_{split}.bin')
+    params.source += (f"\nCONFIG, OVERRIDES, RUN_DIR, DATA_DIR = 'local', '{overrides}', '{tmp_path}/run', '{tmp_path}/data'"
+                      "\nINSTALL = DOWNLOAD = False\nPROMPT = 'def \"$HOME\"'")  # the prompt reaches sample.py as it is
     NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': REPO}}).execute()
     assert (tmp_path / 'run' / 'loss.png').stat().st_size > 1000
     assert any('image/png' in out.get('data', {}) for c in code for out in c.outputs)  # the plot is shown inline
-    assert (tmp_path / 'run' / 'sample.txt').read_text().startswith('def ')
+    assert (tmp_path / 'run' / 'sample.txt').read_text().startswith('def "$HOME"')
 
 
 def test_interrupting_the_notebook_passes_ctrl_c_on_to_the_trainer(capsys):
