@@ -35,21 +35,22 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('overrides', nargs='*', help='Hydra overrides, e.g. model.dtype=bfloat16 batch_size=16')
     p.add_argument('-cn', '--config-name', default='bench_cpu')
-    p.add_argument('--warmup', type=at_least(0), default=2, help='untimed steps after compiling')
-    p.add_argument('--rounds', type=at_least(1), default=5, help='timed rounds; medians are reported')
-    p.add_argument('--steps', type=at_least(1), default=2, help='training steps per timed round')
+    p.add_argument('--warmup', type=at_least(0), default=None, help='untimed steps after compiling (default 2)')
+    p.add_argument('--rounds', type=at_least(1), default=None, help='timed rounds; medians are reported (default 5)')
+    p.add_argument('--steps', type=at_least(1), default=None, help='training steps per timed round (default 2)')
     p.add_argument('--devices', type=at_least(0), default=1, help='devices in the mesh; 0 = all')
     p.add_argument('--matmul-size', type=at_least(1), default=None, help='roofline matmul side (default 2048 on CPU, 8192 else)')
-    p.add_argument('--depths', default='2,12,24', help="layer counts for the compile-time sweep; '' skips it")
-    p.add_argument('--tiny', action='store_true', help='a tiny model, one short round, for smoke tests')
+    p.add_argument('--depths', default=None, help="layer counts for the compile-time sweep (default 2,12,24); '' skips it")
+    p.add_argument('--tiny', action='store_true', help='a tiny model, one short round, for smoke tests (flags given still count)')
     args = p.parse_args(argv)
+    defaults = dict(warmup=1, rounds=1, steps=1, matmul_size=128, depths='1,2') if args.tiny else dict(warmup=2, rounds=5, steps=2, depths='2,12,24')
+    for key, value in defaults.items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    args.overrides = (TINY if args.tiny else []) + args.overrides
     if args.devices > jax.device_count():
         p.error(f'--devices {args.devices}: this machine has {jax.device_count()}')
     if not all(d.isdigit() and int(d) > 0 for d in filter(None, args.depths.split(','))):
         p.error(f'--depths {args.depths!r}: layer counts >= 1, separated by commas')
-    if args.tiny:
-        args.overrides = TINY + args.overrides
-        args.warmup, args.rounds, args.steps, args.matmul_size, args.depths = 1, 1, 1, 128, '1,2'
     return args
 
 
@@ -65,6 +66,9 @@ def compose_config(name, overrides):
 
 def build(cfg, mesh):
     """The real training step, compiled ahead of time, and a synthetic batch [A, B/A, T+1] for it."""
+    if cfg.batch_size % cfg.grad_accum or (cfg.batch_size // cfg.grad_accum) % mesh.devices.size:
+        raise utils.PicodoError(f'batch_size {cfg.batch_size} must split into grad_accum={cfg.grad_accum} micro-batches, '
+                                f'each divisible over {mesh.devices.size} devices')
     tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1000))
     graphdef, state = train.create_state(cfg, mesh, tx)
     step, _ = train.compile_steps(graphdef, state)
@@ -108,9 +112,6 @@ def run(args):
     mesh = jax.make_mesh((len(devices),), ('data',), (jax.sharding.AxisType.Auto,), devices=devices)
     c = train.model_config(cfg.model)
     B, T = cfg.batch_size, cfg.model.seq_len
-    if B % cfg.grad_accum or (B // cfg.grad_accum) % len(devices):
-        raise utils.PicodoError(f'batch_size {B} must split into grad_accum={cfg.grad_accum} micro-batches, '
-                                f'each divisible over {len(devices)} devices')
     step, state, batch, compile_s = build(cfg, mesh)
     for _ in range(args.warmup):
         state, _ = step(state, batch)

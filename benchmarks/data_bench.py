@@ -15,7 +15,7 @@ import tiktoken
 import data, prepare
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# GPT-2 small at 50% MFU on one H100 (design.md): 6N + 12LDT FLOPs per token, N = 124M matmul weights
+# GPT-2 small at 50% MFU on one H100: 6N + 12LDT FLOPs per token, N = 124M matmul weights
 GPT2_FLOPS_PER_TOKEN = 6 * (50257 * 768 + 12 * (4 * 768 * 768 + 2 * 768 * 3072)) + 12 * 12 * 768 * 1024
 NEEDED_TOKENS_PER_SEC = 0.5 * 989e12 / GPT2_FLOPS_PER_TOKEN
 
@@ -85,12 +85,13 @@ def timed(fn):
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--gb', type=float, default=1.0, help='size of the random .bin file for the loader')
-    p.add_argument('--steps', type=int, default=300)
-    p.add_argument('--workers', type=int, default=os.cpu_count())
-    p.add_argument('--copies', type=int, default=3, help='times the stdlib sources appear in the text corpus')
-    p.add_argument('--threads', type=int, default=8, help="encode_ordinary_batch's num_threads (its default: 8)")
-    p.add_argument('--words', type=int, default=0, help='grow the test encoding with the prefixes of this many words')
+    at_least = prepare.at_least
+    p.add_argument('--gb', type=at_least(1e-6, float), default=1.0, help='size in GiB of the random .bin file for the loader')
+    p.add_argument('--steps', type=at_least(1), default=300)
+    p.add_argument('--workers', type=at_least(1), default=os.cpu_count())
+    p.add_argument('--copies', type=at_least(1), default=3, help='times the stdlib sources appear in the text corpus')
+    p.add_argument('--threads', type=at_least(1), default=8, help="encode_ordinary_batch's num_threads (its default: 8)")
+    p.add_argument('--words', type=at_least(0), default=0, help='grow the test encoding with the prefixes of this many words')
     p.add_argument('--encoding', help='a tiktoken encoding name (default: a local GPT-2-style test encoding)')
     p.add_argument('--only', choices=['loader', 'tokenizer'])
     args = p.parse_args()

@@ -29,14 +29,14 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('overrides', nargs='*', help='Hydra overrides, e.g. model.remat=dots batch_size=16')
     p.add_argument('-cn', '--config-name', default='bench_cpu')
-    p.add_argument('--steps', type=int, default=2, help='steps traced (after 2x`steps` untimed and `steps` timed ones)')
-    p.add_argument('--top', type=int, default=25, help='op groups listed')
-    p.add_argument('--devices', type=int, default=1, help='devices in the mesh (0 = all); device 0 is profiled')
+    p.add_argument('--steps', type=bench.at_least(1), default=2, help='steps traced (after 2x`steps` untimed and `steps` timed ones)')
+    p.add_argument('--top', type=bench.at_least(0), default=25, help='op groups listed')
+    p.add_argument('--devices', type=bench.at_least(0), default=1, help='devices in the mesh (0 = all); device 0 is profiled')
     p.add_argument('--trace-dir', help='where to write the trace (default: a temporary directory, deleted)')
     p.add_argument('--tiny', action='store_true', help='the tiny model of bench.py --tiny')
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error('--steps must be at least 1')
+    if args.devices > jax.device_count():
+        p.error(f'--devices {args.devices}: this machine has {jax.device_count()}')
     args.overrides = (bench.TINY if args.tiny else []) + args.overrides
     return args
 

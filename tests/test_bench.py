@@ -30,6 +30,18 @@ def test_benchmark_measures_the_configured_model():
             default.batch_size, default.model.vocab_size) == (384, 6, 6, 512, 8, 256)
 
 
+def test_tiny_sets_defaults_and_flags_given_win():
+    tiny, given = bench.parse(['--tiny']), bench.parse(['--tiny', '--rounds', '3', '--depths', ''])
+    assert (tiny.rounds, tiny.depths, tiny.matmul_size) == (1, '1,2', 128) and (given.rounds, given.depths) == (3, '')
+    assert (bench.parse([]).rounds, bench.parse([]).depths, bench.parse([]).matmul_size) == (5, '2,12,24', None)
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_one_line():  # checked in bench.build: profile_step.py too
+    mesh = jax.make_mesh((3,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:3])
+    with pytest.raises(utils.PicodoError, match=r'^batch_size 8 must split into grad_accum=1 micro-batches, each divisible over 3 devices$'):
+        bench.build(bench.compose_config('bench_cpu', bench.TINY), mesh)
+
+
 def test_the_roofline_matmul_counts_every_devices_rows():
     mesh = jax.make_mesh((8,), ('data',), (jax.sharding.AxisType.Auto,))
     timer, flops = bench.matmul_roofline(mesh, 64, jax.numpy.float32)

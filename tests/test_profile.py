@@ -85,3 +85,13 @@ def test_device_timelines_count_kernels_not_summary_lines(tmp_path, capsys):
         json.dump({'traceEvents': events}, f)
     with pytest.raises(utils.PicodoError, match='no op of jit_train_step found on the host'):
         profile_step.op_events(str(tmp_path), 'jit_train_step', {'dot.1': None})
+
+
+@pytest.mark.parametrize('args,message', [(['--devices', '-1'], 'argument --devices: -1 is not an integer >= 0'),
+                                          (['--devices', '9'], '--devices 9: this machine has 8'),
+                                          (['--top', '-3'], 'argument --top: -3 is not an integer >= 0'),
+                                          (['--steps', '0'], 'argument --steps: 0 is not an integer >= 1')])
+def test_bad_arguments_are_one_usage_line(capsys, args, message):
+    with pytest.raises(SystemExit):
+        profile_step.parse(args)
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
