@@ -39,3 +39,22 @@ def test_interrupting_the_notebook_passes_ctrl_c_on_to_the_trainer(capsys):
     except KeyboardInterrupt:
         pass
     assert capsys.readouterr().out == 'training\nSIGINT: checkpoint, exit\n'  # not the end of its 60 s sleep
+
+
+def test_the_plot_keeps_one_point_per_step_after_a_resumed_run(tmp_path):
+    """A run killed hard and resumed logs the steps since its checkpoint again (metrics.jsonl is appended to):
+    the plot cell keeps the newest record of each step, so the curve does not double back."""
+    import json, matplotlib
+    matplotlib.use('Agg')
+    nb = nbformat.read(os.path.join(REPO, 'train_colab.ipynb'), as_version=4)
+    plot = next(c.source for c in nb.cells if c.cell_type == 'code' and 'plt.subplots' in c.source)
+    steps = [5, 10, 15, 10, 15, 20]  # killed after 15, resumed from the checkpoint at 5
+    with open(tmp_path / 'metrics.jsonl', 'w') as f:
+        for i, step in enumerate(steps):
+            print(json.dumps({'step': step, 'train_loss': 5.0 - i / 10}), file=f)
+        print(json.dumps({'step': 20, 'eval_loss': 4.0}), file=f)
+    scope = {'RUN_DIR': str(tmp_path), 'CONFIG': 'local', 'OVERRIDES': ''}
+    exec(plot, scope)
+    lines = scope['ax'].get_lines()
+    assert list(lines[0].get_xdata()) == [5, 10, 15, 20] and list(lines[0].get_ydata()) == [5.0, 4.7, 4.6, 4.5]
+    assert list(lines[1].get_xdata()) == [20]
