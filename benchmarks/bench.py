@@ -10,7 +10,7 @@ matmul in the model's dtype, measured on the same devices in the same run, inter
 rounds so both see the same machine noise. A depth sweep reports compile time at 2, 12 and 24 layers
 with the layer scan on (the configs turn it off: unrolled layers step faster on CPUs and on an H200).
 """
-import argparse, json, os, statistics, sys, time
+import argparse, json, os, platform, re, statistics, sys, time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import jax
@@ -100,6 +100,14 @@ def matmul_roofline(mesh, n, dtype):
     return timed, 2 * d * n ** 3
 
 
+def host_cpu():  # the host's processor: device_kind says only 'cpu', and a figure on one CPU model tells little about another
+    try:
+        info = dict(re.findall(r'^(model name|cpu family|model)\s*: (.*)$', open('/proc/cpuinfo').read().split('\n\n')[0], re.M))
+    except OSError:  # no /proc (macOS)
+        return f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores'
+    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}), {os.cpu_count()} cores"
+
+
 def compile_seconds(cfg, mesh, n_layers):  # with the layer scan, whatever the config says: the sweep is about its flat compile
     cfg = cfg.copy()
     cfg.model.n_layers, cfg.model.scan = n_layers, True
@@ -142,7 +150,7 @@ def run(args):
         peak_mem_bytes=stats.get('peak_bytes_in_use'),
         xla_mem_bytes=mem and mem.argument_size_in_bytes + mem.output_size_in_bytes
                       - mem.alias_size_in_bytes + mem.temp_size_in_bytes,
-        device_kind=devices[0].device_kind, n_devices=len(devices), platform=devices[0].platform,
+        device_kind=devices[0].device_kind, n_devices=len(devices), platform=devices[0].platform, host_cpu=host_cpu(),
         config=args.config_name, overrides=args.overrides, dtype=str(c.dtype), batch_size=B, seq_len=T,
         d_model=c.d_model, n_layers=c.n_layers, n_params=sum(x.size for x in jax.tree.leaves(state[0])),
         flops_per_token=gpt.flops_per_token(c), matmul_size=n,
@@ -155,7 +163,7 @@ def run(args):
 
 def table(r):
     g = lambda x: 'n/a' if x is None else f'{x / 1e9:,.1f} GFLOP/s' if x > 1e6 else f'{x:.3f}'
-    rows = [('device', f"{r['n_devices']} x {r['device_kind']}"),
+    rows = [('device', f"{r['n_devices']} x {r['device_kind']}"), ('host', r['host_cpu']),
             ('model', f"L={r['n_layers']} D={r['d_model']} T={r['seq_len']} B={r['batch_size']} "
                       f"{r['dtype']}, {r['n_params'] / 1e6:.2f}M params"),
             ('tokens/s', f"{r['tokens_per_sec']:,.0f}"), ('step', f"{r['step_ms']:,.1f} ms"),

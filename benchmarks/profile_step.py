@@ -206,7 +206,7 @@ def run(args):
     top = sorted(groups.items(), key=lambda kv: -kv[1][0])[:args.top]
     op_ms, matmul_flops = sum(by_kind.values()), sum(g[2] for g in groups.values())
     model_flops = gpt.flops_per_token(train.model_config(cfg.model)) * cfg.batch_size * cfg.model.seq_len / len(devices)
-    return dict(config=args.config_name, overrides=args.overrides, device_kind=devices[0].device_kind, n_devices=len(devices),
+    return dict(config=args.config_name, overrides=args.overrides, device_kind=devices[0].device_kind, n_devices=len(devices), host_cpu=bench.host_cpu(),
                 step_ms=1e3 * step_s, traced_step_ms=1e3 * traced_s, op_ms_per_step=op_ms, compile_s=compile_s,
                 model_flops_per_step=model_flops, matmul_flops_per_step=matmul_flops,  # device 0's
                 matmul_flops_per_sec=matmul_flops / by_kind['matmul'] * 1e3 if by_kind['matmul'] else None, roofline_flops_per_sec=roofline,
@@ -217,7 +217,7 @@ def run(args):
 
 
 def table(r):
-    lines = [f"{r['n_devices']} x {r['device_kind']}, {r['config']} {' '.join(r['overrides'])}",
+    lines = [f"{r['n_devices']} x {r['device_kind']} (host: {r['host_cpu']}), {r['config']} {' '.join(r['overrides'])}",
              f"step {r['step_ms']:.1f} ms ({r['traced_step_ms']:.1f} ms while traced); ops on device 0: "
              f"{r['op_ms_per_step']:.1f} ms per step",
              f"matmuls: {r['matmul_flops_per_step'] / 1e9:,.1f} GFLOP per step (model FLOPs: {r['model_flops_per_step'] / 1e9:,.1f}), "

@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import bench
 
 KEYS = ['tokens_per_sec', 'step_ms', 'compile_s', 'mfu', 'model_flops_per_sec', 'roofline_flops_per_sec',
-        'roofline_fraction', 'peak_mem_bytes', 'device_kind', 'n_devices', 'compile_s_by_depth']
+        'roofline_fraction', 'peak_mem_bytes', 'device_kind', 'n_devices', 'compile_s_by_depth', 'host_cpu']
 
 
 def test_tiny_benchmark_on_all_devices_ends_with_its_json(capsys):
@@ -19,6 +19,7 @@ def test_tiny_benchmark_on_all_devices_ends_with_its_json(capsys):
     assert result['n_devices'] == jax.device_count() == 8 and result['mfu'] is None  # CPU: no vendor peak
     assert result['tokens_per_sec'] > 0 and 0 < result['roofline_fraction']
     assert sorted(result['compile_s_by_depth']) == ['1', '2'] and 'roofline fraction' in '\n'.join(lines)
+    assert result['host_cpu'].endswith(f'{os.cpu_count()} cores') and f"host {result['host_cpu']}" in ' '.join(' '.join(lines).split())
 
 
 def test_benchmark_measures_the_configured_model():
@@ -76,3 +77,14 @@ def test_bad_arguments_are_one_usage_line(capsys, args, message):
 def test_a_misspelt_key_is_one_line():
     with pytest.raises(utils.PicodoError, match=r"^ConfigCompositionException: Could not override 'model.d_modl'"):
         bench.compose_config('bench_cpu', ['model.d_modl=3'])
+
+
+def test_the_reference_model_trains_and_reports_bench_names(capsys):
+    import reference
+    result = bench.main(['--tiny', '--rounds', '2'], reference.parse, reference.run, reference.table)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == result and any(line.startswith('Picodo / reference') for line in lines)
+    assert set(KEYS) - {'mfu', 'peak_mem_bytes', 'compile_s_by_depth'} <= set(result) and len(result['roofline_fraction_rounds']) == 2
+    assert result['n_params'] == 118528 and result['tokens_per_sec'] > 0  # Picodo's tiny model's 117,376 plus 1,152 biases
+    assert 0 < result['loss'] < 5.55  # below ln(256) after 5 steps on one batch: it trains
+    assert result['picodo_tokens_per_sec'] > 0 and len(result['picodo_roofline_fraction_rounds']) == 2 and result['speedup'] > 0
