@@ -96,12 +96,12 @@ def find_checkpoint(path):
 
 def restore(manager, step, cfg, state, same_run=False):
     """The saved state laid out like `state` (so onto the current mesh, whatever mesh saved it), and its metadata.
-    The config must match the saved one in SHAPE_KEYS or, to go on with the same run (`same_run`), in ckpt.resume and all but FREE_KEYS."""
+    The config must match the saved one in SHAPE_KEYS and batch_size (steps count batches) or, to go on with the same run, in all but FREE_KEYS."""
     where = os.path.join(manager.directory, str(step))
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
         saved, now = (utils.flatten(c) for c in (meta['config'], OmegaConf.to_container(cfg, resolve=True)))
-        keys = [k for k in now if not k.startswith(FREE_KEYS) or k == 'ckpt.resume'] if same_run else [f'model.{k}' for k in SHAPE_KEYS]
+        keys = [k for k in now if not k.startswith(FREE_KEYS) or k == 'ckpt.resume'] if same_run else [f'model.{k}' for k in SHAPE_KEYS] + ['batch_size']
         differ = [f'{k}={saved.get(k)} but the config says {now[k]}' for k in keys if saved.get(k) != now[k]]
         if not differ:  # a failed read: orbax closes its event loop with other reads in flight, and as they end (within ms)
             with contextlib.redirect_stderr(io.StringIO()):  # TensorStore's threads print tracebacks (event loop is closed)
@@ -186,6 +186,8 @@ def train(cfg, out_dir, name='run'):
     source, start = (saver, saver.latest_step() or 0) if own else find_checkpoint(resume)  # ckpt.resume must match: restore)
     if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
         raise utils.PicodoError(f'{ckpt_dir} holds step {saver.latest_step()}, past step {start}: set ckpt.dir')
+    if not own and start >= total_steps:  # it would train nothing and exit 0
+        raise utils.PicodoError(f'ckpt.resume {resume} is at step {start}: train_tokens={cfg.train_tokens} ends at step {total_steps}')
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
     n_params = sum(x.size for x in jax.tree.leaves(state[0]))
     state, meta = restore(source, start, cfg, state, same_run=source is saver) if start else (state, {})
@@ -238,12 +240,11 @@ def train(cfg, out_dir, name='run'):
                             mfu=utils.mfu(flops_per_token * B * T / dt, jax.device_count(), peak))
                 log(last)
                 bar.set_postfix(loss=f'{last["train_loss"]:.3f}', tok_s=f'{last["tokens_per_sec"]:.3g}')
-                if save_now:  # before the clock restarts: the copy off the devices is not training time
-                    save(saver, done, state, {'step': done, 'wandb_id': run.id, 'config': config})
                 pending, t0 = [], time.perf_counter()
+            t_pause = time.perf_counter()  # evals and saves are not training time
             if done % cfg.eval_every == 0 or done == total_steps:
                 jax.block_until_ready(state)  # the steps queued before it count as training time, the eval does not
-                t_eval = time.perf_counter()
+                t_pause = time.perf_counter()
                 last['eval_loss'] = float(np.mean(jax.device_get([eval_step_fn(state, b) for b in val_batches])))
                 if not np.isfinite(last['eval_loss']):  # steps since the last log step are not checked yet: either may be the cause
                     raise utils.PicodoError(f'non-finite eval loss at step {done} (diverged, or token ids >= model.vocab_size in {cfg.data.val_path}?)')
@@ -252,7 +253,9 @@ def train(cfg, out_dir, name='run'):
                 if cfg.sample_tokens:
                     import sample  # the sampling tool beside the trainer, loaded only when asked for
                     say(f'sample: {sample.eval_sample(nnx.merge(graphdef, state)[0], val_tokens, cfg.sample_tokens, done)!r}')
-                t0 += time.perf_counter() - t_eval
+            if save_now:  # after the eval: a process killed during it has no checkpoint past an eval it never logged
+                save(saver, done, state, {'step': done, 'wandb_id': run.id, 'config': config})
+            t0 += time.perf_counter() - t_pause
             if stopping:
                 say(f'signal {stop[0] if stop else "on another process"}: stopped after step {done}, checkpoint in {ckpt_dir}')
                 break

@@ -92,6 +92,37 @@ def test_a_relaunch_of_a_run_begun_from_ckpt_resume_goes_on_from_its_own_checkpo
         train.train(tiny_cfg('train_tokens=10240', 'ckpt.every=5', f'ckpt.resume={a}', f'ckpt.dir={other}'), str(tmp_path / 'run3'))
     assert {p: os.path.getmtime(p) for p in glob.glob(f'{other}/**', recursive=True)} == before
 
+def test_ckpt_resume_keeps_the_batch_size_and_needs_steps_left_to_train(finished_run, tiny_cfg, tmp_path):
+    """The step count goes on from the checkpoint's and counts batches (data position, tokens seen, budget): another
+    batch_size would skip or repeat windows, so it is refused; so is a budget the checkpoint has already reached
+    (it trained nothing and exited 0). Both before anything is written."""
+    a = finished_run[2]  # batch_size 16, step 20 of 20
+    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {a}/20 has batch_size=16 but the config says 8')):
+        train.train(tiny_cfg('batch_size=8', 'train_tokens=20480', f'ckpt.resume={a}', f'ckpt.dir={tmp_path}/b'), str(tmp_path))
+    with pytest.raises(PicodoError, match=re.escape(f'ckpt.resume {a} is at step 20: train_tokens=10240 ends at step 20')):
+        train.train(tiny_cfg('train_tokens=10240', f'ckpt.resume={a}', f'ckpt.dir={tmp_path}/c'), str(tmp_path))
+    assert os.listdir(tmp_path / 'b') == os.listdir(tmp_path / 'c') == []
+
+
+def test_a_run_that_dies_during_an_eval_evaluates_that_step_when_relaunched(tiny_cfg, tmp_path, monkeypatch):
+    """At a step that both saves and evaluates, the save comes after the eval: a process killed during the eval
+    (here: the eval raises) leaves no checkpoint at that step, so the relaunch redoes the steps and logs the eval.
+    (Saved first, the relaunch resumed at step 10 of 10 and the run never had its final eval.)"""
+    compile_steps = train.compile_steps
+    def dying_eval(graphdef, state):
+        step, evaluate = compile_steps(graphdef, state)
+        return step, lambda *args: (_ for _ in ()).throw(RuntimeError('killed during the eval'))
+    cfg = tiny_cfg('train_tokens=5120', 'eval_every=10', 'ckpt.every=5', f'ckpt.dir={tmp_path}/ckpt')  # 10 steps
+    with monkeypatch.context() as m:
+        m.setattr(train, 'compile_steps', dying_eval)
+        with pytest.raises(RuntimeError, match='killed during the eval'):
+            train.train(cfg, str(tmp_path / 'run1'))
+    assert os.listdir(tmp_path / 'ckpt') == ['5']
+    last = train.train(cfg, str(tmp_path / 'run2'))[1]
+    assert last['step'] == 10 and np.isfinite(last['eval_loss'])
+    assert [r['step'] for r in records(tmp_path / 'run2') if 'eval_loss' in r] == [10]
+
+
 def test_restores_onto_any_mesh(tiny_cfg, tmp_path):
     """Saved on 8 devices, restored onto 1; saved from 1, restored onto 4: same values, new layouts."""
     cfg = tiny_cfg()
@@ -218,7 +249,8 @@ def test_a_damaged_checkpoint_from_the_command_line_is_one_line_naming_the_file(
     ckpt = str(shutil.copytree(finished_run[2], tmp_path / 'ckpt'))
     for path in glob.glob(f'{ckpt}/20/state/**/d/*', recursive=True):  # the arrays' data, not the metadata
         open(path, 'r+b').truncate(10)
-    p = launch(tmp_path, [*finished_run[1], f'ckpt.resume={ckpt}', f'ckpt.dir={tmp_path / "new"}'], tmp_path / 'cache')
+    args = [a.replace('train_tokens=10240', 'train_tokens=12800') for a in finished_run[1]]  # 5 steps past the checkpoint
+    p = launch(tmp_path, [*args, f'ckpt.resume={ckpt}', f'ckpt.dir={tmp_path / "new"}'], tmp_path / 'cache')
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 1 and len(out.strip().splitlines()) == 1, out[-3000:]
     assert re.fullmatch(rf'error: cannot restore checkpoint {ckpt}/20: ValueError: .*Error reading .* local file "{ckpt}/20/state/d/\w+": '

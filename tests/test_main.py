@@ -1,5 +1,5 @@
 """The user's commands, run as a user runs them: `python main.py ...` in a fresh directory."""
-import glob, importlib.util, json, os, platform, signal, subprocess, sys, time
+import glob, importlib.util, json, os, platform, re, signal, subprocess, sys, time
 from types import SimpleNamespace
 import pytest
 import train
@@ -53,6 +53,17 @@ def test_processes_of_one_run_share_its_name_and_checkpoint_dir():
     runs = [name('opt.peak_lr=0.01', f'dist.coordinator=10.0.0.1:{port}', 'dist.num_processes=2', f'dist.process_id={i}',
                  'peak_flops=1e12') for i, port in [(0, 1234), (1, 1234), (1, 4321)]]
     assert runs == [name('opt.peak_lr=0.01')] * 3 and name('opt.peak_lr=0.02') != runs[0]
+
+
+def test_launches_in_the_same_second_get_their_own_output_dirs():
+    """Hydra's default dir names the second: a job array or a shell loop launched two runs into one dir, whose
+    metrics.jsonl then held both runs' records. The dirs name the microsecond."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(os.path.join(REPO, 'configs'), version_base=None):
+        runs = [compose(name, return_hydra_config=True).hydra for name in ('local', 'local', 'colab', 'default')]
+    assert len({r.run.dir for r in runs}) == len({r.sweep.dir for r in runs}) == 4
+    assert all(re.fullmatch(rf'{top}/\d{{4}}-\d\d-\d\d/\d\d-\d\d-\d\d\.\d{{6}}', dir)
+               for r in runs for top, dir in (('outputs', r.run.dir), ('multirun', r.sweep.dir)))
 
 
 def test_local_run_builds_its_data_and_trains(tmp_path):
