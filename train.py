@@ -110,8 +110,7 @@ def restore(manager, step, cfg, state, same_run=False):
                 except Exception:
                     time.sleep(0.5)  # ... here, into nothing
                     raise
-    except Exception as e:  # truncated or missing files, garbled metadata, ...: the innermost cause names the file
-        while e.__cause__: e = e.__cause__
+    except Exception as e:  # truncated or missing files, garbled metadata, ...: TensorStore's errors name the file
         raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(e).__name__}: {(str(e).splitlines() or [""])[0].split(" [tensorstore_spec")[0]}') from None
     raise utils.PicodoError(f'checkpoint {where} has {differ[0]}' + (': another run (set ckpt.dir), or ckpt.resume to go '
                             'on from it with this config' if same_run else ''))
