@@ -9,7 +9,7 @@
 Bad input (a missing path, no text, an existing train.bin without --force, a cut-off download...) is one
 line on stderr and exit code 1; a .bin file appears under its final name only once it is complete.
 """
-import argparse, collections, concurrent.futures, glob, http.client, multiprocessing, os, re, signal, sys, sysconfig, urllib.error, urllib.request
+import argparse, collections, concurrent.futures, glob, http.client, multiprocessing, os, re, signal, sys, sysconfig, tempfile, urllib.error, urllib.request
 import numpy as np
 import utils
 
@@ -28,18 +28,33 @@ class CutOff(Exception):
 
 def download(url, path, retries=3, force=False):
     """Fetch `url` to `path` through `path`.part, resuming with an HTTP Range request after a cut-off. A file already
-    under its final name came complete from an earlier run: it is kept (so a rerun goes on with the other split)."""
-    if os.path.exists(path) and not force:
-        print(f'{path} is already there: kept (--force downloads it again)', file=sys.stderr)
+    under its final name came complete from an earlier run: it is kept (so a rerun goes on with the other split).
+    Processes sharing the directory (every worker of a TPU pod running the same command, say) fetch a file one at a
+    time: each holds a lock on a hidden `.NAME.lock` beside it (removed once the file is there), so the next one finds
+    the file and keeps it."""
+    if not force and kept(path):
         return path
+    import fcntl  # POSIX only: here, not at the top, so the other commands (and main.py's first-run corpus) need no lock
     make_dir(os.path.dirname(path))
-    for attempt in range(retries + 1):
-        try:
-            return fetch(url, path)
-        except CutOff as e:
-            if attempt == retries:
-                raise PrepareError(f'{e}; run the same command again to resume') from None
-            print(f'{e}; resuming (retry {attempt + 1} of {retries})', file=sys.stderr)
+    with open(os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.lock'), 'a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not force and kept(path):  # another process fetched it while this one waited
+            return path
+        for attempt in range(retries + 1):
+            try:
+                fetch(url, path)
+                remove(lock.name)  # a process that comes later finds the file before it looks for the lock
+                return path
+            except CutOff as e:
+                if attempt == retries:
+                    raise PrepareError(f'{e}; run the same command again to resume') from None
+                print(f'{e}; resuming (retry {attempt + 1} of {retries})', file=sys.stderr)
+
+
+def kept(path):
+    if os.path.exists(path):
+        print(f'{path} is already there: kept (--force downloads it again)', file=sys.stderr)
+        return True
 
 
 def fetch(url, path):
@@ -325,10 +340,7 @@ def write_splits(docs, tokenizer, train_path, val_path, val_fraction=0.005, seed
 def make_dir(path):
     try:
         os.makedirs(path or '.', exist_ok=True)
-        probe = os.path.join(path or '.', f'.prepare-write-test-{os.getpid()}')
-        with open(probe, 'wb'):
-            pass
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=path or '.').close()  # can this process write there? (a unique name, removed)
     except OSError as e:
         raise PrepareError(f'cannot write to output directory {path or "."}: {e.strerror}') from None
 

@@ -246,7 +246,7 @@ class Server(http.server.BaseHTTPRequestHandler):
     """Serves CONTENT at any path; honours `Range: bytes=N-`. Test knobs (class attributes): `cut_after`
     bytes for the next response only, `ignore_range`, `extra_length` claimed but never sent, `status`, the `content`
     served and its `etag` (an If-Range naming another one gets the whole content)."""
-    cut_after, ignore_range, extra_length, status, ranges, content, etag = None, False, 0, 200, [], CONTENT, None
+    cut_after, ignore_range, extra_length, status, ranges, content, etag, delay = None, False, 0, 200, [], CONTENT, None, 0
 
     def do_GET(self):
         if self.status != 200:
@@ -268,6 +268,7 @@ class Server(http.server.BaseHTTPRequestHandler):
         if self.etag:
             self.send_header('ETag', self.etag)
         self.end_headers()
+        time.sleep(self.delay)
         if Server.cut_after is not None:
             body, Server.cut_after = body[:Server.cut_after], None
         self.wfile.write(body)
@@ -280,7 +281,7 @@ class Server(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server(monkeypatch):
     for knob, value in dict(cut_after=None, ignore_range=False, extra_length=0, status=200, ranges=[], content=CONTENT,
-                            etag=None).items():
+                            etag=None, delay=0).items():
         monkeypatch.setattr(Server, knob, value)
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Server)
     threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
@@ -314,6 +315,18 @@ def test_a_cut_off_download_fails_keeps_its_part_and_the_next_run_resumes(server
     assert prepare.main(args) == 0
     assert final.read_bytes() == CONTENT and not os.path.exists(f'{final}.part')
     assert Server.ranges == [None, 'bytes=12345-']
+
+
+def test_processes_downloading_the_same_file_fetch_it_once(server, tmp_path, capsys):
+    """Every worker of a TPU pod running the same download into a shared dir: one fetches each file, the others
+    wait for it and keep it (unlocked, each sent its own request and all wrote the same .part file)."""
+    Server.delay = 0.5
+    url, path = server.format(split='val'), str(tmp_path / 'val.bin')
+    threads = [threading.Thread(target=prepare.download, args=(url, path)) for _ in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert Server.ranges == [None] and open(path, 'rb').read() == CONTENT
+    assert capsys.readouterr().err.count('is already there: kept') == 2 and os.listdir(tmp_path) == ['val.bin']
 
 
 def test_a_server_that_ignores_range_restarts_the_file(server, tmp_path):
