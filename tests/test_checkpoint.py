@@ -63,7 +63,7 @@ def test_killed_and_stopped_runs_resume_exactly(finished_run):
 
     def after_5(*run_dirs):
         rows = [r for run in run_dirs for r in records(d / run) if r['step'] > 5]
-        return [{k: r.get(k) for k in ['step', 'train_loss', 'grad_norm', 'lr', 'eval_loss']} for r in rows]
+        return [{k: r.get(k) for k in ['step', 'train_loss', 'grad_norm', 'lr', 'tokens_seen', 'eval_loss']} for r in rows]
     straight, resumed = after_5('run_a'), after_5('run_b2', 'run_b3')
     assert len(straight) == 15 + 2 and resumed == straight  # 15 steps + 2 evals, floats compared exactly
 
@@ -279,6 +279,20 @@ def test_a_signal_sets_the_stop_flag_instead_of_killing():
         time.sleep(0.01)
         assert stop == [signal.SIGINT]
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_a_second_signal_acts_as_usual():
+    """The first SIGINT asks the loop to stop; a second (a stop that takes too long) goes to the handler from before."""
+    fired, previous = [], signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda *_: fired.append(1))
+    try:
+        with utils.stop_signals() as stop:
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+            assert stop == [signal.SIGINT] and fired == [1]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_step_dir_is_found_by_what_it_holds_not_by_its_name(finished_run, tmp_path):

@@ -41,6 +41,15 @@ def test_batches_deterministic_disjoint_and_covering_an_epoch(token_file):
     assert sorted(next_epoch) == sorted(starts) and not np.array_equal(next_epoch, starts)
 
 
+def test_a_file_of_whole_windows_leaves_out_the_last_one(tmp_path):
+    """T*40 tokens hold 39 windows of T+1 (each shares its last token with the next): an epoch of 13 batches of 3 visits
+    each once, and never a window cut short by the end of the file."""
+    mm = data.open_tokens(write_tokens(tmp_path / 'x.bin', np.arange(T * 40)), 1000, T, 3)
+    epoch = [data.get_batch(mm, T, 0, s, 3) for s in range(13)]
+    assert all(b.shape == (3, T + 1) for b in epoch)
+    assert sorted(np.concatenate([b[:, 0] for b in epoch])) == list(range(0, 39 * T, T))
+
+
 def test_each_seed_and_epoch_has_its_own_order():
     """A seed's epoch e must not replay another seed's epoch (as seeding with seed + epoch would: 7, 1 = 8, 0)."""
     orders = {(s, e): tuple(data.permutation(1000, s, e)) for s in range(4) for e in range(4)}

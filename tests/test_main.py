@@ -128,6 +128,20 @@ def test_ctrl_c_before_the_first_step_exits_130_without_a_traceback(tmp_path, st
     assert not os.path.exists(tmp_path / 'checkpoints') or not glob.glob(f'{tmp_path}/checkpoints/*/*/[0-9]*')
 
 
+def test_a_failed_sweep_point_ends_its_wandb_run_and_the_next_starts_its_own(tmp_path, stdlib_data):
+    """`-m`: a point that fails after wandb.init (here its loader) finishes its wandb run, so the next point's
+    wandb.init starts a run of its own instead of returning the failed one and logging into it."""
+    code = (f'import runpy, sys; sys.path.insert(0, {REPO!r})\nimport data, utils\n'
+            f'def fail(*args): raise utils.PicodoError("the loader failed")\ndata.Batches = fail\n'
+            f'sys.argv = ["main.py", "-m", "seed=1,2", *{TINY!r}, "data.train_path={stdlib_data[0]}", "data.val_path={stdlib_data[1]}", '
+            f'"hydra.sweep.dir=sweep"]\nrunpy.run_path({os.path.join(REPO, "main.py")!r}, run_name="__main__")')
+    r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, WANDB_MODE='offline'), stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and r.stderr.count('error: the loader failed') == 2, r.stderr[-2000:]
+    runs = [glob.glob(f'{tmp_path}/sweep/{i}/wandb/offline-run-*/run-*.wandb') for i in (0, 1)]  # a run's records
+    assert [len(r) for r in runs] == [1, 1] and os.path.basename(runs[0][0]) != os.path.basename(runs[1][0]), runs
+
+
 def test_ctrl_c_while_a_first_run_builds_its_corpus_leaves_no_file(tmp_path):
     """`python main.py` builds the stdlib corpus on its first run: a Ctrl-C then exits 130 without a traceback and
     removes the half-written .tmp file (an os._exit from the signal handler had skipped the build's cleanup)."""

@@ -44,19 +44,21 @@ def reference_cross_entropy(logits, labels):  # the textbook formula, in fp32, t
     return -jnp.take_along_axis(logp, labels[..., None], -1).mean()
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_cross_entropy_matches_the_textbook_formula_and_its_gradient(dtype):
+@pytest.mark.parametrize('dtype,V', [(jnp.float32, 300), (jnp.bfloat16, 300), (jnp.float32, 256)])
+def test_cross_entropy_matches_the_textbook_formula_and_its_gradient(dtype, V):
     """model.cross_entropy's own backward (softmax minus one-hot, in one pass) against JAX differentiating log_softmax;
-    the padded vocab (-inf logits) gets zero gradient, and the gradient comes back in the logits' dtype."""
+    the padded vocab (-inf logits) gets zero gradient, and the gradient comes back in the logits' dtype. V=256 has no
+    padding: every column, the last one too, is a real logit."""
     k1, k2 = jax.random.split(jax.random.key(1))
-    logits = jnp.where(jnp.arange(384) < 300, 4 * jax.random.normal(k1, (3, 16, 384)), -jnp.inf).astype(dtype)
-    labels = jax.random.randint(k2, (3, 16), 0, 300)
+    Vp = gpt.padded_vocab(V)
+    logits = jnp.where(jnp.arange(Vp) < V, 4 * jax.random.normal(k1, (3, 16, Vp)), -jnp.inf).astype(dtype)
+    labels = jax.random.randint(k2, (3, 16), 0, V)
     (loss, grad), (ref, ref_grad) = (jax.value_and_grad(f)(logits, labels) for f in (gpt.cross_entropy, reference_cross_entropy))
     assert loss.dtype == jnp.float32 and grad.dtype == dtype
     np.testing.assert_allclose(loss, ref, rtol=1e-6)
     tol = 1e-7 if dtype == jnp.float32 else 2 ** -9 * float(jnp.abs(ref_grad).max())  # bf16: the gradient's rounding
     np.testing.assert_allclose(grad.astype(jnp.float32), ref_grad.astype(jnp.float32), atol=tol)
-    assert jnp.all(grad[..., 300:] == 0) and jnp.all(jnp.isfinite(grad))
+    assert jnp.all(grad[..., V:] == 0) and jnp.all(jnp.isfinite(grad))
     grad_sum = 5 * jax.grad(lambda l: 5 * gpt.cross_entropy(l, labels))(logits.astype(jnp.float32))  # scales with the cotangent
     np.testing.assert_allclose(grad_sum, 25 * jax.grad(reference_cross_entropy)(logits.astype(jnp.float32), labels), rtol=1e-5, atol=1e-8)
 
@@ -177,15 +179,17 @@ def test_bf16_step_lowers_for_gpus_with_cudnn_flash_attention(monkeypatch, remat
     assert len(dots) > 10 and all(a.endswith('xbf16>') and b.endswith('xbf16>') for a, b in dots), dots
 
 
-@pytest.mark.parametrize('B,T,C,dtype', [(6, 32, 8, jnp.float32), (3, 32, 32, jnp.float32), (4, 16, 4, jnp.bfloat16)])
-def test_chunked_attention_equals_xla(B, T, C, dtype):
+@pytest.mark.parametrize('B,T,C,dtype,D', [(6, 32, 8, jnp.float32, 1), (3, 32, 32, jnp.float32, 1), (4, 16, 4, jnp.bfloat16, 1),
+                                           (12, 32, 8, jnp.float32, 2)])
+def test_chunked_attention_equals_xla(B, T, C, dtype, D):
     """Values and gradients of the CPU attention (query chunks, hand-written backward, a loop over pairs of
-    sequences) match XLA's causal attention."""
-    q, k, v, r = (jax.random.normal(key, (B, T, 3, 16), dtype) for key in jax.random.split(jax.random.key(0), 4))
-    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * r)
-    xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
-    got = jax.value_and_grad(loss(lambda q, k, v: gpt.chunked_attention(q, k, v, C)), argnums=(0, 1, 2))(q, k, v)
-    want = jax.value_and_grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
+    sequences) match XLA's causal attention; on D=2 devices, each device's sequences in 3 loop steps, put back in order."""
+    with jax.set_mesh(jax.make_mesh((D,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:D])):
+        q, k, v, r = (jax.random.normal(key, (B, T, 3, 16), dtype) for key in jax.random.split(jax.random.key(0), 4))
+        loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * r)
+        xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
+        got = jax.value_and_grad(loss(lambda q, k, v: gpt.chunked_attention(q, k, v, C)), argnums=(0, 1, 2))(q, k, v)
+        want = jax.value_and_grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     assert all(x.dtype == dtype for x in got[1])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.float32(a), np.float32(b), **tol), got, want)

@@ -51,13 +51,15 @@ def test_every_weight_and_adam_moment_is_split_over_8_devices(tiny_cfg):
 def test_fsdp_step_on_8_devices_equals_1_device(tiny_cfg):
     """Same losses (rtol 1e-5) and same parameters after two Adam steps at lr 6e-4: atol 1e-5, under 2%
     of one step's size (Adam's first steps are ~lr * sign(g), so a gradient entry near 0 that differs in
-    the last bits between reduction orders moves its weight by up to a few 1e-6)."""
+    the last bits between reduction orders moves its weight by up to a few 1e-6). The step donates the old state
+    (its buffers reused, not a second copy of weights and Adam moments)."""
     cfg = tiny_cfg('opt.warmup_frac=0')
     results = []
     for n in [1, 8]:
         mesh, _, state, step, _ = setup(cfg, n)
         batch = first_batch(cfg, mesh)
-        state, m1 = step(state, batch)
+        old, (state, m1) = state, step(state, batch)
+        assert all(x.is_deleted() for x in jax.tree.leaves(old))
         state, m2 = step(state, batch)
         results.append((float(m1['train_loss']), float(m2['train_loss']), jax.device_get(state[0])))
     (a1, a2, pa), (b1, b2, pb) = results
@@ -127,9 +129,12 @@ def test_the_gpu_compile_options_are_known_to_this_xla(tiny_cfg, monkeypatch):
 
 
 def test_peak_lr_override_reaches_the_schedule(tiny_cfg):
+    """Warmup to the peak, then a cosine over the remaining steps down to min_lr_frac at the last step: halfway at
+    the middle of the decay (optax's decay_steps counts the warmup too; given total - warmup, it ended early)."""
     cfg = tiny_cfg('opt.peak_lr=0.004', 'opt.warmup_frac=0.1')
     schedule = train.lr_schedule(cfg.opt, 100)
     assert schedule(0) == 0 and np.isclose(schedule(10), 0.004) and np.isclose(schedule(100), 0.0004)
+    assert np.isclose(schedule(55), (0.004 + 0.0004) / 2) and schedule(99) > schedule(100)
 
 
 def test_weight_decay_reaches_matmul_weights_and_embeddings_only(tiny_cfg):
@@ -169,6 +174,27 @@ def test_loss_falls_on_real_text(tiny_cfg, tmp_path, variant):
     for key in ['train_loss', 'lr', 'grad_norm', 'tokens_seen', 'tokens_per_sec', 'step_time', 'mfu']:
         assert key in records[0]
     assert records[0]['mfu'] is None  # CPU: no peak FLOP/s unless the config gives one
+
+
+def test_a_log_record_sums_up_the_steps_since_the_last_one(tiny_cfg, tmp_path, monkeypatch):
+    """log_every=5, each step's own metrics kept: train_loss is the mean over the interval's 5 steps, grad_norm the
+    last step's, lr the one that last step used (schedule(step - 1): step 1 runs at schedule(0))."""
+    per_step, compile_steps = [], train.compile_steps
+    def recording(graphdef, state):  # the compiled step, keeping each step's metrics
+        step, evaluate = compile_steps(graphdef, state)
+        def compile(*args):
+            compiled = step.lower(*args).compile()
+            return lambda *batch: (out := compiled(*batch), per_step.append(out[1]))[0]
+        return types.SimpleNamespace(lower=lambda *args: types.SimpleNamespace(compile=lambda: compile(*args))), evaluate
+    monkeypatch.setattr(train, 'compile_steps', recording)
+    train.train(tiny_cfg('train_tokens=5120'), str(tmp_path))  # 10 steps
+    logs = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if 'train_loss' in l]
+    per_step, schedule = jax.device_get(per_step), train.lr_schedule(tiny_cfg().opt, 10)
+    assert [r['step'] for r in logs] == [5, 10] and len(per_step) == 10
+    for r in logs:
+        steps = per_step[r['step'] - 5:r['step']]
+        np.testing.assert_allclose(r['train_loss'], np.mean([s['train_loss'] for s in steps]), rtol=1e-6)
+        assert r['grad_norm'] == float(steps[-1]['grad_norm']) and r['lr'] == float(schedule(r['step'] - 1))
 
 
 def test_batch_not_divisible_over_devices(tiny_cfg, tmp_path):
@@ -253,6 +279,20 @@ def test_eval_reads_no_validation_window_twice(tiny_cfg, tmp_path, capsys):
                          str(tmp_path))[1]['eval_loss'] for n in (2, 1)]
     assert evals[0] == evals[1], evals
     assert 'eval on 1x16 windows (all of val);' in capsys.readouterr().out.splitlines()[0]
+
+
+def test_the_validation_batches_are_seed_0s_whatever_the_seed(tiny_cfg, tmp_path, monkeypatch):
+    """Validation is seed 0's first batches whatever cfg.seed (it orders the training batches only): eval losses of runs
+    with other seeds compare. Stopped once they are loaded, before the compile."""
+    calls, load_batch = [], data.load_batch
+    def recording(tokens, T, seed, step, *args):
+        calls.append((os.path.basename(tokens.filename), seed, step))
+        return load_batch(tokens, T, seed, step, *args)
+    monkeypatch.setattr(data, 'load_batch', recording)
+    monkeypatch.setattr(train.utils, 'init_wandb', lambda *args: 1 / 0)  # called next
+    with pytest.raises(ZeroDivisionError):
+        train.train(tiny_cfg('seed=1'), str(tmp_path))
+    assert calls == [('val.bin', 0, 0), ('val.bin', 0, 1)]
 
 
 def test_a_token_budget_below_one_step_is_an_error(tiny_cfg, tmp_path):
