@@ -28,7 +28,8 @@ def main(cfg):
 
 if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydra's own message takes six)
     defaults, absent = OmegaConf.load(train.DEFAULTS), object()
-    for key in (a.split('=', 1)[0] for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
+    for key, value in (a.split('=', 1) for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
         OmegaConf.select(defaults, key, default=absent) is absent and sys.exit(f'error: unknown config key: {key}')
+        '=' in value and value[:1] not in '\'"' and sys.exit(f"error: {key}: a value holding '=' needs quotes: '{key}=\"{value}\"'")
     main()
     sys.exit(1 if FAILED else 0)
