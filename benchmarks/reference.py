@@ -78,7 +78,7 @@ def run(args):
     jax.block_until_ready(train_step(model, optimizer, batch))  # the first call compiles
     compile_s = time.perf_counter() - t0  # and runs one step
     mesh = jax.make_mesh((1,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-    cfg = bench.compose_config('bench_cpu', [f'{"batch_size" if k == "batch_size" else "model." + k}={v}' for k, v in vars(c).items()])
+    cfg = bench.compose_config('bench_cpu', [f'model.{k}={v}' for k, v in vars(c).items() if k != 'batch_size'] + [f'batch_size={B}'])
     picodo, state, picodo_batch = bench.build(cfg, mesh)[:3]  # Picodo's step on the same shape, for the same rounds
     def steps(n):  # n steps of each: seconds per step (reference, Picodo)
         nonlocal state
