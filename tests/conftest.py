@@ -1,6 +1,12 @@
 """Tests run on the CPU with 8 simulated devices; nothing needs the network or a wandb account."""
-import os, subprocess, sys
+import atexit, os, shutil, subprocess, sys, tempfile
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+# One compiled-program cache for the session (JAX's persistent cache, in a fresh dir): tests, and the `python main.py`
+# runs they start, that build the same program load it instead of compiling it again (about a fifth of the suite's time)
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='picodo-test-jax-cache-')
+    atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)
+os.environ.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ['WANDB_MODE'] = 'offline'
 os.environ.pop('WANDB_API_KEY', None)
@@ -73,12 +79,11 @@ runpy.run_path({main!r}, run_name='__main__')
 """
 
 
-def launch(cwd, args, cache_dir, hang=None, delay=0):
-    """Start `python main.py ARGS` on 2 CPU devices (compiles faster than 8; still a sharded run). Runs that
-    share `cache_dir` share compiled programs (JAX's persistent cache): the same executable, loaded not rebuilt."""
+def launch(cwd, args, hang=None, delay=0):
+    """Start `python main.py ARGS` on 2 CPU devices (compiles faster than 8; still a sharded run); it loads the
+    programs earlier runs compiled from the session's cache."""
     code = HOOKED_MAIN.format(repo=REPO, main=os.path.join(REPO, 'main.py'), args=list(args), hang=str(hang), delay=delay)
-    env = dict(os.environ, WANDB_MODE='offline', XLA_FLAGS='--xla_force_host_platform_device_count=2',
-               JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    env = dict(os.environ, WANDB_MODE='offline', XLA_FLAGS='--xla_force_host_platform_device_count=2')
     return subprocess.Popen([sys.executable, '-c', code], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, stdin=subprocess.DEVNULL)
 
@@ -86,11 +91,11 @@ def launch(cwd, args, cache_dir, hang=None, delay=0):
 @pytest.fixture(scope='session')
 def finished_run(stdlib_data, tmp_path_factory):
     """`python main.py` on a tiny byte-level model, 20 steps straight, printing a sample at each eval: its dir,
-    overrides and checkpoint dir (steps 10, 15, 20 kept). Runs launched with `d / 'cache'` reuse its compiled code."""
+    overrides and checkpoint dir (steps 10, 15, 20 kept)."""
     d = tmp_path_factory.mktemp('finished')
     args = [a for a in TINY if not a.startswith('log_every')] + [
         f'data.train_path={stdlib_data[0]}', f'data.val_path={stdlib_data[1]}', 'train_tokens=10240',  # 20 steps
         'log_every=1', 'ckpt.every=5', 'eval_every=10']
-    out = launch(d, args + ['ckpt.dir=a', 'hydra.run.dir=run_a', 'sample_tokens=8'], d / 'cache').communicate(timeout=300)[0]
+    out = launch(d, args + ['ckpt.dir=a', 'hydra.run.dir=run_a', 'sample_tokens=8']).communicate(timeout=300)[0]
     assert 'sample: ' in out and (d / 'a' / '20').is_dir(), out[-3000:]
     return d, args, str(d / 'a')

@@ -41,13 +41,13 @@ def test_killed_and_stopped_runs_resume_exactly(finished_run):
     checkpoint, resumes from step 5, gets SIGTERM mid-run (checkpoints, exits 143), resumes again and finishes.
     Every loss logged after step 5 and the final weights and Adam moments are bitwise those of run A."""
     d, args, _ = finished_run
-    b = launch(d, args + ['ckpt.dir=b', 'hydra.run.dir=run_b'], d / 'cache', hang=10)
+    b = launch(d, args + ['ckpt.dir=b', 'hydra.run.dir=run_b'], hang=10)
     wait_for(lambda: (d / 'hanging').exists(), b)
     b.kill(); b.wait()
     left = os.listdir(d / 'b')  # step 10 was fully written but never committed
     assert '5' in left and '10' not in left and any(name.startswith('10.orbax-checkpoint-tmp') for name in left), left
 
-    b2 = launch(d, args + ['ckpt.dir=b', 'hydra.run.dir=run_b2'], d / 'cache', delay=0.2)  # slow: stopped mid-run
+    b2 = launch(d, args + ['ckpt.dir=b', 'hydra.run.dir=run_b2'], delay=0.2)  # slow: stopped mid-run
     wait_for(lambda: any(r['step'] >= 8 for r in records(d / 'run_b2')), b2)
     b2.send_signal(signal.SIGTERM)
     out = b2.communicate(timeout=120)[0]
@@ -56,7 +56,7 @@ def test_killed_and_stopped_runs_resume_exactly(finished_run):
     stopped = int(re.search(r'stopped after step (\d+)', out).group(1))
     assert 8 <= stopped < 20 and (d / 'b' / str(stopped)).is_dir()
 
-    b3 = launch(d, args + ['ckpt.dir=b', 'hydra.run.dir=run_b3'], d / 'cache')
+    b3 = launch(d, args + ['ckpt.dir=b', 'hydra.run.dir=run_b3'])
     out = b3.communicate(timeout=240)[0]
     assert b3.returncode == 0 and f'resuming at step {stopped} of 20' in out, out[-3000:]
     assert not [name for name in os.listdir(d / 'b') if 'tmp' in name]  # the unfinished step 10 went at the next start
@@ -250,7 +250,7 @@ def test_a_damaged_checkpoint_from_the_command_line_is_one_line_naming_the_file(
     for path in glob.glob(f'{ckpt}/20/state/**/d/*', recursive=True):  # the arrays' data, not the metadata
         open(path, 'r+b').truncate(10)
     args = [a.replace('train_tokens=10240', 'train_tokens=12800') for a in finished_run[1]]  # 5 steps past the checkpoint
-    p = launch(tmp_path, [*args, f'ckpt.resume={ckpt}', f'ckpt.dir={tmp_path / "new"}'], tmp_path / 'cache')
+    p = launch(tmp_path, [*args, f'ckpt.resume={ckpt}', f'ckpt.dir={tmp_path / "new"}'])
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 1 and len(out.strip().splitlines()) == 1, out[-3000:]
     assert re.fullmatch(rf'error: cannot restore checkpoint {ckpt}/20: ValueError: .*Error reading .* local file "{ckpt}/20/state/d/\w+": '
@@ -262,7 +262,7 @@ def test_ctrl_c_stops_a_sweep_after_checkpointing_its_current_run(tmp_path, stdl
     on with the next point, so each point took its own Ctrl-C)."""
     args = [*TINY, 'train_tokens=10240', 'log_every=1', f'data.train_path={stdlib_data[0]}',
             f'data.val_path={stdlib_data[1]}', f'hydra.sweep.dir={tmp_path}/sweep']
-    p = launch(tmp_path, ['-m', 'opt.peak_lr=1e-3,2e-3', *args], tmp_path / 'cache', delay=0.2)
+    p = launch(tmp_path, ['-m', 'opt.peak_lr=1e-3,2e-3', *args], delay=0.2)
     wait_for(lambda: len(records(tmp_path / 'sweep' / '0')) >= 2, p)
     p.send_signal(signal.SIGINT)
     out = p.communicate(timeout=120)[0]
