@@ -25,7 +25,8 @@ def tokenizer(vocab_size):
     except Exception as e:  # offline, no cached vocabulary
         raise utils.PicodoError(f"cannot load tiktoken's gpt2 vocabulary ({type(e).__name__}); it needs the network "
                                 'once, or a copy in TIKTOKEN_CACHE_DIR') from None
-    return lambda text: bpe.encode(text, allowed_special='all'), bpe.decode
+    # a vocab_size past GPT-2's 50257 (nanoGPT's 50304) lets the model sample ids tiktoken cannot decode: dropped
+    return lambda text: bpe.encode(text, allowed_special='all'), lambda ids: bpe.decode([i for i in ids if i < bpe.n_vocab])
 
 
 def sample_token(logits, key, temperature, top_k):  # logits [B, V] -> token ids [B]

@@ -52,8 +52,10 @@ def model_config(c):
     c = SimpleNamespace(**OmegaConf.to_container(c, resolve=True))
     c.dtype = jnp.dtype(c.dtype)
     if c.attn_impl == 'auto':  # cuDNN flash attention on NVIDIA GPUs in bf16, model.chunked_attention on CPUs, else XLA
-        cc = str(getattr(jax.devices()[0], 'compute_capability', ''))  # NVIDIA's; cuDNN's flash attention needs 8.0 (Ampere) on
-        cudnn = c.dtype == jnp.bfloat16 and cc[:1].isdigit() and float(cc) >= 8  # so a T4 or V100 gets XLA's attention
+        # cuDNN trains on compute capability 8.0+ (not a T4 or V100) with an even seq_len and a head width K that is a
+        # multiple of 8, up to 128 (256 from Hopper, 9.0); other shapes get XLA's attention, not JAX's NotImplementedError
+        cc, K = str(getattr(jax.devices()[0], 'compute_capability', '')), c.d_model // c.n_heads
+        cudnn = c.dtype == jnp.bfloat16 and cc[:1].isdigit() and float(cc) >= 8 and c.seq_len % 2 == 0 and K % 8 == 0 and K <= (256 if float(cc) >= 9 else 128)
         c.attn_impl = {'gpu': 'cudnn' if cudnn else 'xla', 'cpu': 'chunked'}.get(jax.default_backend(), 'xla')
     return c
 
@@ -181,8 +183,8 @@ def train(cfg, out_dir, name='run'):
         raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep))
     resume = cfg.ckpt.resume and os.path.abspath(cfg.ckpt.resume)  # a relaunch of a run begun from another dir's checkpoint
-    own = not resume or saver.latest_step() and ckpt_dir not in (resume, os.path.dirname(resume))  # goes on from its own (its
-    source, start = (saver, saver.latest_step() or 0) if own else find_checkpoint(resume)  # ckpt.resume must match: restore)
+    own = not resume or saver.latest_step() and ckpt_dir != (os.path.dirname(resume) if os.path.basename(resume).isdigit() else resume)
+    source, start = (saver, saver.latest_step() or 0) if own else find_checkpoint(resume)  # goes on from its own (ckpt.resume must match)
     if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
         raise utils.PicodoError(f'{ckpt_dir} holds step {saver.latest_step()}, past step {start}: set ckpt.dir')
     if not own and start >= total_steps:  # it would train nothing and exit 0

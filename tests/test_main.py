@@ -32,6 +32,17 @@ def test_auto_attention_per_platform(monkeypatch, backend, capability, dtype, im
     assert train.model_config(make_cfg(f'model.dtype={dtype}', name='colab').model).attn_impl == impl
 
 
+@pytest.mark.parametrize('capability,override,impl', [
+    ('9.0', 'model.seq_len=1023', 'xla'), ('9.0', 'model.n_heads=64', 'xla'), ('8.0', 'model.n_heads=4', 'xla'),
+    ('9.0', 'model.n_heads=4', 'cudnn'), ('12.0', 'model.n_heads=2', 'xla')])
+def test_auto_attention_leaves_cudnn_out_for_shapes_it_cannot_train(monkeypatch, capability, override, impl):
+    """JAX's cuDNN attention trains an even seq_len only, and head widths that are multiples of 8 up to 128 (256 from
+    Hopper): K=12 (64 heads), K=192 on an A100, K=384 or T=1023 anywhere get XLA's attention, not a NotImplementedError."""
+    monkeypatch.setattr(train.jax, 'default_backend', lambda: 'gpu')
+    monkeypatch.setattr(train.jax, 'devices', lambda *_: [SimpleNamespace(compute_capability=capability)])
+    assert train.model_config(make_cfg(override, name='colab').model).attn_impl == impl
+
+
 def test_default_is_gpt2_small():
     m = make_cfg(name='default').model
     assert (m.vocab_size, m.seq_len, m.d_model, m.n_layers, m.n_heads) == (50257, 1024, 768, 12, 12)

@@ -55,13 +55,17 @@ def test_byte_tokenizer_replaces_invalid_utf8():
 
 
 def test_larger_vocabularies_use_tiktoken_gpt2(monkeypatch):
-    """No network in tests: a stand-in for tiktoken's gpt2 encoding (its vocabulary is a download)."""
+    """No network in tests: a stand-in for tiktoken's gpt2 encoding (its vocabulary is a download). Ids past its
+    vocabulary (a model.vocab_size of 50304 has 47 of them; tiktoken raises KeyError on them) are left out."""
     asked = []
+    def decode(ids):
+        assert max(ids) < 10, f'Invalid token for decoding: {max(ids)}'
+        return f'<{ids}>'
     fake = SimpleNamespace(get_encoding=lambda name: asked.append(name) or SimpleNamespace(
-        encode=lambda text, allowed_special: [len(text)], decode=lambda ids: f'<{ids}>'))
+        encode=lambda text, allowed_special: [len(text)], decode=decode, n_vocab=10))
     monkeypatch.setitem(sys.modules, 'tiktoken', fake)
-    encode, decode = sample.tokenizer(50257)
-    assert asked == ['gpt2'] and encode('abc') == [3] and decode([5]) == '<[5]>'
+    encode, decode = sample.tokenizer(50304)
+    assert asked == ['gpt2'] and encode('abc') == [3] and decode([5, 12, 9]) == '<[5, 9]>'
 
 
 def test_missing_gpt2_vocabulary_is_one_clear_error_and_does_not_stop_training(monkeypatch, one_device_mesh):
