@@ -2,7 +2,7 @@
 import glob, importlib.util, json, os, platform, re, signal, subprocess, sys, time
 from types import SimpleNamespace
 import pytest
-import train
+import train, utils
 from conftest import REPO, TINY, make_cfg, write_tokens
 
 
@@ -64,6 +64,9 @@ def test_processes_of_one_run_share_its_name_and_checkpoint_dir():
     runs = [name('opt.peak_lr=0.01', f'dist.coordinator=10.0.0.1:{port}', 'dist.num_processes=2', f'dist.process_id={i}',
                  'peak_flops=1e12') for i, port in [(0, 1234), (1, 1234), (1, 4321)]]
     assert runs == [name('opt.peak_lr=0.01')] * 3 and name('opt.peak_lr=0.02') != runs[0]
+    # a run begun from a checkpoint is a run of its own: not `python main.py`'s dir (the README's example once was)
+    branch = name('ckpt.resume="checkpoints/local/train_tokens=409600"')  # as the shell passes it
+    assert utils.run_name('local', branch) == 'local/ckpt.resume=checkpoints_local_train_tokens=409600' != utils.run_name('local', name())
 
 
 def test_launches_in_the_same_second_get_their_own_output_dirs():
