@@ -305,3 +305,52 @@ def test_a_step_dir_is_found_by_what_it_holds_not_by_its_name(finished_run, tmp_
     numbered = shutil.copytree(finished_run[2], tmp_path / '777')
     manager, step = train.find_checkpoint(str(numbered) + '/')
     assert step == 20 and str(manager.directory) == str(numbered)
+
+
+def fake_checkpoints(path, cfg, steps):
+    """Checkpoints of a one-array state ((model, optimizer) as create_state's: here ({'w': ...},)) saved with `cfg` as
+    their config: what restore and train() read of them, without a model to build or compile."""
+    with ocp.CheckpointManager(path) as manager:
+        for step in steps:
+            train.save(manager, step, ({'w': np.full(2, step, np.float32)},), {'step': step, 'config': OmegaConf.to_container(cfg, resolve=True)})
+    return str(path)
+
+
+def test_restore_lets_free_keys_change_and_names_a_changed_parameter_tree(tiny_cfg, tmp_path):
+    """The same run relaunched may move its data, change its attention kernel, remat, grad_accum, dist.* or peak_flops;
+    a checkpoint of another parameter tree (model.scan stacks the layers) is one line naming the key, not orbax's error."""
+    manager, step = train.find_checkpoint(fake_checkpoints(tmp_path / 'ckpt', tiny_cfg(), [5]))
+    moved = tiny_cfg('data.train_path=/elsewhere/train.bin', 'data.val_path=/elsewhere/val.bin', 'model.attn_impl=xla',
+                     'model.remat=dots', 'grad_accum=2', 'peak_flops=1e12', 'dist.num_processes=1', 'sample_tokens=4')
+    state, meta = train.restore(manager, step, moved, ({'w': np.zeros(2, np.float32)},), same_run=True)
+    np.testing.assert_array_equal(state[0]['w'], [5, 5])
+    assert meta['step'] == 5
+    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {tmp_path}/ckpt/5 has model.scan=False but the config says True')):
+        train.restore(manager, step, tiny_cfg('model.scan=true'), ({'w': np.zeros(2, np.float32)},))
+
+
+def test_ckpt_resume_of_a_step_in_its_own_ckpt_dir(tiny_cfg, tmp_path, monkeypatch):
+    """ckpt.resume=DIR/20 with ckpt.dir=DIR (a longer budget for a finished run) starts a new run from step 20;
+    ckpt.resume=DIR/15 there would save over the steps after 15 (orbax skips them silently): refused before training."""
+    ckpt = fake_checkpoints(tmp_path / 'ckpt', tiny_cfg('train_tokens=10240'), [15, 20])
+    restored = []
+    monkeypatch.setattr(train, 'create_state', lambda *args: (None, ({'w': np.zeros(2, np.float32)},)))
+    monkeypatch.setattr(train, 'restore', lambda manager, step, cfg, state, same_run=False: restored.append((step, same_run)) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train.train(tiny_cfg('train_tokens=12800', f'ckpt.dir={ckpt}', f'ckpt.resume={ckpt}/20'), str(tmp_path))
+    assert restored == [(20, False)]  # from that step, as a new run: its config may differ
+    with pytest.raises(PicodoError, match=re.escape(f'{ckpt} holds step 20, past step 15: set ckpt.dir')):
+        train.train(tiny_cfg('train_tokens=12800', f'ckpt.dir={ckpt}', f'ckpt.resume={ckpt}/15'), str(tmp_path))
+    assert restored == [(20, False)] and sorted(os.listdir(ckpt)) == ['15', '20']
+
+
+def test_a_killed_saves_unfinished_step_goes_when_its_run_resumes(tiny_cfg, tmp_path, monkeypatch):
+    """A run killed while saving step 10 leaves 10.orbax-checkpoint-tmp-*, a whole state's size; its relaunch resumes
+    at step 5 and removes it (orbax would only if it saved step 10 again: not with another ckpt.every, say)."""
+    ckpt = fake_checkpoints(tmp_path / 'ckpt', tiny_cfg('train_tokens=10240'), [5])
+    os.mkdir(f'{ckpt}/10.orbax-checkpoint-tmp-1234')
+    monkeypatch.setattr(train, 'create_state', lambda *args: (None, ({'w': np.zeros(2, np.float32)},)))
+    monkeypatch.setattr(train, 'compile_steps', lambda *args: 1 / 0)  # right after the cleanup: stop there
+    with pytest.raises(ZeroDivisionError):
+        train.train(tiny_cfg('train_tokens=10240', f'ckpt.dir={ckpt}', 'ckpt.every=7'), str(tmp_path))
+    assert os.listdir(ckpt) == ['5']

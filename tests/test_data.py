@@ -103,6 +103,7 @@ def test_stdlib_corpus_is_byte_tokens(stdlib_data):
     ('id_is_vocab', 'token id 1000 >= model.vocab_size 1000'),  # the boundary: ids run 0..vocab_size-1
     ('short', 'fewer than one batch'),
     ('empty', '0 tokens give 0 windows'),  # np.memmap cannot map an empty file: checked before it
+    ('a dir', 'data file not found'),  # its size (4096) would pass the checks after: np.memmap's IsADirectoryError
 ])
 def test_bad_files_get_a_clear_error(tmp_path, case, message):
     path = tmp_path / 'bad.bin'
@@ -114,7 +115,14 @@ def test_bad_files_get_a_clear_error(tmp_path, case, message):
         write_tokens(path, [1] * (B * T))  # one token short of B windows of T+1
     elif case == 'empty':
         path.write_bytes(b'')
+    elif case == 'a dir':
+        path.mkdir()
     with pytest.raises(PicodoError, match=message) as e:
         data.open_tokens(str(path), 1000, T, B)
     assert str(path) in str(e.value) and '\n' not in str(e.value)
 
+
+
+def test_a_file_of_exactly_one_batch_of_windows_is_enough(tmp_path):
+    mm = data.open_tokens(write_tokens(tmp_path / 'x.bin', np.arange(B * T + 1)), 1000, T, B)
+    assert sorted(data.get_batch(mm, T, 0, 0, B)[:, 0]) == list(range(0, B * T, T))

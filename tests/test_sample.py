@@ -65,7 +65,7 @@ def test_larger_vocabularies_use_tiktoken_gpt2(monkeypatch):
         encode=lambda text, allowed_special: [len(text)], decode=decode, n_vocab=10))
     monkeypatch.setitem(sys.modules, 'tiktoken', fake)
     encode, decode = sample.tokenizer(50304)
-    assert asked == ['gpt2'] and encode('abc') == [3] and decode([5, 12, 9]) == '<[5, 9]>'
+    assert asked == ['gpt2'] and encode('abc') == [3] and decode([5, 10, 12, 9]) == '<[5, 9]>'
 
 
 def test_missing_gpt2_vocabulary_is_one_clear_error_and_does_not_stop_training(monkeypatch, one_device_mesh):
@@ -126,3 +126,34 @@ def test_a_tiny_temperature_is_greedy_and_prompt_ids_must_be_in_the_vocab(one_de
     ids = lambda text: [int(x) for x in text.split()]
     with pytest.raises(sample.utils.PicodoError, match='^prompt token id 300 >= model.vocab_size 300$'):
         sample.sample(model, ids, str, '5 300 7', 4)
+
+
+def test_top_1_is_greedy():
+    logits = jax.random.normal(jax.random.key(0), (4, 50))
+    for seed in range(3):
+        np.testing.assert_array_equal(sample.sample_token(logits, jax.random.key(seed), 1.0, 1), logits.argmax(-1))
+
+
+def test_a_prompt_of_a_whole_window_is_cut_to_leave_room_for_a_new_token(one_device_mesh, capsys):
+    """seq_len 24: a prompt of 24 tokens is its last 23 (as a longer one is), not decoded from its last 12."""
+    model, (encode, decode) = random_model(), sample.tokenizer(256)  # shapes as in the test above: compiled once
+    texts = sample.sample(model, encode, lambda ids: ids, 'y' + 'x' * 23, 50, num_samples=2, seed=3)
+    assert 'prompt of 24 tokens cut to its last 23' in capsys.readouterr().err
+    assert texts == sample.sample(model, encode, lambda ids: ids, 'x' * 23, 50, num_samples=2, seed=3)
+
+
+def test_each_new_token_draws_fresh_randomness(one_device_mesh):
+    """From a model whose logits are all equal, every token is a fresh uniform draw: within one generate call (its
+    key folded with the position) and in each refill past the window (folded with the number of tokens so far)."""
+    model, (encode, decode) = random_model(), sample.tokenizer(256)
+    nnx.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    ids = sample.sample(model, encode, lambda ids: ids, 'x' * 40, 50, num_samples=2, seed=3)[0]  # 1 new, then 12 at a time
+    assert len(set(ids[1:13])) > 6 and ids[1:13] != ids[13:25]
+
+
+def test_top_k_may_be_the_whole_vocabulary(one_device_mesh):
+    """top_k runs 0..vocab_size, as the error says: vocab_size keeps every token, as 0 does (nothing to generate here)."""
+    model = random_model()
+    assert sample.sample(model, lambda text: [1, 2], str, 'ab', 0, top_k=300) == ['[]']
+    with pytest.raises(sample.utils.PicodoError, match=r'^top_k 301 is not in 0..300'):
+        sample.sample(model, lambda text: [1, 2], str, 'ab', 0, top_k=301)

@@ -352,3 +352,23 @@ def test_a_wandb_that_fails_mid_run_stops_neither_training_nor_checkpoints(tiny_
     _, last = train.train(tiny_cfg('train_tokens=5120', 'ckpt.every=5', f'ckpt.dir={tmp_path / "ckpt"}'), str(tmp_path))
     assert last['step'] == 10 and sorted(os.listdir(tmp_path / 'ckpt')) == ['10', '5']
     assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [5, 10, 10]  # 2 logs, 1 eval
+
+
+def test_eval_batches_stop_before_a_file_of_whole_windows_wraps(tiny_cfg, tmp_path, monkeypatch):
+    """A validation file of exactly 2 batches of T tokens holds 2B-1 windows of T+1 (the last lacks its final target):
+    one batch is evaluated, not a second wrapping into another epoch's order. Stopped once they are loaded."""
+    val = write_tokens(tmp_path / 'val.bin', np.arange(2 * 16 * 32) % 256)
+    calls, load_batch = [], data.load_batch
+    monkeypatch.setattr(data, 'load_batch', lambda tokens, T, seed, step, *args: calls.append(step) or load_batch(tokens, T, seed, step, *args))
+    monkeypatch.setattr(train, 'create_state', lambda *args: (None, ({'w': jnp.zeros(2)},)))  # no model needed
+    monkeypatch.setattr(train.utils, 'init_wandb', lambda *args: 1 / 0)  # called next
+    with pytest.raises(ZeroDivisionError):
+        train.train(tiny_cfg(f'data.val_path={val}', 'eval_batches=2'), str(tmp_path))
+    assert calls == [0]
+
+
+def test_micro_batches_that_do_not_split_over_the_devices_are_one_line(tiny_cfg, tmp_path, monkeypatch):
+    """batch_size 16 splits over 8 devices, but its 4 micro-batches of 4 do not: said before the model is built."""
+    monkeypatch.setattr(train, 'create_state', lambda *args: pytest.fail('got past the check'))
+    with pytest.raises(PicodoError, match='^batch_size 16 must split into grad_accum=4 micro-batches, each divisible over 8 devices$'):
+        train.train(tiny_cfg('grad_accum=4'), str(tmp_path))

@@ -50,7 +50,8 @@ def test_a_dns_lookup_that_never_answers_does_not_hold_up_the_run(tmp_path, monk
     import socket, threading
     release, modes = threading.Event(), []
     monkeypatch.setattr(socket, 'create_connection', lambda *args, **kwargs: release.wait())  # hangs until released
-    threading.Timer(60, release.set).start()  # the old code waited here, then failed
+    timer = threading.Timer(60, release.set)  # the old code waited here, then failed
+    timer.start()
     monkeypatch.setenv('WANDB_BASE_URL', 'https://api.example.com')
     monkeypatch.setenv('WANDB_API_KEY', 'a' * 40)
     monkeypatch.delenv('WANDB_MODE', raising=False)
@@ -60,6 +61,7 @@ def test_a_dns_lookup_that_never_answers_does_not_hold_up_the_run(tmp_path, monk
         assert not release.is_set()  # it returned while the lookup still hung
     finally:
         release.set()
+        timer.cancel()  # else its thread kept pytest from exiting for the rest of the minute
 
 def test_a_bad_wandb_mode_does_not_stop_the_run(tmp_path):
     """In a fresh process, as `WANDB_MODE=offlne python main.py` (this crashed on wandb's own fallback once)."""
@@ -92,3 +94,61 @@ def test_peak_flops_first_match_wins_and_unknown_chips_have_none():
 
 def test_mfu_divides_by_the_peak_of_all_devices():
     assert utils.mfu(8e12, 8, 1e12) == 1.0 and utils.mfu(2e12, 4, 1e12) == 0.5 and utils.mfu(1e12, 8, None) is None
+
+
+def test_a_peak_flops_of_0_means_look_it_up():
+    """check_config takes peak_flops >= 0: 0 must not become the peak (MFU would divide by it at the first log)."""
+    assert utils.peak_flops('cpu', 0) is None and utils.peak_flops('NVIDIA A100-SXM4-40GB', 0) == 312e12
+
+
+@pytest.mark.parametrize('env,config', [('disabled', 'online'), (None, 'disabled')])
+def test_wandb_disabled_by_wandb_mode_or_the_config_stays_disabled(tmp_path, monkeypatch, env, config):
+    """WANDB_MODE wins over wandb.mode; disabled (no key here) must not become offline, which writes a run dir."""
+    modes = []
+    monkeypatch.setenv('NETRC', str(tmp_path / 'no-netrc'))
+    monkeypatch.delenv('WANDB_API_KEY', raising=False)
+    monkeypatch.delenv('WANDB_MODE', raising=False)
+    if env:
+        monkeypatch.setenv('WANDB_MODE', env)
+    monkeypatch.setattr(wandb, 'init', lambda **kwargs: modes.append(kwargs['mode']) or 'run')
+    assert utils.init_wandb(make_cfg(f'wandb.mode={config}').wandb, {}, str(tmp_path)) == 'run' and modes == ['disabled']
+
+
+@pytest.mark.parametrize('url,port', [('http://wandb.example.com', 80), ('https://wandb.example.com', 443)])
+def test_wandb_online_checks_the_default_port_of_the_scheme(tmp_path, monkeypatch, url, port):
+    """A self-hosted server at http://host (no port) listens on 80: checked there, not on 443."""
+    import socket
+    tried, modes = [], []
+    def connect(address, timeout=None):
+        tried.append(address)
+        return socket.socket()  # closed unconnected: the check passes
+    monkeypatch.setattr(socket, 'create_connection', connect)
+    monkeypatch.setenv('WANDB_BASE_URL', url)
+    monkeypatch.setenv('WANDB_API_KEY', 'a' * 40)
+    monkeypatch.delenv('WANDB_MODE', raising=False)
+    monkeypatch.setattr(wandb, 'init', lambda **kwargs: modes.append(kwargs['mode']) or 'run')
+    utils.init_wandb(make_cfg().wandb, {}, str(tmp_path))
+    assert tried == [('wandb.example.com', port)] and modes == ['online']
+
+
+def test_a_wandb_that_cannot_start_in_its_mode_logs_offline(tmp_path, monkeypatch):
+    """Online with a server in reach but a key it rejects (or any other failure of wandb.init): the run logs offline."""
+    modes = []
+    def init(**kwargs):
+        modes.append(kwargs['mode'])
+        if kwargs['mode'] != 'offline':
+            raise ValueError(f'bad mode {kwargs["mode"]}')
+        return 'run'
+    monkeypatch.setattr(wandb, 'init', init)
+    monkeypatch.setattr(utils, 'online_ok', lambda url: True)
+    monkeypatch.setenv('WANDB_MODE', 'online')
+    assert utils.init_wandb(make_cfg().wandb, {}, str(tmp_path)) == 'run' and modes == ['online', 'offline']
+
+
+def test_run_names_are_one_dir_and_long_override_lists_stay_apart():
+    """The run name is the checkpoint dir under checkpoints/: a path in an override must not nest dirs, and two long
+    override lists that differ only near their end must not share a dir (a shortened name keeps a hash of it all)."""
+    assert utils.run_name('local', 'data.train_path=/d/train.bin') == os.path.join('local', 'data.train_path=_d_train.bin')
+    long = ','.join(f'data.train_path=/data/fineweb_{i}/train.bin' for i in range(3))
+    a, b = (utils.run_name('local', f'{long},seed={seed}') for seed in (1, 2))
+    assert a != b and a.count(os.sep) == 1 and len(os.path.basename(a)) <= 100
