@@ -1,6 +1,5 @@
 """The training loop: config in, sharded model and optimizer built, one jitted step, metrics out."""
-import contextlib, functools, glob, io, json, os, shutil, signal, time
-from functools import partial
+import contextlib, functools, glob, io, json, logging, os, shutil, signal, sys, time, warnings
 from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
@@ -28,8 +27,7 @@ CHOICES = {'dtype': ['float32', 'bfloat16'], 'remat': ['none', *gpt.REMAT_POLICI
 
 
 def check_config(cfg):  # every key must exist in configs/default.yaml (catches typos in config files, not just overrides)
-    defaults = OmegaConf.load(DEFAULTS)
-    OmegaConf.set_struct(defaults, True)
+    OmegaConf.set_struct(defaults := OmegaConf.load(DEFAULTS), True)
     try:
         OmegaConf.merge(defaults, cfg)
     except Exception as e:  # omegaconf's ConfigKeyError names the key
@@ -110,10 +108,12 @@ def restore(manager, step, cfg, state, same_run=False):
                 try:
                     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
                 except Exception:
-                    time.sleep(0.5)  # ... here, into nothing
+                    time.sleep(0.5)  # ... here, into nothing; then the failed reads' coroutines and futures, freed later (as
+                    sys.unraisablehook, logging.getLogger('asyncio').disabled = (lambda *_: None), True  # the process exits),
+                    warnings.filterwarnings('ignore', 'coroutine .* was never awaited')  # print a traceback or warning each
                     raise
-    except Exception as e:  # truncated or missing files, garbled metadata, ...: TensorStore's errors name the file
-        raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(e).__name__}: {(str(e).splitlines() or [""])[0].split(" [tensorstore_spec")[0]}') from None
+    except Exception as e:  # truncated or missing files, garbled metadata, ...: TensorStore's errors name the file (the cause
+        raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(c := e.__cause__ or e).__name__}: {(str(c).splitlines() or [""])[0].split(" [tensorstore_spec")[0]}') from None  # of orbax's)
     raise utils.PicodoError(f'checkpoint {where} has {differ[0]}' + (': another run (set ckpt.dir), or ckpt.resume to go '
                             'on from it with this config' if same_run else ''))
 
@@ -143,7 +143,7 @@ def compile_steps(graphdef, state):
     """Jitted train and eval steps on batches [A, B/A, T+1], the state donated and kept in its FSDP layout; call under `jax.set_mesh`."""
     # cuBLAS, not Triton, for matmuls on GPUs: an H200 step 1.5% faster (cuBLAS also fuses GELU), compiles in half the time
     opts = {'xla_gpu_enable_triton_gemm': False} if jax.default_backend() == 'gpu' else None
-    train = jax.jit(partial(train_step, graphdef), donate_argnums=0, out_shardings=(jax.tree.map(lambda x: x.sharding, state), None), compiler_options=opts)
+    train = jax.jit(functools.partial(train_step, graphdef), donate_argnums=0, out_shardings=(jax.tree.map(lambda x: x.sharding, state), None), compiler_options=opts)
     # the state passes through the loop as its carry: a model merged outside (or closed over) fails inside nnx.scan's layers
     return train, jax.jit(lambda state, tokens: jax.lax.scan(lambda s, t: (s, loss_fn(nnx.merge(graphdef, s)[0], t)), state, tokens)[1].mean())
 
