@@ -148,7 +148,8 @@ class TiktokenTokens:
             try:
                 encoding = tiktoken.get_encoding(encoding)
             except Exception as e:  # unknown name, or no network for the vocabulary download
-                raise PrepareError(f'cannot load tiktoken encoding {encoding!r}: {str(e).splitlines()[0]}') from None
+                raise PrepareError(f'cannot load tiktoken encoding {encoding!r} (its vocabulary needs the network once, or a copy '
+                                   f'in TIKTOKEN_CACHE_DIR): {(str(e).splitlines() or [type(e).__name__])[0]}') from None
         if encoding.n_vocab > 1 << 16:
             raise PrepareError(f'encoding {encoding.name} has {encoding.n_vocab} ids, more than uint16 holds')
         self.encoding, self.name, self.eot, self.n_vocab = encoding, encoding.name, encoding.eot_token, encoding.n_vocab

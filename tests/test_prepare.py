@@ -178,6 +178,17 @@ def test_hugging_face_without_datasets_installed_is_a_clear_error(tmp_path, monk
     assert capsys.readouterr().err == 'error: --hf-dataset needs the datasets library: pip install datasets\n'
 
 
+def test_an_offline_tokenize_says_where_the_vocabulary_could_come_from(corpus, tmp_path, monkeypatch, capsys):
+    """tiktoken's download failing offline (some errors have no message: that was an IndexError) is one line."""
+    def offline(name):
+        raise ConnectionError()
+    monkeypatch.setattr(tiktoken, 'get_encoding', offline)
+    assert prepare.main(['tokenize', corpus, '--out', str(tmp_path / 'out')]) == 1
+    assert capsys.readouterr().err == ("error: cannot load tiktoken encoding 'gpt2' (its vocabulary needs the network once, "
+                                       'or a copy in TIKTOKEN_CACHE_DIR): ConnectionError\n')
+    assert not os.path.exists(tmp_path / 'out' / 'train.bin')
+
+
 @pytest.mark.parametrize('case,message', [
     ('missing', 'input not found: .*nowhere'),
     ('empty_dir', 'no text in'),
