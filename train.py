@@ -108,9 +108,9 @@ def restore(manager, step, cfg, state, same_run=False):
                 try:
                     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
                 except Exception:
-                    time.sleep(0.5)  # ... here, into nothing; then the failed reads' coroutines and futures, freed later (as
-                    sys.unraisablehook, logging.getLogger('asyncio').disabled = (lambda *_: None), True  # the process exits),
-                    warnings.filterwarnings('ignore', 'coroutine .* was never awaited')  # print a traceback or warning each
+                    time.sleep(0.5)  # ... here, into nothing; then the failed reads' coroutines and futures print a traceback each
+                    sys.unraisablehook, logging.getLogger('asyncio').disabled = (lambda *_: None), True  # when freed, at exit or
+                    warnings.filterwarnings('ignore', 'coroutine .* was never awaited')  # during a sweep's next run: for good
                     raise
     except Exception as e:  # truncated or missing files, garbled metadata, ...: TensorStore's errors name the file (the cause
         raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(c := e.__cause__ or e).__name__}: {(str(c).splitlines() or [""])[0].split(" [tensorstore_spec")[0]}') from None  # of orbax's)
@@ -183,7 +183,7 @@ def train(cfg, out_dir, name='run'):
         raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep))
     resume = cfg.ckpt.resume and os.path.abspath(cfg.ckpt.resume)  # a relaunch of a run begun from another dir's checkpoint
-    own = not resume or saver.latest_step() and ckpt_dir != (os.path.dirname(resume) if os.path.basename(resume).isdigit() else resume)
+    own = not resume or saver.latest_step() and resume not in (ckpt_dir, os.path.join(ckpt_dir, str(saver.latest_step())))
     source, start = (saver, saver.latest_step() or 0) if own else find_checkpoint(resume)  # goes on from its own (ckpt.resume must match)
     if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
         raise utils.PicodoError(f'{ckpt_dir} holds step {saver.latest_step()}, past step {start}: set ckpt.dir')

@@ -1,5 +1,5 @@
 """Tests run on the CPU with 8 simulated devices; nothing needs the network or a wandb account."""
-import atexit, os, shutil, subprocess, sys, tempfile
+import atexit, logging, os, shutil, subprocess, sys, tempfile
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 # One compiled-program cache for the session (JAX's persistent cache, in a fresh dir): tests, and the `python main.py`
 # runs they start, that build the same program load it instead of compiling it again (about a fifth of the suite's time)
@@ -28,8 +28,11 @@ def make_cfg(*overrides, name='local'):
 
 @pytest.fixture(autouse=True)
 def in_tmp_dir(tmp_path, monkeypatch):
-    """Each test runs in its own directory, so default checkpoint dirs (checkpoints/...) never collide."""
+    """Each test runs in its own directory, so default checkpoint dirs (checkpoints/...) never collide. A failed
+    checkpoint restore silences unraisable exceptions and asyncio's log for good: undone for the next test."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'unraisablehook', sys.unraisablehook)
+    monkeypatch.setattr(logging.getLogger('asyncio'), 'disabled', logging.getLogger('asyncio').disabled)
     yield
     # wandb.init in this process exports WANDB_SERVICE; a later `python main.py` subprocess would inherit it and
     # talk to this process's wandb service (its run id then no longer comes from the checkpoint)

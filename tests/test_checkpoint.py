@@ -332,18 +332,24 @@ def test_restore_lets_free_keys_change_and_names_a_changed_parameter_tree(tiny_c
 
 
 def test_ckpt_resume_of_a_step_in_its_own_ckpt_dir(tiny_cfg, tmp_path, monkeypatch):
-    """ckpt.resume=DIR/20 with ckpt.dir=DIR (a longer budget for a finished run) starts a new run from step 20;
-    ckpt.resume=DIR/15 there would save over the steps after 15 (orbax skips them silently): refused before training."""
+    """ckpt.resume=DIR/20 with ckpt.dir=DIR (a longer budget for a finished run) starts a new run from step 20; its
+    requeue goes on from its own step 25 (it stopped: DIR 'holds step 25, past step 20'). ckpt.resume=DIR/15 there
+    would save over the steps after 15 (orbax skips them silently): refused before training."""
     ckpt = fake_checkpoints(tmp_path / 'ckpt', tiny_cfg('train_tokens=10240'), [15, 20])
-    restored = []
-    monkeypatch.setattr(train, 'create_state', lambda *args: (None, ({'w': np.zeros(2, np.float32)},)))
-    monkeypatch.setattr(train, 'restore', lambda manager, step, cfg, state, same_run=False: restored.append((step, same_run)) or 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        train.train(tiny_cfg('train_tokens=12800', f'ckpt.dir={ckpt}', f'ckpt.resume={ckpt}/20'), str(tmp_path))
-    assert restored == [(20, False)]  # from that step, as a new run: its config may differ
-    with pytest.raises(PicodoError, match=re.escape(f'{ckpt} holds step 20, past step 15: set ckpt.dir')):
+    restored, branch = [], tiny_cfg('train_tokens=12800', f'ckpt.dir={ckpt}', f'ckpt.resume={ckpt}/20')
+    with monkeypatch.context() as m:
+        m.setattr(train, 'create_state', lambda *args: (None, ({'w': np.zeros(2, np.float32)},)))
+        m.setattr(train, 'restore', lambda manager, step, cfg, state, same_run=False: restored.append((step, same_run)) or 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            train.train(branch, str(tmp_path))
+        assert restored == [(20, False)]  # from that step, as a new run: its config may differ
+        fake_checkpoints(tmp_path / 'ckpt', branch, [25])
+        with pytest.raises(ZeroDivisionError):
+            train.train(branch, str(tmp_path))
+        assert restored == [(20, False), (25, True)]  # its own, as the same run: restore checks the config
+    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {ckpt}/25 has ckpt.resume={ckpt}/20 but the config says {ckpt}/15')):
         train.train(tiny_cfg('train_tokens=12800', f'ckpt.dir={ckpt}', f'ckpt.resume={ckpt}/15'), str(tmp_path))
-    assert restored == [(20, False)] and sorted(os.listdir(ckpt)) == ['15', '20']
+    assert sorted(os.listdir(ckpt)) == ['15', '20', '25']
 
 
 def test_a_killed_saves_unfinished_step_goes_when_its_run_resumes(tiny_cfg, tmp_path, monkeypatch):
