@@ -77,9 +77,9 @@ def test_killed_and_stopped_runs_resume_exactly(finished_run):
 def test_a_relaunch_of_a_run_begun_from_ckpt_resume_goes_on_from_its_own_checkpoints(finished_run, tiny_cfg, tmp_path):
     """`ckpt.resume=A` starts a new run, with its own wandb run, from A's newest step; the same command again (a
     requeue) goes on from the new run's own checkpoints and wandb run (it once stopped: its dir was past A's step).
-    As in the README, A is a run dir beside the new run's step dirs (the new run's name leaves ckpt.resume out; a
-    requeue once took them for A's and stopped). A dir holding checkpoints saved without that ckpt.resume is another
-    run's: refused, left as it was."""
+    Here A is a run dir beside the new run's step dirs (`ckpt.dir` is A's parent, as the README's example was while
+    run names left ckpt.resume out): a requeue once took them for A's and stopped. A dir holding checkpoints saved
+    without that ckpt.resume is another run's: refused, left as it was."""
     d, _, a = finished_run
     source = shutil.copytree(a, tmp_path / 'b' / 'source')
     branch = lambda *more: tiny_cfg('train_tokens=12800', 'ckpt.every=5', f'ckpt.resume={source}', *more)
