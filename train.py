@@ -190,7 +190,7 @@ def train(cfg, out_dir, name='run'):
     if not own and start >= total_steps:  # it would train nothing and exit 0
         raise utils.PicodoError(f'ckpt.resume {resume} is at step {start}: train_tokens={cfg.train_tokens} ends at step {total_steps}')
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
-    n_params = sum(x.size for x in jax.tree.leaves(state[0]))
+    n_params, whole = map(sum, zip(*[(x.size, x.size * (jax.device_count() > 1 and x.sharding.is_fully_replicated)) for x in jax.tree.leaves(state[0])]))
     state, meta = restore(source, start, cfg, state, same_run=source is saver) if start else (state, {})
     for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):  # a killed save's unfinished step, once the
         shutil.rmtree(tmp, ignore_errors=True)  # dir is this run's; here, not in orbax's thread (it fails at exit after a start-up error)
@@ -206,6 +206,7 @@ def train(cfg, out_dir, name='run'):
     main = jax.process_index() == 0  # only process 0 prints, logs and writes metrics
     run = utils.init_wandb(cfg.wandb, utils.flatten(config) | {'n_params': n_params, 'flops_per_token': flops_per_token},
                            out_dir, meta.get('wandb_id') if source is saver else None, main)  # a resumed run continues its wandb run
+    main and whole and print(f'warning: {whole / 1e6:.2f}M params and their Adam moments are whole on each device (none of their dimensions divides over {jax.device_count()} devices)')
     main and print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} {jax.devices()[0].device_kind}, '
           f'eval on {len(val_batches)}x{B} windows{" (all of val)" * (len(val_batches) < cfg.eval_batches)}; logging to {out_dir}, checkpoints in {ckpt_dir}')
 

@@ -372,3 +372,15 @@ def test_micro_batches_that_do_not_split_over_the_devices_are_one_line(tiny_cfg,
     monkeypatch.setattr(train, 'create_state', lambda *args: pytest.fail('got past the check'))
     with pytest.raises(PicodoError, match='^batch_size 16 must split into grad_accum=4 micro-batches, each divisible over 8 devices$'):
         train.train(tiny_cfg('grad_accum=4'), str(tmp_path))
+
+
+def test_weights_no_dimension_of_which_divides_over_the_devices_are_said_to_be_whole(tiny_cfg, tmp_path, capsys):
+    """FSDP splits each weight along one dimension; where the device count divides none (d_model=36 on 8 devices: the
+    position table, LayerNorms, and every kernel but mlp_out [4·36, 36]), flax keeps the weight whole on every device.
+    The run goes on (its numbers are right) but says so: 1,152 + 2·(3,888 + 1,296 + 5,184 + 144) + 72 = 22,248 params."""
+    for d, warned in ((36, True), (64, False)):
+        train.train(tiny_cfg(f'model.d_model={d}', 'model.n_heads=4' if d == 64 else 'model.n_heads=3', 'train_tokens=512',
+                             f'ckpt.dir={tmp_path}/{d}'), str(tmp_path))
+        lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('warning:')]
+        assert lines == (['warning: 0.02M params and their Adam moments are whole on each device (none of their dimensions '
+                          'divides over 8 devices)'] if warned else []), lines
