@@ -59,7 +59,7 @@ def model_config(c):
 
 
 def lr_schedule(c, total_steps):
-    warmup = int(c.warmup_frac * total_steps)
+    warmup = round(c.warmup_frac * total_steps)  # not int(): 0.29 * 100 is 28.999...
     return optax.warmup_cosine_decay_schedule(0.0, c.peak_lr, warmup, max(total_steps, warmup + 1), c.peak_lr * c.min_lr_frac)
 
 

@@ -135,6 +135,8 @@ def test_peak_lr_override_reaches_the_schedule(tiny_cfg):
     schedule = train.lr_schedule(cfg.opt, 100)
     assert schedule(0) == 0 and np.isclose(schedule(10), 0.004) and np.isclose(schedule(100), 0.0004)
     assert np.isclose(schedule(55), (0.004 + 0.0004) / 2) and schedule(99) > schedule(100)
+    schedule = train.lr_schedule(tiny_cfg('opt.peak_lr=0.004', 'opt.warmup_frac=0.29').opt, 100)  # 0.29 * 100 = 28.999...
+    assert schedule(28) < 0.004 and np.isclose(schedule(29), 0.004)  # warmup over 29 steps, not 28
 
 
 def test_weight_decay_reaches_matmul_weights_and_embeddings_only(tiny_cfg):
