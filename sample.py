@@ -42,6 +42,8 @@ def sample_token(logits, key, temperature, top_k):  # logits [B, V] -> token ids
 def generate(model, prompt, key, n_new, temperature=1.0, top_k=0):
     """prompt [B, P] -> [B, P + n_new], with P + n_new <= seq_len. temperature 0 is greedy; top_k 0 keeps all."""
     B, P = prompt.shape
+    if P + n_new > model.seq_len:  # past it, the position table and the cache would be read and written clamped
+        raise ValueError(f'a prompt of {P} tokens and {n_new} new ones exceed the model\'s seq_len {model.seq_len}')
     logits, cache = model(prompt, model.init_cache(B, P + n_new))  # the prompt in one pass
     graphdef, weights = nnx.split(model)  # weights ride in the loop carry: NNX modules cannot cross into lax loops
     def step(i, carry):  # one new token: one position through the model, its keys/values added to the cache

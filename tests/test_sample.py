@@ -157,3 +157,12 @@ def test_top_k_may_be_the_whole_vocabulary(one_device_mesh):
     assert sample.sample(model, lambda text: [1, 2], str, 'ab', 0, top_k=300) == ['[]']
     with pytest.raises(sample.utils.PicodoError, match=r'^top_k 301 is not in 0..300'):
         sample.sample(model, lambda text: [1, 2], str, 'ab', 0, top_k=301)
+
+
+def test_generate_refuses_to_run_past_the_window(one_device_mesh):
+    """generate's prompt plus new tokens must fit in seq_len (24): past it, positions would be clamped without a word
+    (sample() and eval_sample() cut the prompt first; this guards direct callers)."""
+    model, prompt = random_model(), jnp.zeros((1, 5), jnp.int32)
+    assert sample.generate(model, prompt, jax.random.key(0), n_new=19).shape == (1, 24)
+    with pytest.raises(ValueError, match="^a prompt of 5 tokens and 20 new ones exceed the model's seq_len 24($|\n)"):
+        sample.generate(model, prompt, jax.random.key(0), n_new=20)
