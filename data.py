@@ -3,7 +3,7 @@
 A training example is a window of T+1 consecutive tokens: inputs w[:-1], targets w[1:].
 The file is cut into non-overlapping windows; each epoch visits them in a fresh permutation, so
 the batch at any step is a pure function of (seed, step) — what makes resume exact."""
-import concurrent.futures, functools, os
+import concurrent.futures, functools, itertools, os
 import numpy as np
 import jax
 from utils import PicodoError
@@ -49,18 +49,11 @@ def load_batch(tokens, seq_len, seed, step, batch_size, accum, sharding):  # glo
     return jax.make_array_from_process_local_data(sharding, rows.reshape(accum, -1, seq_len + 1))
 
 
-class Batches:
+def batches(tokens, seq_len, seed, start_step, batch_size, accum, sharding):
     """Global batches [A, B/A, T+1] from `start_step` on, each process reading its rows, the next loaded while one trains."""
-
-    def __init__(self, tokens, seq_len, seed, start_step, batch_size, accum, sharding):
-        self.load = lambda step: load_batch(tokens, seq_len, seed, step, batch_size, accum, sharding)
-        self.pool, self.step = concurrent.futures.ThreadPoolExecutor(1), start_step
-        self.next = self.pool.submit(self.load, start_step)
-
-    def __next__(self):  # the thread's failure, if any, is raised here
-        current, self.step = self.next, self.step + 1
-        self.next = self.pool.submit(self.load, self.step)  # one thread: it starts once `current` is loaded
-        return current.result()
-
-    def close(self):  # wait for the thread before exit: one killed inside XLA's C++ code aborts the process
-        self.pool.shutdown(cancel_futures=True)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # closed, it waits for the thread: one killed in XLA's C++ aborts the process
+        load = lambda step: pool.submit(load_batch, tokens, seq_len, seed, step, batch_size, accum, sharding)
+        ahead = load(start_step)
+        for step in itertools.count(start_step + 1):
+            current, ahead = ahead, load(step)  # one thread: it starts on `step` once `current` is loaded
+            yield current.result()  # the thread's failure, if any, is raised here

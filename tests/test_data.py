@@ -66,7 +66,7 @@ def test_prefetched_batches_are_sharded_and_in_order(token_file):
     mm = data.open_tokens(token_file[0], 1000, T, 8)
     mesh = jax.make_mesh((8,), ('data',), (jax.sharding.AxisType.Auto,))
     threads = set(threading.enumerate())
-    batches = data.Batches(mm, T, seed=1, start_step=2, batch_size=16, accum=2,
+    batches = data.batches(mm, T, seed=1, start_step=2, batch_size=16, accum=2,
                            sharding=NamedSharding(mesh, P(None, 'data')))
     for step in [2, 3]:
         batch = next(batches)
@@ -82,7 +82,7 @@ def test_a_failure_in_the_loader_thread_reaches_the_training_loop(token_file, mo
     sharding = NamedSharding(jax.make_mesh((8,), ('data',), (jax.sharding.AxisType.Auto,)), P(None, 'data'))
     get_batch = data.get_batch
     monkeypatch.setattr(data, 'get_batch', lambda *a: get_batch(*a) if a[3] < 3 else 1 / 0)  # fails from step 3 on
-    batches = data.Batches(mm, T, seed=1, start_step=2, batch_size=16, accum=1, sharding=sharding)
+    batches = data.batches(mm, T, seed=1, start_step=2, batch_size=16, accum=1, sharding=sharding)
     assert next(batches).shape == (1, 16, T + 1)
     with pytest.raises(ZeroDivisionError):
         next(batches)

@@ -149,7 +149,7 @@ def test_a_failed_sweep_point_ends_its_wandb_run_and_the_next_starts_its_own(tmp
     """`-m`: a point that fails after wandb.init (here its loader) finishes its wandb run, so the next point's
     wandb.init starts a run of its own instead of returning the failed one and logging into it."""
     code = (f'import runpy, sys; sys.path.insert(0, {REPO!r})\nimport data, utils\n'
-            f'def fail(*args): raise utils.PicodoError("the loader failed")\ndata.Batches = fail\n'
+            f'def fail(*args): raise utils.PicodoError("the loader failed")\ndata.batches = fail\n'
             f'sys.argv = ["main.py", "-m", "seed=1,2", *{TINY!r}, "data.train_path={stdlib_data[0]}", "data.val_path={stdlib_data[1]}", '
             f'"hydra.sweep.dir=sweep"]\nrunpy.run_path({os.path.join(REPO, "main.py")!r}, run_name="__main__")')
     r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
