@@ -13,6 +13,7 @@ FAILED = []  # runs that stopped on an error: a sweep (-m) goes on with its next
 @hydra.main(config_path='configs', config_name='local', version_base=None)
 def main(cfg):
     utils.keep_freed_memory()  # before XLA starts its threads
+    os.chdir(hydra.utils.get_original_cwd())  # under hydra.job.chdir=true too, relative paths and checkpoints/ are the launch dir's
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt: a first run's corpus build removes its files
     try:
         job = HydraConfig.get().job  # the run's name: wandb.name or its config, and its overrides: colab/opt.peak_lr=0.004

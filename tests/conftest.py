@@ -94,11 +94,12 @@ def launch(cwd, args, hang=None, delay=0):
 @pytest.fixture(scope='session')
 def finished_run(stdlib_data, tmp_path_factory):
     """`python main.py` on a tiny byte-level model, 20 steps straight, printing a sample at each eval: its dir,
-    overrides and checkpoint dir (steps 10, 15, 20 kept)."""
+    overrides and checkpoint dir (steps 10, 15, 20 kept). Launched with hydra.job.chdir=true, which must not move the
+    relative ckpt.dir into the run dir (Hydra changes to it before main() runs)."""
     d = tmp_path_factory.mktemp('finished')
     args = [a for a in TINY if not a.startswith('log_every')] + [
         f'data.train_path={stdlib_data[0]}', f'data.val_path={stdlib_data[1]}', 'train_tokens=10240',  # 20 steps
         'log_every=1', 'ckpt.every=5', 'eval_every=10']
-    out = launch(d, args + ['ckpt.dir=a', 'hydra.run.dir=run_a', 'sample_tokens=8']).communicate(timeout=300)[0]
+    out = launch(d, args + ['ckpt.dir=a', 'hydra.run.dir=run_a', 'hydra.job.chdir=true', 'sample_tokens=8']).communicate(timeout=300)[0]
     assert 'sample: ' in out and (d / 'a' / '20').is_dir(), out[-3000:]
     return d, args, str(d / 'a')
