@@ -101,7 +101,8 @@ def restore(manager, step, cfg, state, same_run=False):
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
         saved, now = (utils.flatten(c) for c in (meta['config'], OmegaConf.to_container(cfg, resolve=True)))
-        keys = [k for k in now if not k.startswith(FREE_KEYS) or k == 'ckpt.resume'] if same_run else [f'model.{k}' for k in SHAPE_KEYS] + ['batch_size']
+        fixed = [f'model.{k}' for k in SHAPE_KEYS] + ['batch_size']  # the parameter tree, and what a step counts: even ckpt.resume keeps them
+        keys = fixed + [k for k in now if not k.startswith(FREE_KEYS) or k == 'ckpt.resume'] if same_run else fixed  # fixed first
         differ = [f'{k}={saved.get(k)} but the config says {now[k]}' for k in keys if saved.get(k) != now[k]]
         if not differ:  # a failed read: orbax closes its event loop with other reads in flight, and as they end (within ms)
             with contextlib.redirect_stderr(io.StringIO()):  # TensorStore's threads print tracebacks (event loop is closed)
@@ -114,8 +115,8 @@ def restore(manager, step, cfg, state, same_run=False):
                     raise
     except Exception as e:  # truncated or missing files, garbled metadata, ...: TensorStore's errors name the file (the cause
         raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(c := e.__cause__ or e).__name__}: {(str(c).splitlines() or [""])[0].split(" [tensorstore_spec")[0]}') from None  # of orbax's)
-    raise utils.PicodoError(f'checkpoint {where} has {differ[0]}' + (': another run (set ckpt.dir), or ckpt.resume to go '
-                            'on from it with this config' if same_run else ''))
+    raise utils.PicodoError(f'checkpoint {where} has {differ[0]}' + (': another run (set ckpt.dir)' + ', or ckpt.resume to go on from '
+                            'it with this config' * (not differ[0].startswith(tuple(fixed))) if same_run else ''))
 
 
 def save(manager, step, state, meta):  # asynchronous: the arrays are copied off the devices, then written in the background

@@ -159,15 +159,17 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(finished_run, tiny_cfg, 
 @pytest.mark.parametrize('change', ['opt.peak_lr=0.002', 'train_tokens=15360', 'seed=1', 'model.d_model=32'])
 def test_a_checkpoint_dir_of_another_run_is_not_resumed(finished_run, tiny_cfg, tmp_path, change):
     """A relaunch into a checkpoint dir whose run had another config (a shared ckpt.dir) stops with one line naming
-    the key, before training, and the checkpoints stay as they were; ckpt.resume goes on from it with the new config.
+    the key, before training, and the checkpoints stay as they were; ckpt.resume goes on from it with the new config,
+    and the message says so, except for a shape key or batch_size, which ckpt.resume cannot change either.
     Keys of how a run runs or logs (log_every, eval_every, sample_tokens here) may change between launches."""
     ckpt = shutil.copytree(finished_run[2], tmp_path / 'ckpt')
     (ckpt / '25.orbax-checkpoint-tmp-1').mkdir()  # as if the run that owns the dir were saving step 25 right now
     before = {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)}
     key, value = change.split('=')
     saved = {'opt.peak_lr': 0.003, 'train_tokens': 10240, 'seed': 0, 'model.d_model': 64}[key]
+    hint = '' if key == 'model.d_model' else ', or ckpt.resume to go on from it with this config'
     with pytest.raises(PicodoError, match=re.escape(f'checkpoint {ckpt}/20 has {key}={saved} but the config says {value}: '
-                                                    'another run (set ckpt.dir), or ckpt.resume to go on from it with this config')):
+                                                    f'another run (set ckpt.dir){hint}') + '$'):
         train.train(tiny_cfg('train_tokens=10240', change, f'ckpt.dir={ckpt}'), str(tmp_path))
     assert {p: os.path.getmtime(p) for p in glob.glob(f'{ckpt}/**', recursive=True)} == before
     if key == 'opt.peak_lr':
