@@ -28,13 +28,14 @@ CHOICES = {'dtype': ['float32', 'bfloat16'], 'remat': ['none', *gpt.REMAT_POLICI
 
 def check_config(cfg):  # every key must exist in configs/default.yaml (catches typos in config files, not just overrides)
     OmegaConf.set_struct(defaults := OmegaConf.load(DEFAULTS), True)
-    try:
-        OmegaConf.merge(defaults, cfg)
-    except Exception as e:  # omegaconf's ConfigKeyError names the key
-        raise utils.PicodoError(f'unknown config key: {getattr(e, "full_key", e)}') from None
+    try:  # ... and every ${...} interpolation resolve (${oc.env:VAR} with VAR unset, a misspelt key)
+        OmegaConf.to_container(OmegaConf.merge(defaults, cfg), resolve=True)
+    except Exception as e:  # omegaconf's errors name the key: ConfigKeyError, InterpolationResolutionError and its subclasses
+        raise utils.PicodoError(f'bad config value: {e.full_key}: {str(e).splitlines()[0]}' if 'Interpolation' in type(e).__name__
+                                else f'unknown config key: {getattr(e, "full_key", e)}') from None
     get, defaults = lambda key: OmegaConf.select(cfg, key), utils.flatten(OmegaConf.to_container(defaults) | {'hydra': {}})
     kind = {k: NULL_DEFAULTS.get(k, str) if v is None else type(v) for k, v in defaults.items()}  # each key's type
-    bad = [f'{k}={get(k)} (must be an integer >= {n})' for k, n in AT_LEAST.items() if not (isinstance(get(k), int) and get(k) >= n)]
+    bad = [f'{k}={get(k)!r} (must be an integer >= {n})' for k, n in AT_LEAST.items() if not (isinstance(get(k), int) and get(k) >= n)]
     bad += [f'{k}={get(k)} (must be {t.__name__}{": quote a number" * (t is str and type(get(k)) in (int, float))})'  # 'ckpt.dir="7"'
             for k, t in kind.items()
             if not (get(k) is None is defaults[k]) and type(get(k)) not in ((int, float) if t is float else (t,))]  # null if its default is

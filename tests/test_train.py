@@ -222,6 +222,7 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
     ('eval_every=0', 'eval_every=0 (must be an integer >= 1)'),
     ('ckpt.every=-5', 'ckpt.every=-5 (must be an integer >= 1)'),
     ('grad_accum=1.5', 'grad_accum=1.5 (must be an integer >= 1)'),
+    ('batch_size="32"', "batch_size='32' (must be an integer >= 1)"),  # quoted: text, which read as 32 looked like a contradiction
     ('model.d_model=null', 'model.d_model=None (must be an integer >= 1)'),  # not a TypeError from the n_heads check
     ('seed=-1', 'seed=-1 (must be an integer >= 0)'),
     ('sample_tokens=-5', 'sample_tokens=-5 (must be an integer >= 0)'),  # once a crash at the first eval
@@ -242,8 +243,12 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
     ('dist.process_id=x', 'dist.process_id=x (must be int)'),
     ('opt=3', 'opt.peak_lr=None (must be float)'),  # a whole group replaced
     ('model=null', 'model.vocab_size=None (must be an integer >= 1)'),
+    ('ckpt.dir=${oc.env:PICODO_UNSET}/ck', 'ckpt.dir: KeyError raised while resolving interpolation: "Environment variable '
+                                           "'PICODO_UNSET' not found\""),  # once a traceback
+    ('wandb.name=${wandb.nme}', "wandb.name: Interpolation key 'wandb.nme' not found"),
 ])
-def test_bad_config_values_are_one_line_naming_the_key(tiny_cfg, override, message):
+def test_bad_config_values_are_one_line_naming_the_key(tiny_cfg, override, message, monkeypatch):
+    monkeypatch.delenv('PICODO_UNSET', raising=False)
     with pytest.raises(PicodoError, match=re.escape(f'bad config value: {message}') + '$'):
         train.check_config(tiny_cfg(override))
 
