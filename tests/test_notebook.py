@@ -6,6 +6,7 @@ from conftest import REPO, TINY
 
 
 def test_notebook_trains_plots_and_samples(tmp_path, stdlib_data):
+    """RUN_DIR holds a space, as Drive's 'Colab Notebooks' folder does: every command quotes it."""
     nb = nbformat.read(os.path.join(REPO, 'train_colab.ipynb'), as_version=4)
     code = [c for c in nb.cells if c.cell_type == 'code']
     assert all(not c.outputs and c.execution_count is None for c in code)  # stored without outputs
@@ -14,12 +15,12 @@ def test_notebook_trains_plots_and_samples(tmp_path, stdlib_data):
     (tmp_path / 'data').mkdir()  # the data files under the names the download gives them, in DATA_DIR
     for split, path in zip(['train', 'val'], stdlib_data):
         os.symlink(path, tmp_path / 'data' / f'fineweb_edu_gpt2_{split}.bin')
-    params.source += (f"\nCONFIG, OVERRIDES, RUN_DIR, DATA_DIR = 'local', '{overrides}', '{tmp_path}/run', '{tmp_path}/data'"
+    params.source += (f"\nCONFIG, OVERRIDES, RUN_DIR, DATA_DIR = 'local', '{overrides}', '{tmp_path}/Colab Notebooks/run', '{tmp_path}/data'"
                       "\nINSTALL = DOWNLOAD = False\nPROMPT = 'def \"$HOME\"'")  # the prompt reaches sample.py as it is
     NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': REPO}}).execute()
-    assert (tmp_path / 'run' / 'loss.png').stat().st_size > 1000
+    assert (tmp_path / 'Colab Notebooks' / 'run' / 'loss.png').stat().st_size > 1000
     assert any('image/png' in out.get('data', {}) for c in code for out in c.outputs)  # the plot is shown inline
-    assert (tmp_path / 'run' / 'sample.txt').read_text().startswith('def "$HOME"')
+    assert (tmp_path / 'Colab Notebooks' / 'run' / 'sample.txt').read_text().startswith('def "$HOME"')
 
 
 def test_interrupting_the_notebook_passes_ctrl_c_on_to_the_trainer(capsys):
