@@ -3,13 +3,11 @@
 Dims: B batch, T sequence, D model width, H heads, K head width (D/H), V vocab, L layers.
 Parameters are fp32; activations, matmuls and logits run in `dtype`; cross_entropy computes the loss in fp32.
 Every weight carries an FSDP sharding annotation over the mesh axis 'data'."""
-import math
-from functools import partial
+import functools, math
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import PartitionSpec as P
 
 cp = jax.checkpoint_policies  # 'dots' keeps matmul outputs and attention's: the chunked loop's (named 'attn'), cuDNN's
 keep_attention = lambda prim, *_, **kw: prim.name == 'name' and kw['name'] == 'attn' or prim.name.startswith('dot_product_attention_fwd')
@@ -25,7 +23,7 @@ def _scores(q, k, i, C, keys_first=False):  # query chunk i [H, C, K] (pre-scale
     return jnp.where(mask, jnp.einsum('hak,hbk->hab', a, b, preferred_element_type=jnp.float32), -jnp.inf)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def chunked_attention(q, k, v, C=128):
     """Causal attention over query chunks of C, each skipping the keys after it (about half the T×T work); backward keeps
     the log-sum-exp and recomputes the probabilities. A loop over pairs of sequences keeps its scores in the CPU's cache."""
@@ -100,7 +98,7 @@ class Block(nnx.Module):
         B, T, D = x.shape  # the block works on tokens flattened to [B·T, D]: on [B, T, D] a weight gradient xᵀg contracts
         x = x.reshape(B * T, D)  # 2 dims, which XLA CPU canonicalizes with a transposed copy of g; on [B·T, D] it reads g in place
         # [B·T, ...] split over 'data': XLA then gathers the weights (FSDP) instead of splitting heads
-        x = x if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(x, P('data'))
+        x = x if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec('data'))
         q, k, v = jnp.split(self.qkv(self.ln1(x)).reshape(B, T, 3 * self.n_heads, D // self.n_heads), 3, axis=2)  # [B, T, H, K]
         if cache is None:
             y = (chunked_attention(q, k, v, 128 if T % 128 == 0 else T) if self.attn_impl == 'chunked' else

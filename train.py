@@ -1,6 +1,5 @@
 """The training loop: config in, sharded model and optimizer built, one jitted step, metrics out."""
-import contextlib, functools, glob, io, json, logging, os, shutil, signal, sys, time, warnings
-from types import SimpleNamespace
+import contextlib, functools, glob, io, json, logging, os, shutil, signal, sys, time, types, warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +47,7 @@ def check_config(cfg):  # every key must exist in configs/default.yaml (catches 
 
 
 def model_config(c):
-    c = SimpleNamespace(**OmegaConf.to_container(c, resolve=True))
+    c = types.SimpleNamespace(**OmegaConf.to_container(c, resolve=True))
     c.dtype = jnp.dtype(c.dtype)
     if c.attn_impl == 'auto':  # cuDNN flash attention on NVIDIA GPUs in bf16, model.chunked_attention on CPUs, else XLA
         # cuDNN trains on compute capability 8.0+ (not a T4 or V100) with an even seq_len and a head width K that is a
@@ -162,6 +161,8 @@ def init_distributed(coordinator, num_processes, process_id):
 
 def train(cfg, out_dir, name='run'):
     check_config(cfg)
+    for key in ('data.train_path', 'data.val_path', 'ckpt.dir', 'ckpt.resume'):  # '~/x' quoted, or in a config file: the home dir's
+        OmegaConf.select(cfg, key) and OmegaConf.update(cfg, key, os.path.expanduser(OmegaConf.select(cfg, key)))  # x, not ./~/x
     init_distributed(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     B, A, T = cfg.batch_size, cfg.grad_accum, cfg.model.seq_len

@@ -94,8 +94,9 @@ def test_local_run_builds_its_data_and_trains(tmp_path):
 @pytest.mark.parametrize('args,message', [
     (['-cn', 'colab'], 'error: data file not found: /content/fineweb_edu_gpt2_train.bin'),
     (['opt.peak_lrr=1'], 'error: unknown config key: opt.peak_lrr\n'),  # checked before Hydra's six-line message
-    (['ckpt.resume=checkpoints/local/a=1,b=2'], "error: ckpt.resume: a value holding '=' needs quotes: "  # a run dir's name
+    (['ckpt.resume=checkpoints/local/a=1,b=2'], "error: ckpt.resume: a value holding '=' or '~' needs quotes: "  # a run dir's name
                                                 '\'ckpt.resume="checkpoints/local/a=1,b=2"\'\n'),  # (Hydra: mismatched input '=')
+    (['ckpt.dir=~/ck'], "error: ckpt.dir: a value holding '=' or '~' needs quotes: 'ckpt.dir=\"~/ck\"'\n"),  # Hydra: a lexer error
     (['ckpt.resume="checkpoints/local/a=1,b=2"'], 'error: data file not found: '),  # quoted, Hydra takes it: the trainer's check
     (['model.remat=dot'], 'error: bad config value: model.remat=dot (one of none, dots, full)'),
     (['batch_size=30'], 'error: batch_size 30 must split into grad_accum=1 micro-batches'),

@@ -391,3 +391,17 @@ def test_weights_no_dimension_of_which_divides_over_the_devices_are_said_to_be_w
         lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('warning:')]
         assert lines == (['warning: 0.02M params and their Adam moments are whole on each device (none of their dimensions '
                           'divides over 8 devices)'] if warned else []), lines
+
+
+def test_paths_starting_with_a_tilde_are_in_the_home_dir(tiny_cfg, stdlib_data, tmp_path, monkeypatch):
+    """'ckpt.dir="~/ck"' (quoted past Hydra's parser) or `train_path: ~/data/x.bin` in a config file: the home dir's,
+    not a new directory named '~' in the launch dir (which `rm -rf ~` would then be typed to clean up)."""
+    home = tmp_path / 'home'
+    (home / 'data').mkdir(parents=True)
+    for name, path in zip(['train.bin', 'val.bin'], stdlib_data):
+        os.symlink(path, home / 'data' / name)
+    monkeypatch.setenv('HOME', str(home))
+    monkeypatch.chdir(tmp_path)
+    train.train(tiny_cfg('data.train_path="~/data/train.bin"', 'data.val_path="~/data/val.bin"', 'ckpt.dir="~/ck"',
+                         'train_tokens=512'), str(tmp_path))
+    assert (home / 'ck' / '1').is_dir() and not (tmp_path / '~').exists()
