@@ -217,6 +217,7 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
     ('model.dtype=bf16', 'model.dtype=bf16 (one of float32, bfloat16)'),
     ('model.dtype=float16', 'model.dtype=float16 (one of float32, bfloat16)'),  # no loss scaling: its logit gradients underflow
     ('model.attn_impl=flash', 'model.attn_impl=flash (one of auto, xla, cudnn, chunked)'),
+    ('wandb.mode=ofline', 'wandb.mode=ofline (one of online, offline, disabled)'),  # once logged offline, saying it had no API key
     ('model.n_heads=3', 'model.n_heads=3 (must divide model.d_model=64)'),
     ('model.n_heads=0', 'model.n_heads=0 (must be an integer >= 1)'),
     ('eval_every=0', 'eval_every=0 (must be an integer >= 1)'),
