@@ -1,5 +1,5 @@
 """Entry point: `python main.py` (configs/local.yaml) or `python main.py -cn colab opt.peak_lr=0.004`."""
-import os, signal, sys
+import os, re, signal, sys
 # Ctrl-C while the libraries load: exit at once, without a traceback (in main(), it unwinds; in the loop, it checkpoints)
 signal.signal(signal.SIGINT, lambda *_: (sys.stdout.flush(), os._exit(130)))
 import hydra
@@ -31,6 +31,6 @@ if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydr
     defaults, absent = OmegaConf.load(train.DEFAULTS), object()
     for key, value in (a.split('=', 1) for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
         OmegaConf.select(defaults, key, default=absent) is absent and sys.exit(f'error: unknown config key: {key}')
-        ('=' in value or '~' in value) and value[:1] not in '\'"' and sys.exit(f"error: {key}: a value holding '=' or '~' needs quotes: '{key}=\"{value}\"'")
+        set('=~') & set(re.sub(r'\$\{.*\}|"[^"]*"|\'[^\']*\'', '', value)) and sys.exit(f"error: {key}: a value holding '=' or '~' needs quotes: '{key}=\"{value}\"'")
     main()
     sys.exit(1 if FAILED else 0)

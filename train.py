@@ -23,20 +23,21 @@ in_01, below_1 = ('in [0, 1]', lambda x: 0 <= x <= 1), ('in [0, 1)', lambda x: 0
 BOUNDS = {'opt.b1': below_1, 'opt.b2': below_1, 'opt.warmup_frac': in_01, 'opt.min_lr_frac': in_01, 'opt.clip_norm': ('> 0', lambda x: x > 0)}
 NULL_DEFAULTS = {'peak_flops': float, 'dist.num_processes': int, 'dist.process_id': int}  # the other null defaults are text
 CHOICES = {'model.dtype': ['float32', 'bfloat16'], 'model.remat': ['none', *gpt.REMAT_POLICIES], 'model.attn_impl': ['auto', 'xla', 'cudnn', 'chunked'],
-           'wandb.mode': ['online', 'offline', 'disabled']}  # WANDB_MODE, which wins, is wandb's to check
+           'wandb.mode': ['online', 'offline', 'disabled', 'shared', 'dryrun']}  # WANDB_MODE, which wins, is wandb's to check
 
 
 def check_config(cfg):  # every key must exist in configs/default.yaml (catches typos in config files, not just overrides)
     OmegaConf.set_struct(defaults := OmegaConf.load(DEFAULTS), True)
     try:  # ... and every ${...} interpolation resolve (${oc.env:VAR} with VAR unset, a misspelt key)
-        OmegaConf.to_container(OmegaConf.merge(defaults, cfg), resolve=True)
+        OmegaConf.merge(defaults, cfg)
+        OmegaConf.to_container(cfg, resolve=True)  # the user's config only: not default.yaml's hydra: node (${now:...})
     except Exception as e:  # omegaconf's errors name the key: ConfigKeyError, InterpolationResolutionError and its subclasses
         raise utils.PicodoError(f'bad config value: {e.full_key}: {str(e).splitlines()[0]}' if 'Interpolation' in type(e).__name__
                                 else f'unknown config key: {getattr(e, "full_key", e)}') from None
     get, defaults = lambda key: OmegaConf.select(cfg, key), utils.flatten(OmegaConf.to_container(defaults) | {'hydra': {}})
     kind = {k: NULL_DEFAULTS.get(k, str) if v is None else type(v) for k, v in defaults.items()}  # each key's type
     bad = [f'{k}={get(k)!r} (must be an integer >= {n})' for k, n in AT_LEAST.items() if not (isinstance(get(k), int) and get(k) >= n)]
-    bad += [f'{k}={get(k)} (must be {t.__name__}{": quote a number" * (t is str and type(get(k)) in (int, float))})'  # 'ckpt.dir="7"'
+    bad += [f'{k}={get(k)!r} (must be {t.__name__}{": quote a number" * (t is str and type(get(k)) in (int, float))})'  # 'ckpt.dir="7"'
             for k, t in kind.items()
             if not (get(k) is None is defaults[k]) and type(get(k)) not in ((int, float) if t is float else (t,))]  # null if its default is
     bad += [f'{k}={get(k)} (must be {b[0]})' for k in defaults if k.startswith(('opt.', 'peak_flops')) and type(get(k)) in (int, float)
@@ -210,7 +211,7 @@ def train(cfg, out_dir, name='run'):
     main = jax.process_index() == 0  # only process 0 prints, logs and writes metrics
     run = utils.init_wandb(cfg.wandb, utils.flatten(config) | {'n_params': n_params, 'flops_per_token': flops_per_token},
                            out_dir, meta.get('wandb_id') if source is saver else None, main)  # a resumed run continues its wandb run
-    main and whole and print(f'warning: {whole / 1e6:.2f}M params and their Adam moments are whole on each device (none of their dimensions divides over {jax.device_count()} devices)')
+    main and whole and print(f'warning: {whole / 1e6:.2f}M params and their Adam moments are whole on each device (the dimension FSDP splits them on does not divide over {jax.device_count()} devices)')
     main and print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} {jax.devices()[0].device_kind}, '
           f'eval on {len(val_batches)}x{B} windows{" (all of val)" * (len(val_batches) < cfg.eval_batches)}; logging to {out_dir}, checkpoints in {ckpt_dir}')
 

@@ -1,6 +1,7 @@
 """Checkpoints: exact resume after SIGKILL (even mid-save) and SIGTERM, any mesh, bad checkpoints."""
 import glob, json, os, re, shutil, signal, time
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import numpy as np
 import pytest
@@ -340,7 +341,7 @@ def test_ckpt_resume_of_a_step_in_its_own_ckpt_dir(tiny_cfg, tmp_path, monkeypat
     ckpt = fake_checkpoints(tmp_path / 'ckpt', tiny_cfg('train_tokens=10240'), [15, 20])
     restored, branch = [], tiny_cfg('train_tokens=12800', f'ckpt.dir={ckpt}', f'ckpt.resume={ckpt}/20')
     with monkeypatch.context() as m:
-        m.setattr(train, 'create_state', lambda *args: (None, ({'w': np.zeros(2, np.float32)},)))
+        m.setattr(train, 'create_state', lambda *args: (None, ({'w': jnp.zeros(2)},)))
         m.setattr(train, 'restore', lambda manager, step, cfg, state, same_run=False: restored.append((step, same_run)) or 1 / 0)
         with pytest.raises(ZeroDivisionError):
             train.train(branch, str(tmp_path))
@@ -359,7 +360,7 @@ def test_a_killed_saves_unfinished_step_goes_when_its_run_resumes(tiny_cfg, tmp_
     at step 5 and removes it (orbax would only if it saved step 10 again: not with another ckpt.every, say)."""
     ckpt = fake_checkpoints(tmp_path / 'ckpt', tiny_cfg('train_tokens=10240'), [5])
     os.mkdir(f'{ckpt}/10.orbax-checkpoint-tmp-1234')
-    monkeypatch.setattr(train, 'create_state', lambda *args: (None, ({'w': np.zeros(2, np.float32)},)))
+    monkeypatch.setattr(train, 'create_state', lambda *args: (None, ({'w': jnp.zeros(2)},)))
     monkeypatch.setattr(train, 'compile_steps', lambda *args: 1 / 0)  # right after the cleanup: stop there
     with pytest.raises(ZeroDivisionError):
         train.train(tiny_cfg('train_tokens=10240', f'ckpt.dir={ckpt}', 'ckpt.every=7'), str(tmp_path))

@@ -1,4 +1,4 @@
-import threading
+import threading, time
 import jax
 import numpy as np
 import pytest
@@ -75,6 +75,21 @@ def test_prefetched_batches_are_sharded_and_in_order(token_file):
         np.testing.assert_array_equal(np.asarray(batch).reshape(16, T + 1), data.get_batch(mm, T, 1, step, 16))
     batches.close()
     assert set(threading.enumerate()) == threads  # the loader's thread has ended
+
+
+def test_the_next_batch_loads_while_the_current_one_trains(token_file, monkeypatch):
+    """Once next() has handed out step 2's batch, step 3's is loading in the background before anyone asks for it."""
+    mm, started, load_batch = data.open_tokens(token_file[0], 1000, T, 8), [], data.load_batch
+    monkeypatch.setattr(data, 'load_batch', lambda tokens, T, seed, step, *a: started.append(step) or load_batch(tokens, T, seed, step, *a))
+    batches = data.batches(mm, T, seed=1, start_step=2, batch_size=8, accum=1,
+                           sharding=NamedSharding(jax.make_mesh((8,), ('data',), (jax.sharding.AxisType.Auto,)), P(None, 'data')))
+    next(batches)
+    for _ in range(1000):  # up to 10 s
+        if started == [2, 3]:
+            break
+        time.sleep(0.01)
+    assert started == [2, 3]
+    batches.close()
 
 
 def test_a_failure_in_the_loader_thread_reaches_the_training_loop(token_file, monkeypatch):

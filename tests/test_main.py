@@ -212,7 +212,8 @@ def test_big_buffers_reuse_their_pages_instead_of_faulting_every_step():
     assert faults('utils.keep_freed_memory()', rounds=1, alive=3, size=3 * 2**25) < 1000
 
 
-@pytest.mark.parametrize('arg', ["ckpt.resume='checkpoints/local/a=1,b=2'", 'hydra.job.chdir=true', '+hydra.verbose=true'])
+@pytest.mark.parametrize('arg', ["ckpt.resume='checkpoints/local/a=1,b=2'", 'hydra.job.chdir=true', '+hydra.verbose=true',
+                                 'ckpt.dir=${oc.env:SCRATCH,"~/ck"}', 'ckpt.dir=${oc.env:SCRATCH,~/ck}', 'ckpt.dir=a,"~/b"'])
 def test_overrides_that_hydra_takes_get_past_the_command_line_check(monkeypatch, arg):
     """main.py's own check of `key=value` arguments (before Hydra's) lets through a value in single quotes and Hydra's
     own keys, which configs/default.yaml does not list. Hydra itself is stubbed out: only the check runs."""

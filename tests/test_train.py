@@ -217,7 +217,7 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
     ('model.dtype=bf16', 'model.dtype=bf16 (one of float32, bfloat16)'),
     ('model.dtype=float16', 'model.dtype=float16 (one of float32, bfloat16)'),  # no loss scaling: its logit gradients underflow
     ('model.attn_impl=flash', 'model.attn_impl=flash (one of auto, xla, cudnn, chunked)'),
-    ('wandb.mode=ofline', 'wandb.mode=ofline (one of online, offline, disabled)'),  # once logged offline, saying it had no API key
+    ('wandb.mode=ofline', 'wandb.mode=ofline (one of online, offline, disabled, shared, dryrun)'),  # once logged offline, saying it had no API key
     ('model.n_heads=3', 'model.n_heads=3 (must divide model.d_model=64)'),
     ('model.n_heads=0', 'model.n_heads=0 (must be an integer >= 1)'),
     ('eval_every=0', 'eval_every=0 (must be an integer >= 1)'),
@@ -227,7 +227,7 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
     ('model.d_model=null', 'model.d_model=None (must be an integer >= 1)'),  # not a TypeError from the n_heads check
     ('seed=-1', 'seed=-1 (must be an integer >= 0)'),
     ('sample_tokens=-5', 'sample_tokens=-5 (must be an integer >= 0)'),  # once a crash at the first eval
-    ('opt.peak_lr=abc', 'opt.peak_lr=abc (must be float)'),
+    ('opt.peak_lr=abc', "opt.peak_lr='abc' (must be float)"),
     ('opt.b1=true', 'opt.b1=True (must be float)'),
     ('opt.peak_lr=-0.001', 'opt.peak_lr=-0.001 (must be >= 0)'),  # once accepted: gradient ascent
     ('opt.clip_norm=0', 'opt.clip_norm=0 (must be > 0)'),  # once accepted: every update clipped to zero
@@ -239,14 +239,15 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
     ('model.scan=1', 'model.scan=1 (must be bool)'),
     ('data.train_path=null', 'data.train_path=None (must be str)'),  # keys whose default is text or null: once tracebacks
     ('ckpt.dir=[a]', "ckpt.dir=['a'] (must be str)"),
-    ('peak_flops=abc', 'peak_flops=abc (must be float)'),
+    ('peak_flops=abc', "peak_flops='abc' (must be float)"),
     ('peak_flops=-1', 'peak_flops=-1 (must be >= 0)'),
-    ('dist.process_id=x', 'dist.process_id=x (must be int)'),
+    ('dist.process_id=x', "dist.process_id='x' (must be int)"),
     ('opt=3', 'opt.peak_lr=None (must be float)'),  # a whole group replaced
     ('model=null', 'model.vocab_size=None (must be an integer >= 1)'),
     ('ckpt.dir=${oc.env:PICODO_UNSET}/ck', 'ckpt.dir: KeyError raised while resolving interpolation: "Environment variable '
                                            "'PICODO_UNSET' not found\""),  # once a traceback
     ('wandb.name=${wandb.nme}', "wandb.name: Interpolation key 'wandb.nme' not found"),
+    ('opt.peak_lr="0.001"', "opt.peak_lr='0.001' (must be float)"),  # quoted: text, not the float it reads as
 ])
 def test_bad_config_values_are_one_line_naming_the_key(tiny_cfg, override, message, monkeypatch):
     monkeypatch.delenv('PICODO_UNSET', raising=False)
@@ -383,15 +384,15 @@ def test_micro_batches_that_do_not_split_over_the_devices_are_one_line(tiny_cfg,
 
 
 def test_weights_no_dimension_of_which_divides_over_the_devices_are_said_to_be_whole(tiny_cfg, tmp_path, capsys):
-    """FSDP splits each weight along one dimension; where the device count divides none (d_model=36 on 8 devices: the
+    """FSDP splits each weight along one dimension; where the device count does not divide that one (d_model=36 on 8 devices: the
     position table, LayerNorms, and every kernel but mlp_out [4·36, 36]), flax keeps the weight whole on every device.
     The run goes on (its numbers are right) but says so: 1,152 + 2·(3,888 + 1,296 + 5,184 + 144) + 72 = 22,248 params."""
     for d, warned in ((36, True), (64, False)):
         train.train(tiny_cfg(f'model.d_model={d}', 'model.n_heads=4' if d == 64 else 'model.n_heads=3', 'train_tokens=512',
                              f'ckpt.dir={tmp_path}/{d}'), str(tmp_path))
         lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('warning:')]
-        assert lines == (['warning: 0.02M params and their Adam moments are whole on each device (none of their dimensions '
-                          'divides over 8 devices)'] if warned else []), lines
+        assert lines == (['warning: 0.02M params and their Adam moments are whole on each device (the dimension FSDP '
+                          'splits them on does not divide over 8 devices)'] if warned else []), lines
 
 
 def test_paths_starting_with_a_tilde_are_in_the_home_dir(tiny_cfg, stdlib_data, tmp_path, monkeypatch):
