@@ -14,7 +14,7 @@ def test_hydra_multirun_sweeps_peak_lr(tmp_path, stdlib_data):
     r = subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), '-m', 'opt.peak_lr=1e-3,abc,1e30,4e-3', *args],
                        env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     errors = [line for line in r.stderr.splitlines() if 'error' in line.lower()]
-    assert r.returncode == 1 and errors == ['error: bad config value: opt.peak_lr=abc (must be float)',
+    assert r.returncode == 1 and errors == ["error: bad config value: opt.peak_lr='abc' (must be float)",
                                             'error: non-finite loss at step 2 (diverged, or token ids >= model.vocab_size?)'], r.stderr[-3000:]
     lrs = [[json.loads(l)['lr'] for l in open(f'{tmp_path}/sweep/{i}/metrics.jsonl') if '"lr"' in l] for i in (0, 3)]
     assert len(lrs[0]) == 1 and np.allclose(np.array(lrs[1]) / np.array(lrs[0]), 4)  # each run got its own peak_lr
