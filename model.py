@@ -119,10 +119,9 @@ class GPT(nnx.Module):
         self.seq_len, self.cache_shape = c.seq_len, (L, c.n_heads, D // c.n_heads)
         self.token_embed = nnx.Embed(padded_vocab(c.vocab_size), D, dtype=c.dtype, rngs=rngs, embedding_init=init(0.02, ('data', None)))
         self.pos_embed = nnx.Embed(c.seq_len, D, dtype=c.dtype, rngs=rngs, embedding_init=init(0.01, (None, 'data')))
-        if c.scan:  # one stacked Block with a leading [L] axis, so compile time is flat in depth
-            self.blocks = nnx.vmap(lambda r: Block(c, r), transform_metadata={nnx.PARTITION_NAME: None})(rngs.split(L))
-        else:
-            self.blocks = nnx.List([Block(c, rngs) for _ in range(L)])
+        # with model.scan, one stacked Block with a leading [L] axis, so compile time is flat in depth
+        self.blocks = (nnx.vmap(lambda r: Block(c, r), transform_metadata={nnx.PARTITION_NAME: None})(rngs.split(L)) if c.scan
+                       else nnx.List([Block(c, rngs) for _ in range(L)]))
         self.ln_f = layer_norm(c, rngs)
 
     def init_cache(self, batch_size, length):  # (keys, values), each [L, B, C, H, K]

@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.experimental.multihost_utils import process_allgather
-from jax.sharding import NamedSharding, PartitionSpec as P
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 import data, model as gpt, utils
@@ -24,6 +23,7 @@ BOUNDS = {'opt.b1': below_1, 'opt.b2': below_1, 'opt.warmup_frac': in_01, 'opt.m
 NULL_DEFAULTS = {'peak_flops': float, 'dist.num_processes': int, 'dist.process_id': int}  # the other null defaults are text
 CHOICES = {'model.dtype': ['float32', 'bfloat16'], 'model.remat': ['none', *gpt.REMAT_POLICIES], 'model.attn_impl': ['auto', 'xla', 'cudnn', 'chunked'],
            'wandb.mode': ['online', 'offline', 'disabled', 'shared', 'dryrun']}  # WANDB_MODE, which wins, is wandb's to check
+flatten = functools.partial(traverse_util.flatten_dict, sep='.')  # {'opt': {'peak_lr': 1}} -> {'opt.peak_lr': 1}
 
 
 def check_config(cfg):  # every key must exist in configs/default.yaml (catches typos in config files, not just overrides)
@@ -34,7 +34,7 @@ def check_config(cfg):  # every key must exist in configs/default.yaml (catches 
     except Exception as e:  # omegaconf's errors name the key: ConfigKeyError, InterpolationResolutionError and its subclasses
         raise utils.PicodoError(f'bad config value: {e.full_key}: {str(e).splitlines()[0]}' if 'Interpolation' in type(e).__name__
                                 else f'unknown config key: {getattr(e, "full_key", e)}') from None
-    get, defaults = lambda key: OmegaConf.select(cfg, key), utils.flatten(OmegaConf.to_container(defaults) | {'hydra': {}})
+    get, defaults = lambda key: OmegaConf.select(cfg, key), flatten(OmegaConf.to_container(defaults) | {'hydra': {}})
     kind = {k: NULL_DEFAULTS.get(k, str) if v is None else type(v) for k, v in defaults.items()}  # each key's type
     bad = [f'{k}={get(k)!r} (must be an integer >= {n})' for k, n in AT_LEAST.items() if not (isinstance(get(k), int) and get(k) >= n)]
     bad += [f'{k}={get(k)!r} (must be {t.__name__}{": quote a number" * (t is str and type(get(k)) in (int, float))})'  # 'ckpt.dir="7"'
@@ -102,7 +102,7 @@ def restore(manager, step, cfg, state, same_run=False):
     where = os.path.join(manager.directory, str(step))
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-        saved, now = (utils.flatten(c) for c in (meta['config'], OmegaConf.to_container(cfg, resolve=True)))
+        saved, now = (flatten(c) for c in (meta['config'], OmegaConf.to_container(cfg, resolve=True)))
         fixed = [f'model.{k}' for k in SHAPE_KEYS] + ['batch_size']  # the parameter tree, and what a step counts: even ckpt.resume keeps them
         keys = fixed + [k for k in now if not k.startswith(FREE_KEYS) or k == 'ckpt.resume'] if same_run else fixed  # fixed first
         differ = [f'{k}={saved.get(k)} but the config says {now[k]}' for k in keys if saved.get(k) != now[k]]
@@ -201,7 +201,7 @@ def train(cfg, out_dir, name='run'):
         shutil.rmtree(tmp, ignore_errors=True)  # dir is this run's; here, not in orbax's thread (it fails at exit after a start-up error)
     start and print(f'resuming at step {start} of {total_steps} from {source.directory}')
     train_step_fn, eval_step_fn = compile_steps(graphdef, state)
-    batch_sharding = NamedSharding(mesh, P(None, 'data'))  # [A, B/A, T+1]; validation: fixed (seed 0), in the same micro-batches
+    batch_sharding = jax.NamedSharding(mesh, jax.P(None, 'data'))  # [A, B/A, T+1]; validation: fixed (seed 0), in the same micro-batches
     val_batches = [data.load_batch(val_tokens, T, 0, i, B, A, batch_sharding)
                    for i in range(min(cfg.eval_batches, (len(val_tokens) - 1) // T // B))]  # no window twice
 
@@ -209,7 +209,7 @@ def train(cfg, out_dir, name='run'):
     peak = utils.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
     config = OmegaConf.to_container(cfg, resolve=True)
     main = jax.process_index() == 0  # only process 0 prints, logs and writes metrics
-    run = utils.init_wandb(cfg.wandb, utils.flatten(config) | {'n_params': n_params, 'flops_per_token': flops_per_token},
+    run = utils.init_wandb(cfg.wandb, flatten(config) | {'n_params': n_params, 'flops_per_token': flops_per_token},
                            out_dir, meta.get('wandb_id') if source is saver else None, main)  # a resumed run continues its wandb run
     main and whole and print(f'warning: {whole / 1e6:.2f}M params and their Adam moments are whole on each device (the dimension FSDP splits them on does not divide over {jax.device_count()} devices)')
     main and print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} {jax.devices()[0].device_kind}, '

@@ -30,11 +30,6 @@ def run_name(config_name, overrides):
     return os.path.join(config_name, overrides) if overrides else config_name
 
 
-def flatten(d, prefix=''):  # {'opt': {'peak_lr': 1}} -> {'opt.peak_lr': 1}
-    return {key: value for k, v in d.items()
-            for key, value in (flatten(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v}).items()}
-
-
 # XLA on CPU allocates its scratch buffers every step. glibc serves big ones from fresh mmap'd pages, whose first
 # touches fault (~250k page faults a step on the benchmark model): steps run 10% faster from one never-trimmed heap
 # (trim threshold -1: queued steps free more than the largest finite threshold, 2 GiB, at once).
