@@ -31,6 +31,6 @@ if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydr
     defaults, absent = OmegaConf.load(train.DEFAULTS), object()
     for key, value in (a.split('=', 1) for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
         OmegaConf.select(defaults, key, default=absent) is absent and sys.exit(f'error: unknown config key: {key}')
-        set('=~') & set(re.sub(r'\$\{.*\}|"[^"]*"|\'[^\']*\'', '', value)) and sys.exit(f"error: {key}: a value holding '=' or '~' needs quotes: '{key}=\"{value}\"'")
+        set('=~') & set(re.sub(r'\$\{[^}]*\}|"[^"]*"|\'[^\']*\'', '', value)) and sys.exit(f"error: {key}: a value holding '=' or '~' needs quotes: '{key}=\"{value}\"'")
     main()
     sys.exit(1 if FAILED else 0)

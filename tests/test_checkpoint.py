@@ -334,6 +334,20 @@ def test_restore_lets_free_keys_change_and_names_a_changed_parameter_tree(tiny_c
         train.restore(manager, step, tiny_cfg('model.scan=true'), ({'w': np.zeros(2, np.float32)},))
 
 
+def test_a_changed_batch_size_is_named_first_and_without_the_ckpt_resume_hint(tiny_cfg, tmp_path):
+    """A relaunch into a checkpoint dir whose run had another batch_size and another opt.peak_lr (which comes first in
+    the config): the line names batch_size, which ckpt.resume cannot change either, and does not suggest it; with only
+    opt.peak_lr changed, it does."""
+    manager, step = train.find_checkpoint(fake_checkpoints(tmp_path / 'ckpt', tiny_cfg(), [5]))
+    state = ({'w': np.zeros(2, np.float32)},)
+    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {tmp_path}/ckpt/5 has batch_size=16 but the config says 8: '
+                                                    'another run (set ckpt.dir)') + '$'):
+        train.restore(manager, step, tiny_cfg('opt.peak_lr=0.002', 'batch_size=8'), state, same_run=True)
+    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {tmp_path}/ckpt/5 has opt.peak_lr=0.003 but the config says '
+                                                    '0.002: another run (set ckpt.dir), or ckpt.resume to go on from it with this config') + '$'):
+        train.restore(manager, step, tiny_cfg('opt.peak_lr=0.002'), state, same_run=True)
+
+
 def test_ckpt_resume_of_a_step_in_its_own_ckpt_dir(tiny_cfg, tmp_path, monkeypatch):
     """ckpt.resume=DIR/20 with ckpt.dir=DIR (a longer budget for a finished run) starts a new run from step 20; its
     requeue goes on from its own step 25 (it stopped: DIR 'holds step 25, past step 20'). ckpt.resume=DIR/15 there

@@ -97,6 +97,7 @@ def test_local_run_builds_its_data_and_trains(tmp_path):
     (['ckpt.resume=checkpoints/local/a=1,b=2'], "error: ckpt.resume: a value holding '=' or '~' needs quotes: "  # a run dir's name
                                                 '\'ckpt.resume="checkpoints/local/a=1,b=2"\'\n'),  # (Hydra: mismatched input '=')
     (['ckpt.dir=~/ck'], "error: ckpt.dir: a value holding '=' or '~' needs quotes: 'ckpt.dir=\"~/ck\"'\n"),  # Hydra: a lexer error
+    (['ckpt.dir=${oc.env:A}~${oc.env:B}'], "error: ckpt.dir: a value holding '=' or '~' needs quotes: "),  # ~ between two ${...}
     (['ckpt.resume="checkpoints/local/a=1,b=2"'], 'error: data file not found: '),  # quoted, Hydra takes it: the trainer's check
     (['model.remat=dot'], 'error: bad config value: model.remat=dot (one of none, dots, full)'),
     (['batch_size=30'], 'error: batch_size 30 must split into grad_accum=1 micro-batches'),

@@ -59,3 +59,28 @@ def test_the_plot_keeps_one_point_per_step_after_a_resumed_run(tmp_path):
     lines = scope['ax'].get_lines()
     assert list(lines[0].get_xdata()) == [5, 10, 15, 20] and list(lines[0].get_ydata()) == [5.0, 4.7, 4.6, 4.5]
     assert list(lines[1].get_xdata()) == [20]
+
+
+def test_the_commands_pass_each_path_whole_to_the_shell_and_to_hydra(tmp_path):
+    """DATA_DIR and RUN_DIR may hold what the shell splits (a space, as in Drive's 'Colab Notebooks') and what Hydra's
+    override grammar reads as its own ('(', ',', '=', '~'): the download, training and sample commands each pass a
+    path as one argument, and each override's value reaches Hydra as the path. The commands are recorded, not run."""
+    import shlex
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    nb = nbformat.read(os.path.join(REPO, 'train_colab.ipynb'), as_version=4)
+    cells = [c.source for c in nb.cells if c.cell_type == 'code' and any(s in c.source for s in ('prepare.py', 'main.py -cn', 'sample.py'))]
+    d = f'{tmp_path}/Colab Notebooks/run (2),a=b~'
+    os.makedirs(f'{d}/run')
+    open(f'{d}/run/sample.txt', 'w').close()  # the sample cell prints it
+    commands = []
+    scope = {'os': os, 'shlex': shlex, 'sys': sys, 'sh': commands.append, 'CONFIG': 'local', 'OVERRIDES': 'opt.peak_lr=0.004',
+             'DATA_DIR': f'{d}/data', 'RUN_DIR': f'{d}/run', 'DOWNLOAD': True, 'PROMPT': 'def'}
+    for cell in cells:
+        exec(cell, scope)
+    download, training, sampling = (shlex.split(c) for c in commands)
+    assert download[-2:] == ['--out', f'{d}/data']
+    assert training[1:4] == ['main.py', '-cn', 'local']
+    overrides = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(training[4:])}
+    assert overrides == {'data.train_path': f'{d}/data/fineweb_edu_gpt2_train.bin', 'data.val_path': f'{d}/data/fineweb_edu_gpt2_val.bin',
+                         'opt.peak_lr': 0.004, 'hydra.run.dir': f'{d}/run', 'ckpt.dir': f'{d}/run/checkpoints'}
+    assert sampling[1:3] == ['sample.py', f'{d}/run/checkpoints'] and sampling[-2:] == ['>', f'{d}/run/sample.txt']

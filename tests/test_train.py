@@ -255,6 +255,16 @@ def test_bad_config_values_are_one_line_naming_the_key(tiny_cfg, override, messa
         train.check_config(tiny_cfg(override))
 
 
+def test_a_config_built_without_hydra_passes_the_check():
+    """A config loaded without Hydra (OmegaConf.load, as a script calling train.train may): check_config resolves the
+    interpolations of that config only, not those of default.yaml's hydra: node, whose ${now:...} only Hydra resolves."""
+    import subprocess, sys
+    code = (f'import sys; sys.path.insert(0, {os.path.dirname(train.__file__)!r}); import train; from omegaconf import OmegaConf; '
+            'cfg = OmegaConf.load(train.DEFAULTS); cfg.pop("hydra"); train.check_config(cfg); print("ok", "hydra" in sys.modules)')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert r.stdout == 'ok False\n', r.stderr[-2000:]
+
+
 def test_cudnn_attention_without_a_gpu_or_bf16_is_one_line(tiny_cfg, tmp_path, monkeypatch):
     with pytest.raises(PicodoError, match=r'^model.attn_impl=cudnn needs an NVIDIA GPU and model.dtype=bfloat16, not cpu and float32$'):
         train.train(tiny_cfg('model.attn_impl=cudnn'), str(tmp_path))
@@ -395,6 +405,20 @@ def test_weights_no_dimension_of_which_divides_over_the_devices_are_said_to_be_w
                           'splits them on does not divide over 8 devices)'] if warned else []), lines
 
 
+def test_one_device_holds_every_weight_whole_without_a_warning(tiny_cfg, tmp_path, capsys, monkeypatch):
+    """On one device every weight is whole by nature (replicated over a mesh of one), so the FSDP warning is for
+    several devices only: d_model=36, which 8 devices cannot split, says nothing on 1. Stopped after the start-up lines."""
+    make_mesh = jax.make_mesh
+    monkeypatch.setattr(jax, 'device_count', lambda: 1)
+    monkeypatch.setattr(jax, 'make_mesh', lambda *args, **kwargs: make_mesh(*args, **kwargs, devices=jax.devices()[:1]))
+    monkeypatch.setattr(train.utils, 'init_wandb', lambda *args: types.SimpleNamespace(id='x'))
+    monkeypatch.setattr(train, 'tqdm', lambda *args, **kwargs: 1 / 0)  # the training loop's progress bar: stop there
+    with pytest.raises(ZeroDivisionError):
+        train.train(tiny_cfg('model.d_model=36', 'model.n_heads=3', 'train_tokens=512'), str(tmp_path))
+    out = capsys.readouterr().out
+    assert 'M params, 1 steps of 16x32 tokens on 1 cpu' in out and 'warning' not in out, out
+
+
 def test_paths_starting_with_a_tilde_are_in_the_home_dir(tiny_cfg, stdlib_data, tmp_path, monkeypatch):
     """'ckpt.dir="~/ck"' (quoted past Hydra's parser) or `train_path: ~/data/x.bin` in a config file: the home dir's,
     not a new directory named '~' in the launch dir (which `rm -rf ~` would then be typed to clean up)."""
@@ -407,3 +431,11 @@ def test_paths_starting_with_a_tilde_are_in_the_home_dir(tiny_cfg, stdlib_data, 
     train.train(tiny_cfg('data.train_path="~/data/train.bin"', 'data.val_path="~/data/val.bin"', 'ckpt.dir="~/ck"',
                          'train_tokens=512'), str(tmp_path))
     assert (home / 'ck' / '1').is_dir() and not (tmp_path / '~').exists()
+
+
+def test_a_ckpt_resume_starting_with_a_tilde_is_in_the_home_dir(tiny_cfg, tmp_path, monkeypatch):
+    """'ckpt.resume="~/ck/20"' is looked for in the home dir, as the other paths are, not in a directory named '~'
+    in the launch dir (here it is missing, and the line names where it was looked for)."""
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    with pytest.raises(PicodoError, match=re.escape(f'checkpoint not found: {tmp_path}/home/ck/20') + '$'):
+        train.train(tiny_cfg('ckpt.resume="~/ck/20"', f'ckpt.dir={tmp_path}/new'), str(tmp_path))
