@@ -51,12 +51,13 @@ def check_config(cfg):  # every key must exist in configs/default.yaml (catches 
 def model_config(c):
     c = types.SimpleNamespace(**OmegaConf.to_container(c, resolve=True))
     c.dtype = jnp.dtype(c.dtype)
-    if c.attn_impl == 'auto':  # cuDNN flash attention on NVIDIA GPUs in bf16, model.chunked_attention on CPUs, else XLA
-        # cuDNN trains on compute capability 8.0+ (not a T4 or V100) with an even seq_len and a head width K that is a
-        # multiple of 8, up to 128 (256 from Hopper, 9.0); other shapes get XLA's attention, not JAX's NotImplementedError
-        cc, K = str(getattr(jax.devices()[0], 'compute_capability', '')), c.d_model // c.n_heads
-        cudnn = c.dtype == jnp.bfloat16 and cc[:1].isdigit() and float(cc) >= 8 and c.seq_len % 2 == 0 and K % 8 == 0 and K <= (256 if float(cc) >= 9 else 128)
-        c.attn_impl = {'gpu': 'cudnn' if cudnn else 'xla', 'cpu': 'chunked'}.get(jax.default_backend(), 'xla')
+    # cuDNN trains on compute capability 8.0+ (not a T4 or V100) in bf16, with an even seq_len and a head width K that is a
+    # multiple of 8, up to 128 (256 from Hopper, 9.0); JAX raises NotImplementedError for the rest
+    cc, K = str(getattr(jax.devices()[0], 'compute_capability', '')), c.d_model // c.n_heads
+    c.cudnn_ok = (jax.default_backend() == 'gpu' and c.dtype == jnp.bfloat16 and cc[:1].isdigit() and float(cc) >= 8
+                  and c.seq_len % 2 == 0 and K % 8 == 0 and K <= (256 if float(cc) >= 9 else 128))
+    if c.attn_impl == 'auto':  # cuDNN flash attention on NVIDIA GPUs where it can train, model.chunked_attention on CPUs, else XLA
+        c.attn_impl = 'cudnn' if c.cudnn_ok else {'cpu': 'chunked'}.get(jax.default_backend(), 'xla')
     return c
 
 
@@ -168,8 +169,10 @@ def train(cfg, out_dir, name='run'):
     init_distributed(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     B, A, T = cfg.batch_size, cfg.grad_accum, cfg.model.seq_len
-    if cfg.model.attn_impl == 'cudnn' and (jax.default_backend() != 'gpu' or cfg.model.dtype != 'bfloat16'):  # else JAX's traceback
-        raise utils.PicodoError(f'model.attn_impl=cudnn needs an NVIDIA GPU and model.dtype=bfloat16, not {jax.devices()[0].device_kind} and {cfg.model.dtype}')
+    if cfg.model.attn_impl == 'cudnn' and not model_config(cfg.model).cudnn_ok:  # else JAX's traceback at the first compile
+        raise utils.PicodoError(f'model.attn_impl=cudnn needs an NVIDIA GPU of compute capability 8.0+ and model.dtype=bfloat16 (here {jax.devices()[0].device_kind}, '
+                                f'{cfg.model.dtype}), an even seq_len and a head width d_model/n_heads that is a multiple of 8 up to 128, 256 from 9.0 '
+                                f'(here {T} and {cfg.model.d_model // cfg.model.n_heads})')
     if B % A or (B // A) % jax.device_count():
         raise utils.PicodoError(f'batch_size {B} must split into grad_accum={A} micro-batches, each divisible over {jax.device_count()} devices')
     if cfg.data.build_if_missing and not any(os.path.exists(p) for p in (cfg.data.train_path, cfg.data.val_path)):  # it writes both

@@ -265,12 +265,30 @@ def test_a_config_built_without_hydra_passes_the_check():
     assert r.stdout == 'ok False\n', r.stderr[-2000:]
 
 
-def test_cudnn_attention_without_a_gpu_or_bf16_is_one_line(tiny_cfg, tmp_path, monkeypatch):
-    with pytest.raises(PicodoError, match=r'^model.attn_impl=cudnn needs an NVIDIA GPU and model.dtype=bfloat16, not cpu and float32$'):
+def test_cudnn_attention_where_cudnn_cannot_train_is_one_line(tiny_cfg, tmp_path, monkeypatch):
+    """model.attn_impl=cudnn without an NVIDIA GPU of compute capability 8.0+, without bf16, or with a shape cuDNN cannot
+    train (an odd seq_len; a head width not a multiple of 8, or over 128 before Hopper): one line before the model is
+    built, not JAX's NotImplementedError traceback at the first compile."""
+    monkeypatch.setattr(train, 'create_state', lambda *args: pytest.fail('got past the check'))
+    message = lambda device, dtype, T, K: re.escape(f'model.attn_impl=cudnn needs an NVIDIA GPU of compute capability 8.0+ and model.dtype=bfloat16 '
+                                                    f'(here {device}, {dtype}), an even seq_len and a head width d_model/n_heads that is a multiple '
+                                                    f'of 8 up to 128, 256 from 9.0 (here {T} and {K})') + '$'
+    with pytest.raises(PicodoError, match='^' + message('cpu', 'float32', 32, 16)):
         train.train(tiny_cfg('model.attn_impl=cudnn'), str(tmp_path))
-    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # on a GPU in fp32, JAX's cuDNN call fails at the first compile
-    with pytest.raises(PicodoError, match=r'^model.attn_impl=cudnn needs an NVIDIA GPU and model.dtype=bfloat16, not cpu and float32$'):
-        train.train(tiny_cfg('model.attn_impl=cudnn'), str(tmp_path))
+    gpu = lambda cc: lambda *_: [types.SimpleNamespace(compute_capability=cc, device_kind='NVIDIA GPU')] * 8
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    bf16 = 'model.dtype=bfloat16'
+    for cc, overrides, (dtype, T, K) in [('9.0', (), ('float32', 32, 16)), ('9.0', (bf16, 'model.seq_len=31'), ('bfloat16', 31, 16)),
+                                         ('9.0', (bf16, 'model.d_model=48'), ('bfloat16', 32, 12)),  # K not a multiple of 8
+                                         ('8.0', (bf16, 'model.d_model=768', 'model.n_heads=4'), ('bfloat16', 32, 192)),  # over 128 on an A100
+                                         ('7.5', (bf16,), ('bfloat16', 32, 16))]:  # a T4
+        monkeypatch.setattr(jax, 'devices', gpu(cc))
+        with pytest.raises(PicodoError, match='^' + message('NVIDIA GPU', dtype, T, K)):
+            train.train(tiny_cfg('model.attn_impl=cudnn', *overrides), str(tmp_path))
+    monkeypatch.setattr(jax, 'devices', gpu('9.0'))  # what cuDNN can train gets past the check: K=16, and K=192 on Hopper
+    for overrides in [(bf16,), (bf16, 'model.d_model=768', 'model.n_heads=4')]:
+        with pytest.raises(pytest.fail.Exception, match='got past the check'):
+            train.train(tiny_cfg('model.attn_impl=cudnn', *overrides), str(tmp_path))
 
 
 def test_a_number_for_a_name_or_path_needs_quotes(tiny_cfg):
