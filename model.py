@@ -131,7 +131,9 @@ class GPT(nnx.Module):
     def __call__(self, tokens, cache=None, pos=0):  # [B, T] int -> logits [B, T, V_padded] in the model's dtype
         """With a cache (init_cache), tokens sit at positions pos.. and the updated cache is returned too."""
         positions = jax.lax.dynamic_slice_in_dim(self.pos_embed.embedding[...], pos, tokens.shape[1])
-        x = self.token_embed(tokens) + positions.astype(self.token_embed.dtype)
+        # gathered in fp32, then cast: the gradient's scatter-add is then fp32 atomics; in bf16 (CAS loops) repeated ids of
+        # real text made an H100 step 54% slower (95.5 against 62 ms on byte text; random ids hid it)
+        x = (jnp.take(self.token_embed.embedding[...], tokens, axis=0) + positions).astype(self.token_embed.dtype)
         block_fn = lambda block, x: block(x)
         block_fn = block_fn if self.remat == 'none' else nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat])
         if cache is not None and self.scan:
