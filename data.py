@@ -4,8 +4,7 @@ A training example is a window of T+1 consecutive tokens: inputs w[:-1], targets
 The file is cut into non-overlapping windows; each epoch visits them in a fresh permutation, so
 the batch at any step is a pure function of (seed, step) — what makes resume exact."""
 import concurrent.futures, functools, itertools, os
-import numpy as np
-import jax
+import jax, numpy as np
 from utils import PicodoError
 
 

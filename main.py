@@ -32,5 +32,7 @@ if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydr
     for key, value in (a.split('=', 1) for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
         OmegaConf.select(defaults, key, default=absent) is absent and sys.exit(f'error: unknown config key: {key}')
         set('=~') & set(re.sub(r'\$\{[^}]*\}|"[^"]*"|\'[^\']*\'', '', value)) and sys.exit(f"error: {key}: a value holding '=' or '~' needs quotes: '{key}=\"{value}\"'")
+    modes = train.CHOICES['wandb.mode']  # WANDB_MODE wins over wandb.mode: misspelt or empty, wandb failed after the start-up ('run': online)
+    os.environ.get('WANDB_MODE', 'online') in [*modes, 'run'] or sys.exit(f"error: WANDB_MODE={os.environ['WANDB_MODE']!r}: one of {', '.join(modes)}, or unset")
     main()
     sys.exit(1 if FAILED else 0)

@@ -22,7 +22,7 @@ in_01, below_1 = ('in [0, 1]', lambda x: 0 <= x <= 1), ('in [0, 1)', lambda x: 0
 BOUNDS = {'opt.b1': below_1, 'opt.b2': below_1, 'opt.warmup_frac': in_01, 'opt.min_lr_frac': in_01, 'opt.clip_norm': ('> 0', lambda x: x > 0)}
 NULL_DEFAULTS = {'peak_flops': float, 'dist.num_processes': int, 'dist.process_id': int}  # the other null defaults are text
 CHOICES = {'model.dtype': ['float32', 'bfloat16'], 'model.remat': ['none', *gpt.REMAT_POLICIES], 'model.attn_impl': ['auto', 'xla', 'cudnn', 'chunked'],
-           'wandb.mode': ['online', 'offline', 'disabled', 'shared', 'dryrun']}  # WANDB_MODE, which wins, is wandb's to check
+           'wandb.mode': ['online', 'offline', 'disabled', 'shared', 'dryrun']}  # WANDB_MODE, which wins, is checked in main.py
 flatten = functools.partial(traverse_util.flatten_dict, sep='.')  # {'opt': {'peak_lr': 1}} -> {'opt.peak_lr': 1}
 
 

@@ -110,6 +110,16 @@ def test_bad_input_exits_nonzero_with_a_clear_line(tmp_path, args, message):
     assert 'Traceback' not in r.stderr
 
 
+@pytest.mark.parametrize('mode', ['ofline', ''])
+def test_a_bad_wandb_mode_variable_is_one_line(tmp_path, mode):
+    """WANDB_MODE, which wins over wandb.mode, misspelt or set empty: wandb rejected it after the data and the model
+    were set up (`wandb: could not start offline (ValidationError: 1 validation error for Settings)`, naming neither)."""
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), *TINY], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, WANDB_MODE=mode), stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and r.stdout == '' and not os.listdir(tmp_path)
+    assert r.stderr == f"error: WANDB_MODE={mode!r}: one of online, offline, disabled, shared, dryrun, or unset\n"
+
+
 @pytest.mark.parametrize('raised,line', [
     ('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25.45GiB.\nBuffers:...', 'RESOURCE_EXHAUSTED: Out of '
      'memory while trying to allocate 25.45GiB. (lower batch_size, raise grad_accum or set model.remat=dots)'),
