@@ -158,11 +158,13 @@ def test_bf16_training_step_runs_every_matmul_on_bf16_operands():
     assert len(dots) > 20 and all(a.endswith('xbf16>') and b.endswith('xbf16>') for a, b in dots), dots
 
 
-def test_bf16_step_scatters_the_embedding_gradient_in_fp32():
+@pytest.mark.parametrize('scan,remat', [(False, 'none'), (True, 'dots')])
+def test_bf16_step_scatters_the_embedding_gradient_in_fp32(scan, remat):
     """The token embedding's gradient is a scatter-add over the batch's ids. In bf16 a GPU runs it as compare-and-swap
     loops, which repeated ids serialize: on an H100, GPT-2 small's step took 95.5 ms on byte text against 62 ms on
-    uniform random ids (which bench.py fed then); gathered from the fp32 table, the scatter is fp32 and took 62 ms on both."""
-    model = gpt.GPT(config(dtype=jnp.bfloat16, attn_impl='chunked', scan=False), nnx.Rngs(0))
+    uniform random ids (which bench.py fed then); gathered from the fp32 table, the scatter is fp32 and took 62 ms on both.
+    It is the step's only scatter, with or without the layer scan and remat."""
+    model = gpt.GPT(config(dtype=jnp.bfloat16, attn_impl='chunked', scan=scan, remat=remat), nnx.Rngs(0))
     hlo = jax.jit(nnx.grad(lambda m, x: gpt.cross_entropy(m(x[:, :-1]), x[:, 1:]))).lower(model, tokens(T=17)).as_text()
     types = re.findall(r'"stablehlo.scatter".*?\}\) : \([^)]*\) -> (tensor<[^>]*>)', hlo, re.S)  # past the add's region
     assert types == ['tensor<384x64xf32>'] * hlo.count('"stablehlo.scatter"') != [], types
