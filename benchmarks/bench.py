@@ -3,14 +3,17 @@
     python benchmarks/bench.py                                   # the CPU benchmark model (configs/bench_cpu.yaml)
     python benchmarks/bench.py -cn default batch_size=32         # GPT-2 small, any Hydra override
     python benchmarks/bench.py --tiny                            # a few-second smoke run
+    python benchmarks/bench.py -cn default --vs 'model.remat=dots'   # and a variant, timed in the same rounds
 
 Prints a summary table and, as its last line, one JSON object. Besides MFU against the vendor peak
 (null where unknown), it reports `roofline_fraction`: model FLOP/s divided by the FLOP/s of a large dense
 matmul in the model's dtype, measured on the same devices in the same run, interleaved with the training
 rounds so both see the same machine noise. A depth sweep reports compile time at 2, 12 and 24 layers
 with the layer scan on (the configs turn it off: unrolled layers step faster on CPUs and on an H200).
+With --vs, a second step (the same overrides plus the variant's) runs in the same rounds, so the two are compared
+under the same machine noise: its figures and `speedup` (its tokens/s over the first's, the median of the rounds' ratios).
 """
-import argparse, json, os, platform, re, statistics, sys, time
+import argparse, json, os, platform, re, shlex, statistics, sys, time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import jax
@@ -42,6 +45,7 @@ def parse(argv):
     p.add_argument('--devices', type=at_least(0), default=1, help='devices in the mesh; 0 = all')
     p.add_argument('--matmul-size', type=at_least(1), default=None, help='roofline matmul side (default 2048 on CPU, 8192 else)')
     p.add_argument('--depths', default=None, help="layer counts for the compile-time sweep (default 2,12,24); '' skips it")
+    p.add_argument('--vs', type=shlex.split, default=None, help="a variant's overrides, timed in the same rounds: --vs 'model.remat=dots'")
     p.add_argument('--tiny', action='store_true', help='a tiny model, one short round, for smoke tests (flags given still count)')
     args = p.parse_args(argv)
     defaults = dict(warmup=1, rounds=1, steps=1, matmul_size=128, depths='1,2') if args.tiny else dict(warmup=2, rounds=5, steps=2, depths='2,12,24')
@@ -126,24 +130,27 @@ def run(args):
     mesh = jax.make_mesh((len(devices),), ('data',), (jax.sharding.AxisType.Auto,), devices=devices)
     c = train.model_config(cfg.model)
     B, T = cfg.batch_size, cfg.model.seq_len
-    step, state, batch, compile_s = build(cfg, mesh)
-    for _ in range(args.warmup):
-        state, _ = step(state, batch)
-    jax.block_until_ready(state)
+    vs_cfg = args.vs is not None and compose_config(args.config_name, args.overrides + args.vs)
+    runs = [[*build(cfg, mesh), []]] + ([[*build(vs_cfg, mesh), []]] if vs_cfg else [])  # [step, state, batch, compile_s, times]
+    for r in runs:
+        for _ in range(args.warmup):
+            r[1], _ = r[0](r[1], r[2])
+        jax.block_until_ready(r[1])
     n = args.matmul_size or (2048 if devices[0].platform == 'cpu' else 8192)
     matmul_time, matmul_flops = matmul_roofline(mesh, n, c.dtype)
-    step_times, matmul_times = [], []
-    for _ in range(args.rounds):  # interleaved, so the model and the matmul see the same machine load
+    matmul_times = []
+    for _ in range(args.rounds):  # interleaved, so the model(s) and the matmul see the same machine load
         matmul_times.append(matmul_time())
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        step_times.append((time.perf_counter() - t0) / args.steps)
-
-    step_s, matmul_s = statistics.median(step_times), statistics.median(matmul_times)
+        for r in runs:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                r[1], metrics = r[0](r[1], r[2])
+            jax.block_until_ready(metrics)
+            r[4].append((time.perf_counter() - t0) / args.steps)
+    (step, state, batch, compile_s, step_times), matmul_s = runs[0], statistics.median(matmul_times)
+    step_s, roofline = statistics.median(step_times), matmul_flops / matmul_s
+    vs = vs_cfg and variant(args.vs, vs_cfg, runs[1][4], B * T, step_times, roofline, runs[1][3], devices)
     model_flops = gpt.flops_per_token(c) * B * T / step_s
-    roofline = matmul_flops / matmul_s
     peak = utils.peak_flops(devices[0].device_kind, cfg.peak_flops)
     mem = step.memory_analysis()
     stats = devices[0].memory_stats() or {}
@@ -164,7 +171,17 @@ def run(args):
         roofline_fraction_rounds=[gpt.flops_per_token(c) * B * T / t / (matmul_flops / m)  # each round against its own matmul
                                   for t, m in zip(step_times, matmul_times)],
         compile_s_by_depth=sweep,
-        compile_ratio_deep_to_shallow=sweep[max(sweep)] / sweep[min(sweep)] if sweep else None)
+        compile_ratio_deep_to_shallow=sweep[max(sweep)] / sweep[min(sweep)] if sweep else None) | ({'vs': vs} if vs else {})
+
+
+def variant(overrides, cfg, times, base_tokens, base_times, roofline, compile_s, devices):
+    """The --vs step's figures; speedup: its tokens/s over the first step's, the median of the rounds' ratios."""
+    c, tokens = train.model_config(cfg.model), cfg.batch_size * cfg.model.seq_len
+    step_s, flops = statistics.median(times), gpt.flops_per_token(c) * tokens
+    return dict(overrides=overrides, tokens_per_sec=tokens / step_s, step_ms=1e3 * step_s, compile_s=compile_s,
+                mfu=utils.mfu(flops / step_s, len(devices), utils.peak_flops(devices[0].device_kind, cfg.peak_flops)),
+                roofline_fraction=flops / step_s / roofline, step_ms_rounds=[1e3 * t for t in times],
+                speedup=statistics.median(tokens / t / (base_tokens / b) for t, b in zip(times, base_times)))
 
 
 def table(r):
@@ -179,6 +196,11 @@ def table(r):
                                   f"-{max(r['roofline_fraction_rounds']):.3f})"), ('MFU', g(r['mfu'])),
             ('peak memory', 'n/a' if r['peak_mem_bytes'] is None else f"{r['peak_mem_bytes'] / 2**30:.2f} GiB"),
             ('XLA buffers', 'n/a' if r['xla_mem_bytes'] is None else f"{r['xla_mem_bytes'] / 2**30:.2f} GiB")]
+    if 'vs' in r:
+        v = r['vs']
+        rows += [('vs: ' + ' '.join(v['overrides']), f"{v['tokens_per_sec']:,.0f} tokens/s, {v['step_ms']:,.1f} ms, compile {v['compile_s']:.1f} s"),
+                 ('vs: roofline fraction, MFU', f"{v['roofline_fraction']:.3f}, {g(v['mfu'])}"),
+                 ('vs: speedup', f"{v['speedup']:.3f}x tokens/s (median of the rounds' ratios)")]
     rows += [(f'compile, {L} layers (scan)', f'{s:.1f} s') for L, s in r['compile_s_by_depth'].items()]
     if r['compile_ratio_deep_to_shallow']:
         rows.append(('compile ratio deep/shallow', f"{r['compile_ratio_deep_to_shallow']:.2f}x"))

@@ -88,3 +88,19 @@ def test_the_reference_model_trains_and_reports_bench_names(capsys):
     assert result['n_params'] == 118528 and result['tokens_per_sec'] > 0  # Picodo's tiny model's 117,376 plus 1,152 biases
     assert 0 < result['loss'] < 5.55  # below ln(256) after 5 steps on one batch: it trains
     assert result['picodo_tokens_per_sec'] > 0 and len(result['picodo_roofline_fraction_rounds']) == 2 and result['speedup'] > 0
+
+
+def test_a_variant_runs_in_the_same_rounds_and_gets_its_speedup(capsys):
+    """--vs: a second step, the same overrides plus the variant's (here twice the batch), timed in each round after
+    the first; speedup is its tokens/s over the first's, the median of the rounds' ratios."""
+    r = bench.main(['--tiny', '--rounds', '3', '--depths', '', '--vs', 'batch_size=16 model.remat=dots'])
+    v, out = r['vs'], capsys.readouterr().out
+    assert v['overrides'] == ['batch_size=16', 'model.remat=dots'] and 'vs: batch_size=16 model.remat=dots' in out
+    assert len(v['step_ms_rounds']) == len(r['step_ms_rounds']) == 3
+    assert abs(v['tokens_per_sec'] * v['step_ms'] / 1e3 - 16 * 32) < 1e-6 and abs(r['tokens_per_sec'] * r['step_ms'] / 1e3 - 8 * 32) < 1e-6
+    ratios = sorted(16 / a / (8 / b) for a, b in zip(v['step_ms_rounds'], r['step_ms_rounds']))
+    assert abs(v['speedup'] - ratios[1]) < 1e-9 and v['compile_s'] > 0 and 0 < v['roofline_fraction']
+    assert json.loads(out.strip().splitlines()[-1])['vs'] == v
+    assert 'vs' not in bench.main(['--tiny', '--depths', ''])
+    with pytest.raises(utils.PicodoError, match=r"^ConfigCompositionException: Could not override 'model.d_modl'"):
+        bench.main(['--tiny', '--vs', 'model.d_modl=3'])
