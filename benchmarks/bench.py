@@ -139,9 +139,9 @@ def run(args):
     n = args.matmul_size or (2048 if devices[0].platform == 'cpu' else 8192)
     matmul_time, matmul_flops = matmul_roofline(mesh, n, c.dtype)
     matmul_times = []
-    for _ in range(args.rounds):  # interleaved, so the model(s) and the matmul see the same machine load
+    for i in range(args.rounds):  # interleaved, so the model(s) and the matmul see the same machine load
         matmul_times.append(matmul_time())
-        for r in runs:
+        for r in runs[::1 - 2 * (i % 2)]:  # with --vs, the two steps take turns going first
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 r[1], metrics = r[0](r[1], r[2])

@@ -91,8 +91,8 @@ def test_the_reference_model_trains_and_reports_bench_names(capsys):
 
 
 def test_a_variant_runs_in_the_same_rounds_and_gets_its_speedup(capsys):
-    """--vs: a second step, the same overrides plus the variant's (here twice the batch), timed in each round after
-    the first; speedup is its tokens/s over the first's, the median of the rounds' ratios."""
+    """--vs: a second step, the same overrides plus the variant's (here twice the batch), timed in each round, the two
+    taking turns to go first; speedup is its tokens/s over the first's, the median of the rounds' ratios."""
     r = bench.main(['--tiny', '--rounds', '3', '--depths', '', '--vs', 'batch_size=16 model.remat=dots'])
     v, out = r['vs'], capsys.readouterr().out
     assert v['overrides'] == ['batch_size=16', 'model.remat=dots'] and 'vs: batch_size=16 model.remat=dots' in out
