@@ -120,6 +120,25 @@ def test_a_bad_wandb_mode_variable_is_one_line(tmp_path, mode):
     assert r.stderr == f"error: WANDB_MODE={mode!r}: one of online, offline, disabled, shared, dryrun, or unset\n"
 
 
+def test_the_wandb_mode_variable_may_be_unset_or_any_mode_wandb_takes():
+    """The check in main.py lets through what wandb itself takes (its 'run' is online), and an unset WANDB_MODE, how most
+    users run: each reaches main(); a mode in capitals or empty, which wandb rejects, does not. One process, main() stubbed out."""
+    code = (f'import hydra, os, runpy, sys; sys.path.insert(0, {REPO!r})\n'
+            'hydra.main = lambda **kwargs: lambda f: lambda: print("main", end=" ")  # main.py decorates main with it\n'
+            'for mode in [None, "online", "offline", "disabled", "shared", "dryrun", "run", "OFFLINE", ""]:\n'
+            '    os.environ.pop("WANDB_MODE") if mode is None else os.environ.update(WANDB_MODE=mode)\n'
+            '    sys.argv = ["main.py"]\n'
+            '    try:\n'
+            f'        runpy.run_path({os.path.join(REPO, "main.py")!r}, run_name="__main__")\n'
+            '    except SystemExit as e:\n'
+            '        print(mode, e.code)\n')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, WANDB_MODE='offline'), stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == [f'main {mode} 0' for mode in ['None', 'online', 'offline', 'disabled', 'shared', 'dryrun', 'run']] + [
+        f"{mode} error: WANDB_MODE={mode!r}: one of online, offline, disabled, shared, dryrun, or unset" for mode in ['OFFLINE', '']]
+
+
 @pytest.mark.parametrize('raised,line', [
     ('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25.45GiB.\nBuffers:...', 'RESOURCE_EXHAUSTED: Out of '
      'memory while trying to allocate 25.45GiB. (lower batch_size, raise grad_accum or set model.remat=dots)'),

@@ -39,6 +39,25 @@ def test_bf16_activations_keep_fp32_params_and_loss():
     assert logits.dtype == jnp.bfloat16 and gpt.cross_entropy(logits, tokens()).dtype == jnp.float32
 
 
+@pytest.mark.parametrize('scan', [True, False])
+def test_bf16_blocks_take_and_return_bf16_activations(monkeypatch, scan):
+    """The token row and its position are summed in fp32 and rounded once to the model's dtype before the first block:
+    left in fp32, the whole residual stream would stay fp32 (bf16 + fp32 is fp32), doubling the activations it keeps."""
+    seen, inputs, call = [], [], gpt.Block.__call__
+    def spy(self, x, *args, **kwargs):
+        out = call(self, x, *args, **kwargs)
+        seen.append((x.dtype, (out[0] if isinstance(out, tuple) else out).dtype)), inputs.append(x)
+        return out
+    monkeypatch.setattr(gpt.Block, '__call__', spy)
+    model = gpt.GPT(config(dtype=jnp.bfloat16, scan=scan), nnx.Rngs(0))
+    model(tokens())
+    model(tokens(T=4), model.init_cache(2, 16), 3)  # sampling's path too: a chunk at positions 3..6 with a KV cache
+    assert seen == [(jnp.bfloat16, jnp.bfloat16)] * (2 if scan else 6), seen
+    if not scan:  # the loop runs eagerly: the first block's input is concrete
+        E, P = np.asarray(model.token_embed.embedding[...]), np.asarray(model.pos_embed.embedding[...])
+        np.testing.assert_array_equal(np.asarray(inputs[0], np.float32), np.asarray((E[tokens()] + P[:16]).astype(jnp.bfloat16), np.float32))
+
+
 def reference_cross_entropy(logits, labels):  # the textbook formula, in fp32, through JAX's own gradient rules
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
     return -jnp.take_along_axis(logp, labels[..., None], -1).mean()
