@@ -95,10 +95,18 @@ def test_the_reference_model_trains_and_reports_bench_names(capsys, monkeypatch)
     np.testing.assert_array_equal(seen['reference'], seen['picodo'][0])  # the same Zipf ids: [B, T+1], [A=1, B, T+1]
 
 
-def test_a_variant_runs_in_the_same_rounds_and_gets_its_speedup(capsys):
+def test_a_variant_runs_in_the_same_rounds_and_gets_its_speedup(capsys, monkeypatch):
     """--vs: a second step, the same overrides plus the variant's (here twice the batch), timed in each round, the two
     taking turns to go first; speedup is its tokens/s over the first's, the median of the rounds' ratios."""
+    calls, build = [], bench.build
+    class Spy:  # records each step call by its batch size (8: the first step, 16: the variant)
+        def __init__(self, step, B): self.step, self.B = step, B
+        def __call__(self, *args): return calls.append(self.B) or self.step(*args)
+        def __getattr__(self, name): return getattr(self.step, name)  # memory_analysis
+    spy = lambda cfg, mesh: (lambda step, *rest: (Spy(step, cfg.batch_size), *rest))(*build(cfg, mesh))
+    monkeypatch.setattr(bench, 'build', spy)
     r = bench.main(['--tiny', '--rounds', '3', '--depths', '', '--vs', 'batch_size=16 model.remat=dots'])
+    assert calls == [8, 16] + [8, 16] + [16, 8] + [8, 16]  # one warm-up step each, then one step each per round
     v, out = r['vs'], capsys.readouterr().out
     assert v['overrides'] == ['batch_size=16', 'model.remat=dots'] and 'vs: batch_size=16 model.remat=dots' in out
     assert len(v['step_ms_rounds']) == len(r['step_ms_rounds']) == 3
