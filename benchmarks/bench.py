@@ -17,7 +17,6 @@ import argparse, json, os, platform, re, shlex, statistics, sys, time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import jax
-import jax.numpy as jnp
 import numpy as np
 from hydra import compose, initialize_config_dir
 from jax.sharding import NamedSharding, PartitionSpec as P
