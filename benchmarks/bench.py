@@ -74,11 +74,15 @@ def zipf_tokens(shape, V):
     return np.random.default_rng(0).choice(V, shape, p=(p := 1 / np.arange(1, V + 1)) / p.sum()).astype(np.int32)
 
 
-def build(cfg, mesh):
-    """The real training step, compiled ahead of time, and a synthetic batch [A, B/A, T+1] for it."""
+def check_batch(cfg, mesh):
     if cfg.batch_size % cfg.grad_accum or (cfg.batch_size // cfg.grad_accum) % mesh.devices.size:
         raise utils.PicodoError(f'batch_size {cfg.batch_size} must split into grad_accum={cfg.grad_accum} micro-batches, '
                                 f'each divisible over {mesh.devices.size} devices')
+
+
+def build(cfg, mesh):
+    """The real training step, compiled ahead of time, and a synthetic batch [A, B/A, T+1] for it."""
+    check_batch(cfg, mesh)
     tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1000))
     graphdef, state = train.create_state(cfg, mesh, tx)
     step, _ = train.compile_steps(graphdef, state)
@@ -129,7 +133,11 @@ def run(args):
     mesh = jax.make_mesh((len(devices),), ('data',), (jax.sharding.AxisType.Auto,), devices=devices)
     c = train.model_config(cfg.model)
     B, T = cfg.batch_size, cfg.model.seq_len
-    vs_cfg = args.vs is not None and compose_config(args.config_name, args.overrides + args.vs)
+    try:  # a bad variant: one line that names --vs, before the first step is compiled
+        vs_cfg = args.vs is not None and compose_config(args.config_name, args.overrides + args.vs)
+        vs_cfg and check_batch(vs_cfg, mesh)
+    except utils.PicodoError as e:
+        raise utils.PicodoError(f'--vs {shlex.join(args.vs)!r}: {e}') from None
     runs = [[*build(cfg, mesh), []]] + ([[*build(vs_cfg, mesh), []]] if vs_cfg else [])  # [step, state, batch, compile_s, times]
     for r in runs:
         for _ in range(args.warmup):
@@ -180,7 +188,8 @@ def variant(overrides, cfg, times, base_tokens, base_times, roofline, compile_s,
     return dict(overrides=overrides, tokens_per_sec=tokens / step_s, step_ms=1e3 * step_s, compile_s=compile_s,
                 mfu=utils.mfu(flops / step_s, len(devices), utils.peak_flops(devices[0].device_kind, cfg.peak_flops)),
                 roofline_fraction=flops / step_s / roofline, step_ms_rounds=[1e3 * t for t in times],
-                speedup=statistics.median(tokens / t / (base_tokens / b) for t, b in zip(times, base_times)))
+                speedup=statistics.median(ratios := [tokens / t / (base_tokens / b) for t, b in zip(times, base_times)]),
+                speedup_rounds=ratios)
 
 
 def table(r):
@@ -197,9 +206,12 @@ def table(r):
             ('XLA buffers', 'n/a' if r['xla_mem_bytes'] is None else f"{r['xla_mem_bytes'] / 2**30:.2f} GiB")]
     if 'vs' in r:
         v = r['vs']
-        rows += [('vs: ' + ' '.join(v['overrides']), f"{v['tokens_per_sec']:,.0f} tokens/s, {v['step_ms']:,.1f} ms, compile {v['compile_s']:.1f} s"),
+        rs = v['speedup_rounds']
+        rows += [('vs', shlex.join(v['overrides']) or "'' (the same step again: the noise)"),
+                 ('vs: tokens/s', f"{v['tokens_per_sec']:,.0f}, {v['step_ms']:,.1f} ms, compile {v['compile_s']:.1f} s"),
                  ('vs: roofline fraction, MFU', f"{v['roofline_fraction']:.3f}, {g(v['mfu'])}"),
-                 ('vs: speedup', f"{v['speedup']:.3f}x tokens/s (median of the rounds' ratios)")]
+                 ('vs: speedup', f"{v['speedup']:.3f}x tokens/s (median of the rounds' ratios, "
+                                 + (f"{min(rs):.3f}-{max(rs):.3f})" if len(rs) > 1 else '1 round: noise unknown, try --rounds 5)'))]
     rows += [(f'compile, {L} layers (scan)', f'{s:.1f} s') for L, s in r['compile_s_by_depth'].items()]
     if r['compile_ratio_deep_to_shallow']:
         rows.append(('compile ratio deep/shallow', f"{r['compile_ratio_deep_to_shallow']:.2f}x"))

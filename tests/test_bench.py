@@ -108,14 +108,15 @@ def test_a_variant_runs_in_the_same_rounds_and_gets_its_speedup(capsys, monkeypa
     r = bench.main(['--tiny', '--rounds', '3', '--depths', '', '--vs', 'batch_size=16 model.remat=dots'])
     assert calls == [8, 16] + [8, 16] + [16, 8] + [8, 16]  # one warm-up step each, then one step each per round
     v, out = r['vs'], capsys.readouterr().out
-    assert v['overrides'] == ['batch_size=16', 'model.remat=dots'] and 'vs: batch_size=16 model.remat=dots' in out
+    assert v['overrides'] == ['batch_size=16', 'model.remat=dots'] and '\nvs                           batch_size=16 model.remat=dots\n' in out
     assert len(v['step_ms_rounds']) == len(r['step_ms_rounds']) == 3
     assert abs(v['tokens_per_sec'] * v['step_ms'] / 1e3 - 16 * 32) < 1e-6 and abs(r['tokens_per_sec'] * r['step_ms'] / 1e3 - 8 * 32) < 1e-6
     ratios = sorted(16 / a / (8 / b) for a, b in zip(v['step_ms_rounds'], r['step_ms_rounds']))
+    assert all(abs(a - b) < 1e-9 for a, b in zip(sorted(v['speedup_rounds']), ratios)) and "median of the rounds' ratios, " in out
     assert abs(v['speedup'] - ratios[1]) < 1e-9 and v['compile_s'] > 0 and 0 < v['roofline_fraction']
     assert json.loads(out.strip().splitlines()[-1])['vs'] == v
     assert 'vs' not in bench.main(['--tiny', '--depths', ''])
-    with pytest.raises(utils.PicodoError, match=r"^ConfigCompositionException: Could not override 'model.d_modl'"):
+    with pytest.raises(utils.PicodoError, match=r"^--vs 'model.d_modl=3': ConfigCompositionException: Could not override 'model.d_modl'"):
         bench.main(['--tiny', '--vs', 'model.d_modl=3'])
 
 
