@@ -99,7 +99,8 @@ class Block(nnx.Module):
         x = x.reshape(B * T, D)  # 2 dims, which XLA CPU canonicalizes with a transposed copy of g; on [B·T, D] it reads g in place
         # [B·T, ...] split over 'data': XLA then gathers the weights (FSDP) instead of splitting heads
         x = x if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec('data'))
-        q, k, v = jnp.split(self.qkv(self.ln1(x)).reshape(B, T, 3 * self.n_heads, D // self.n_heads), 3, axis=2)  # [B, T, H, K]
+        h, w = self.ln1(x), self.qkv.kernel[...].astype(x.dtype)  # q, k, v from thirds of the packed weight: no split's copies
+        q, k, v = ((h @ w[:, i * D:(i + 1) * D]).reshape(B, T, self.n_heads, -1) for i in range(3))  # [B, T, H, K]
         if cache is None:
             y = (chunked_attention(q, k, v, 128 if T % 128 == 0 else T) if self.attn_impl == 'chunked' else
                  jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl))
