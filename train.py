@@ -208,10 +208,8 @@ def train(cfg, out_dir, name='run'):
     val_batches = [data.load_batch(val_tokens, T, 0, i, B, A, batch_sharding)
                    for i in range(min(cfg.eval_batches, (len(val_tokens) - 1) // T // B))]  # no window twice
 
-    flops_per_token = gpt.flops_per_token(model_config(cfg.model))
-    peak = utils.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    main = jax.process_index() == 0  # only process 0 prints, logs and writes metrics
+    flops_per_token, peak = gpt.flops_per_token(model_config(cfg.model)), utils.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
+    config, main = OmegaConf.to_container(cfg, resolve=True), jax.process_index() == 0  # only process 0 prints, logs and writes metrics
     run = utils.init_wandb(cfg.wandb, flatten(config) | {'n_params': n_params, 'flops_per_token': flops_per_token},
                            out_dir, meta.get('wandb_id') if source is saver else None, main)  # a resumed run continues its wandb run
     main and whole and print(f'warning: {whole / 1e6:.2f}M params and their Adam moments are whole on each device (the dimension FSDP splits them on does not divide over {jax.device_count()} devices)')
@@ -239,12 +237,11 @@ def train(cfg, out_dir, name='run'):
                 stopping = bool(stop) if jax.process_count() == 1 else process_allgather(np.int32(len(stop))).any()
             save_now = done % cfg.ckpt.every == 0 or done == total_steps or stopping
             if done % cfg.log_every == 0 or save_now:  # so a saved state has always passed the non-finite check
-                metrics = jax.device_get(pending)  # the only host sync between evals
-                values = np.array([[m['train_loss'], m['grad_norm']] for m in metrics])  # [steps, 2]
+                values = np.array([[m['train_loss'], m['grad_norm']] for m in jax.device_get(pending)])  # [steps, 2]: the only host sync between evals
                 if not np.isfinite(values).all():  # a NaN gradient would poison the state saved at this step
-                    i, j = np.argwhere(~np.isfinite(values))[0] + (done - len(metrics) + 1, 0)  # i: the step
+                    i, j = np.argwhere(~np.isfinite(values))[0] + (done - len(values) + 1, 0)  # i: the step
                     raise utils.PicodoError(f'non-finite {("loss", "gradient")[j]} at step {i} (diverged, or token ids >= model.vocab_size?)')
-                dt = (time.perf_counter() - t0) / len(metrics)
+                dt = (time.perf_counter() - t0) / len(values)
                 last = dict(step=done, train_loss=float(values[:, 0].mean()), grad_norm=float(values[-1, 1]),
                             lr=float(schedule(done - 1)), tokens_seen=done * B * T, tokens_per_sec=B * T / dt, step_time=dt,
                             mfu=utils.mfu(flops_per_token * B * T / dt, jax.device_count(), peak))

@@ -56,9 +56,12 @@ def stop_signals():
 
 def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
     """A wandb run that never blocks training: WANDB_MODE wins; online goes offline without a key or server; else a no-op."""
-    import wandb  # here, so that the data tools can use this module without loading wandb
+    try:
+        import wandb  # here, so that the data tools can use this module without loading wandb
+        url = urllib.parse.urlparse(os.environ.get('WANDB_BASE_URL') or wandb.Settings().base_url)
+    except Exception as e:  # a broken install (say, protobuf or pydantic versions it cannot use): the run goes on without it
+        enabled = enabled and print(f'wandb: unusable ({type(e).__name__}: {(str(e).splitlines() or [""])[0]}): not logging to wandb')
     mode = (os.environ.get('WANDB_MODE') or cfg.mode) if enabled else 'disabled'
-    url = urllib.parse.urlparse(os.environ.get('WANDB_BASE_URL') or wandb.Settings().base_url)
     if mode not in ('offline', 'dryrun', 'disabled') and not online_ok(url):
         mode = print(f'wandb: no API key for {url.netloc} or no connection to it: logging offline (upload later with `wandb sync`)') or 'offline'
     for mode in dict.fromkeys([mode, 'offline']) if enabled else ():  # other processes of a multi-host run: no wandb

@@ -190,6 +190,20 @@ def test_a_failed_sweep_point_ends_its_wandb_run_and_the_next_starts_its_own(tmp
     assert [len(r) for r in runs] == [1, 1] and os.path.basename(runs[0][0]) != os.path.basename(runs[1][0]), runs
 
 
+def test_a_run_trains_where_wandb_is_installed_but_broken(tmp_path, stdlib_data):
+    """`import wandb` failing (here a stand-in package, as when its protobuf or pydantic is a version it cannot use)
+    crashed `python main.py` with a traceback; now one line says so and the run trains and logs to metrics.jsonl."""
+    (tmp_path / 'site' / 'wandb').mkdir(parents=True)
+    (tmp_path / 'site' / 'wandb' / '__init__.py').write_text("raise ImportError(\"cannot import name 'runtime_version' from 'google.protobuf'\")\n")
+    env = dict(os.environ, WANDB_MODE='online', PYTHONPATH=os.pathsep.join([str(tmp_path / 'site'), os.environ.get('PYTHONPATH', '')]))
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), *TINY, f'data.train_path={stdlib_data[0]}',
+                        f'data.val_path={stdlib_data[1]}', 'train_tokens=1024', 'hydra.run.dir=run'], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and 'Traceback' not in r.stdout + r.stderr, r.stderr[-2000:]
+    assert "wandb: unusable (ImportError: cannot import name 'runtime_version' from 'google.protobuf'): not logging to wandb\n" in r.stdout
+    assert 'eval_loss' in (tmp_path / 'run' / 'metrics.jsonl').read_text() and not (tmp_path / 'run' / 'wandb').exists()
+
+
 def test_ctrl_c_while_a_first_run_builds_its_corpus_leaves_no_file(tmp_path):
     """`python main.py` builds the stdlib corpus on its first run: a Ctrl-C then exits 130 without a traceback and
     removes the half-written .tmp file (an os._exit from the signal handler had skipped the build's cleanup)."""

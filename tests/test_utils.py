@@ -83,6 +83,22 @@ def test_when_wandb_cannot_start_at_all_logging_goes_nowhere(tmp_path, monkeypat
     assert run.id is None and 'could not start offline (RuntimeError: no offline today)' in out
 
 
+@pytest.mark.parametrize('broken', ['import', 'settings'])
+def test_a_broken_wandb_install_is_one_line_and_the_run_goes_on(tmp_path, monkeypatch, capsys, broken):
+    """wandb that cannot be imported (a protobuf or pydantic version it cannot use), or whose settings cannot be read:
+    one line, and a run that logs nowhere (metrics.jsonl still has everything). It crashed the run at its import."""
+    if broken == 'import':
+        monkeypatch.setitem(sys.modules, 'wandb', None)  # `import wandb` then raises ImportError
+    else:
+        monkeypatch.setattr(wandb, 'Settings', lambda: {}['pydantic says no'])
+    run = utils.init_wandb(make_cfg().wandb, {}, str(tmp_path))
+    run.log({'loss': 1.0}, step=1), run.finish()
+    out = capsys.readouterr().out
+    assert run.id is None and out.startswith('wandb: unusable (') and out.endswith('): not logging to wandb\n') and out.count('\n') == 1, out
+    assert utils.init_wandb(make_cfg().wandb, {}, str(tmp_path), enabled=False).id is None  # another process: silent
+    assert capsys.readouterr().out == ''
+
+
 def test_peak_flops_first_match_wins_and_unknown_chips_have_none():
     assert utils.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
     assert utils.peak_flops('NVIDIA H100 PCIe') == 756e12  # the PCIe card's dense bf16 peak, not the SXM's
