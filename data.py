@@ -12,12 +12,11 @@ def open_tokens(path, vocab_size, seq_len, batch_size):
     """Memory-map a .bin file after checking it can feed batches of windows for this model."""
     if not os.path.isfile(path):
         raise PicodoError(f'data file not found: {path}')
-    if os.path.getsize(path) % 2:
-        raise PicodoError(f'{path}: odd byte size {os.path.getsize(path)}, not a uint16 .bin file')
-    n_windows = max(os.path.getsize(path) // 2 - 1, 0) // seq_len  # checked before np.memmap, which fails on empty files
+    if (size := os.path.getsize(path)) % 2:
+        raise PicodoError(f'{path}: odd byte size {size}, not a uint16 .bin file')
+    n_windows = max(size // 2 - 1, 0) // seq_len  # checked before np.memmap, which fails on empty files
     if n_windows < batch_size:
-        raise PicodoError(f'{path}: {os.path.getsize(path) // 2} tokens give {n_windows} windows of {seq_len + 1}, '
-                          f'fewer than one batch of {batch_size}')
+        raise PicodoError(f'{path}: {size // 2} tokens give {n_windows} windows of {seq_len + 1}, fewer than one batch of {batch_size}')
     tokens = np.memmap(path, dtype='<u2', mode='r')  # ids checked in 16 evenly spaced 1M-token chunks: cheap even for a 5 GB file
     max_id = max(int(tokens[i:i + (1 << 20)].max()) for i in np.linspace(0, len(tokens) - 1, 16, dtype=np.int64))
     if max_id >= vocab_size:
@@ -30,16 +29,12 @@ def permutation(n_windows, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n_windows)
 
 
-def window_ids(n_windows, seed, step, batch_size):
-    """Indices of the windows in the global batch at `step`: epoch after epoch of permutations."""
-    epoch, i = np.divmod(step * batch_size + np.arange(batch_size), n_windows)
-    return np.concatenate([permutation(n_windows, seed, int(e))[i[epoch == e]] for e in np.unique(epoch)])  # epochs ascend
-
-
 def get_batch(tokens, seq_len, seed, step, batch_size, rows=slice(None)):
     """Rows `rows` of the global batch at `step`: int32 [rows, T+1], exact slices of the file."""
-    starts = window_ids((len(tokens) - 1) // seq_len, seed, step, batch_size)[rows] * seq_len
-    return np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
+    n_windows = (len(tokens) - 1) // seq_len
+    epoch, i = np.divmod(step * batch_size + np.arange(batch_size), n_windows)  # epoch after epoch of permutations
+    windows = np.concatenate([permutation(n_windows, seed, int(e))[i[epoch == e]] for e in np.unique(epoch)])  # epochs ascend
+    return np.stack([tokens[s:s + seq_len + 1] for s in windows[rows] * seq_len]).astype(np.int32)
 
 
 def load_batch(tokens, seq_len, seed, step, batch_size, accum, sharding):  # global [A, B/A, T+1]: each process loads only its rows

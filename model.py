@@ -99,7 +99,8 @@ class Block(nnx.Module):
         x = x.reshape(B * T, D)  # 2 dims, which XLA CPU canonicalizes with a transposed copy of g; on [B·T, D] it reads g in place
         # [B·T, ...] split over 'data': XLA then gathers the weights (FSDP) instead of splitting heads
         x = x if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec('data'))
-        h, w = self.ln1(x), self.qkv.kernel[...].astype(x.dtype)  # q, k, v from thirds of the packed weight: no split's copies
+        # q, k, v from thirds of the packed weight (one nnx.Linear, so parameters and checkpoints are as before): no split copies
+        h, w = self.ln1(x), self.qkv.kernel[...].astype(x.dtype)
         q, k, v = ((h @ w[:, i * D:(i + 1) * D]).reshape(B, T, self.n_heads, -1) for i in range(3))  # [B, T, H, K]
         if cache is None:
             y = (chunked_attention(q, k, v, 128 if T % 128 == 0 else T) if self.attn_impl == 'chunked' else
@@ -135,8 +136,7 @@ class GPT(nnx.Module):
         # gathered in fp32, then cast: the gradient's scatter-add is then fp32 atomics; in bf16 (CAS loops) repeated ids of
         # real text made an H100 step 54% slower (95.5 against 62 ms on byte text; random ids hid it)
         x = (jnp.take(self.token_embed.embedding[...], tokens, axis=0) + positions).astype(self.token_embed.dtype)
-        block_fn = lambda block, x: block(x)
-        block_fn = block_fn if self.remat == 'none' else nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat])
+        block_fn = Block.__call__ if self.remat == 'none' else nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat])
         if cache is not None and self.scan:
             x, cache = nnx.scan(lambda x, block, kv: block(x, kv, pos), in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(x, self.blocks, cache)
         elif cache is not None:  # layer by layer, each reading and updating its slice of the cache

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 import data, model as gpt, utils
 
 DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.yaml')
-SHAPE_KEYS = ['vocab_size', 'seq_len', 'd_model', 'n_layers', 'n_heads', 'scan']  # these fix the parameter tree
+# the parameter tree, and what a step counts: a checkpoint is restored only under the same values, even by ckpt.resume
+FIXED_KEYS = ['model.vocab_size', 'model.seq_len', 'model.d_model', 'model.n_layers', 'model.n_heads', 'model.scan', 'batch_size']
 # keys that may change between launches of one run (how it runs, logs and saves, where its data is): the others may not
 FREE_KEYS = ('ckpt.', 'wandb.', 'dist.', 'data.', 'log_every', 'eval_every', 'eval_batches', 'sample_tokens', 'peak_flops',
              'grad_accum', 'model.remat', 'model.attn_impl')
@@ -99,27 +100,27 @@ def find_checkpoint(path):
 
 def restore(manager, step, cfg, state, same_run=False):
     """The saved state laid out like `state` (so onto the current mesh, whatever mesh saved it), and its metadata.
-    The config must match the saved one in SHAPE_KEYS and batch_size (steps count batches) or, to go on with the same run, in all but FREE_KEYS."""
+    The config must match the saved one in FIXED_KEYS or, to go on with the same run, in all but FREE_KEYS."""
     where = os.path.join(manager.directory, str(step))
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
         saved, now = (flatten(c) for c in (meta['config'], OmegaConf.to_container(cfg, resolve=True)))
-        fixed = [f'model.{k}' for k in SHAPE_KEYS] + ['batch_size']  # the parameter tree, and what a step counts: even ckpt.resume keeps them
-        keys = fixed + [k for k in now if not k.startswith(FREE_KEYS) or k == 'ckpt.resume'] if same_run else fixed  # fixed first
+        keys = FIXED_KEYS + [k for k in now if not k.startswith(FREE_KEYS) or k == 'ckpt.resume'] if same_run else FIXED_KEYS  # fixed first
         differ = [f'{k}={saved.get(k)} but the config says {now[k]}' for k in keys if saved.get(k) != now[k]]
         if not differ:  # a failed read: orbax closes its event loop with other reads in flight, and as they end (within ms)
             with contextlib.redirect_stderr(io.StringIO()):  # TensorStore's threads print tracebacks (event loop is closed)
                 try:
                     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
                 except Exception:
-                    time.sleep(0.5)  # ... here, into nothing; then the failed reads' coroutines and futures print a traceback each
-                    sys.unraisablehook, logging.getLogger('asyncio').disabled = (lambda *_: None), True  # when freed, at exit or
-                    warnings.filterwarnings('ignore', 'coroutine .* was never awaited')  # during a sweep's next run: for good
+                    # the failed reads' coroutines and tasks print a traceback each when freed (at exit, during a sweep's next
+                    sys.unraisablehook, logging.getLogger('asyncio').disabled = (lambda *_: None), True  # run, or in the sleep
+                    warnings.filterwarnings('ignore', 'coroutine .* was never awaited')  # under load): silenced for good, first
+                    time.sleep(0.5)  # ... here, into nothing
                     raise
     except Exception as e:  # truncated or missing files, garbled metadata, ...: TensorStore's errors name the file (the cause
         raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(c := e.__cause__ or e).__name__}: {(str(c).splitlines() or [""])[0].split(" [tensorstore_spec")[0]}') from None  # of orbax's)
     raise utils.PicodoError(f'checkpoint {where} has {differ[0]}' + (': another run (set ckpt.dir)' + ', or ckpt.resume to go on from '
-                            'it with this config' * (not differ[0].startswith(tuple(fixed))) if same_run else ''))
+                            'it with this config' * (not differ[0].startswith(tuple(FIXED_KEYS))) if same_run else ''))
 
 
 def save(manager, step, state, meta):  # asynchronous: the arrays are copied off the devices, then written in the background
@@ -200,6 +201,12 @@ def train(cfg, out_dir, name='run'):
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
     n_params, whole = map(sum, zip(*[(x.size, x.size * (jax.device_count() > 1 and x.sharding.is_fully_replicated)) for x in jax.tree.leaves(state[0])]))
     state, meta = restore(source, start, cfg, state, same_run=source is saver) if start else (state, {})
+    lock = open(os.path.join(ckpt_dir, f'.lock.{jax.process_index()}'), 'a')  # the dir is this run's: held while it trains, as a
+    try:  # second launch of it would delete its unfinished checkpoint (next) and save steps over its own
+        os.lockf(lock.fileno(), os.F_TLOCK, 0)  # a POSIX lock: released when the process ends, however it ends
+    except (OSError, AttributeError) as e:  # held by another process; else no locks on this filesystem (or no os.lockf): no check
+        if isinstance(e, (BlockingIOError, PermissionError)):
+            raise utils.PicodoError(f'{ckpt_dir} is in use by another process: the same run launched twice?') from None
     for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):  # a killed save's unfinished step, once the
         shutil.rmtree(tmp, ignore_errors=True)  # dir is this run's; here, not in orbax's thread (it fails at exit after a start-up error)
     start and print(f'resuming at step {start} of {total_steps} from {source.directory}')
@@ -216,7 +223,6 @@ def train(cfg, out_dir, name='run'):
     main and print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} {jax.devices()[0].device_kind}, '
           f'eval on {len(val_batches)}x{B} windows{" (all of val)" * (len(val_batches) < cfg.eval_batches)}; logging to {out_dir}, checkpoints in {ckpt_dir}')
 
-    log_file = open(os.path.join(out_dir, 'metrics.jsonl') if main else os.devnull, 'a')
     def log(record):  # metrics.jsonl first: a wandb that fails mid-run (its service killed, ...) must not stop training
         print(json.dumps(record), file=log_file, flush=True)
         with contextlib.suppress(Exception): run.log(record, step=record['step'])
@@ -224,8 +230,8 @@ def train(cfg, out_dir, name='run'):
     pending, t0, last, stopping = [], time.perf_counter(), {}, False
     bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not main)
     say = bar.write if main else lambda line: None
-    with (jax.set_mesh(mesh), utils.stop_signals() as stop, saver,  # the loader's thread starts here, so it always stops
-          contextlib.closing(data.batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)) as batches):
+    with (jax.set_mesh(mesh), utils.stop_signals() as stop, saver, lock,  # the loader's thread starts here, so it always stops
+          open(os.path.join(out_dir, 'metrics.jsonl') if main else os.devnull, 'a') as log_file, contextlib.closing(data.batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)) as batches):
         batch_spec = jax.ShapeDtypeStruct((A, B // A, T + 1), jnp.int32, sharding=batch_sharding)
         train_step_fn = train_step_fn.lower(state, batch_spec).compile()
         say(f'compiled the training step in {time.perf_counter() - t0:.1f} s')

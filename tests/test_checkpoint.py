@@ -1,5 +1,5 @@
 """Checkpoints: exact resume after SIGKILL (even mid-save) and SIGTERM, any mesh, bad checkpoints."""
-import glob, json, os, re, shutil, signal, time
+import glob, json, os, re, shutil, signal, subprocess, sys, time
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -87,7 +87,7 @@ def test_a_relaunch_of_a_run_begun_from_ckpt_resume_goes_on_from_its_own_checkpo
     assert train.train(branch(f'ckpt.dir={tmp_path / "b"}'), str(tmp_path / 'run1'))[1]['step'] == 25
     shutil.rmtree(source)  # the source may be gone by then (its own run rotated the step out, say)
     train.train(branch(f'ckpt.dir={tmp_path / "b"}'), str(tmp_path / 'run2'))  # resumes at step 25 of 25
-    assert os.listdir(tmp_path / 'b') == ['25']
+    assert sorted(os.listdir(tmp_path / 'b')) == ['.lock.0', '25']  # the run's lock (process 0)
     assert wandb_ids(tmp_path / 'run1') == wandb_ids(tmp_path / 'run2') != wandb_ids(d / 'run_a')
     other = shutil.copytree(a, tmp_path / 'other')
     before = {p: os.path.getmtime(p) for p in glob.glob(f'{other}/**', recursive=True)}
@@ -120,7 +120,7 @@ def test_a_run_that_dies_during_an_eval_evaluates_that_step_when_relaunched(tiny
         m.setattr(train, 'compile_steps', dying_eval)
         with pytest.raises(RuntimeError, match='killed during the eval'):
             train.train(cfg, str(tmp_path / 'run1'))
-    assert os.listdir(tmp_path / 'ckpt') == ['5']
+    assert sorted(os.listdir(tmp_path / 'ckpt')) == ['.lock.0', '5']
     last = train.train(cfg, str(tmp_path / 'run2'))[1]
     assert last['step'] == 10 and np.isfinite(last['eval_loss'])
     assert [r['step'] for r in records(tmp_path / 'run2') if 'eval_loss' in r] == [10]
@@ -369,6 +369,26 @@ def test_ckpt_resume_of_a_step_in_its_own_ckpt_dir(tiny_cfg, tmp_path, monkeypat
     assert sorted(os.listdir(ckpt)) == ['15', '20', '25']
 
 
+def test_a_second_launch_of_a_running_run_is_one_line_and_touches_nothing(finished_run, tiny_cfg, tmp_path):
+    """The same command launched twice at once: the second deleted the first's unfinished checkpoint and both saved into
+    one dir (one died with ~380 lines of orbax tracebacks). A lock in the run's ckpt dir, held while it trains, refuses
+    the second in one line; once the first ends (here: the process holding the lock), the relaunch resumes."""
+    ckpt = shutil.copytree(finished_run[2], tmp_path / 'ckpt')  # the finished run's dir, as if it were still training
+    shutil.rmtree(ckpt / '20'), (ckpt / '20.orbax-checkpoint-tmp-1').mkdir()  # and saving step 20 right now
+    holder = subprocess.Popen([sys.executable, '-c', f'import os, sys; f = open({str(ckpt / ".lock.0")!r}, "a"); '
+                               'os.lockf(f.fileno(), os.F_LOCK, 0); print("locked", flush=True); sys.stdin.read()'],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'locked\n'
+        cfg = tiny_cfg('train_tokens=10240', 'ckpt.every=5', f'ckpt.dir={ckpt}')  # its 20 steps: 5 more
+        with pytest.raises(PicodoError, match=f'^{re.escape(str(ckpt))} is in use by another process: the same run launched twice\\?$'):
+            train.train(cfg, str(tmp_path / 'run1'))
+        assert sorted(os.listdir(ckpt)) == ['.lock.0', '10', '15', '20.orbax-checkpoint-tmp-1'] and not (tmp_path / 'run1' / 'metrics.jsonl').exists()
+    finally:
+        holder.communicate('')  # its lock goes with it
+    assert train.train(cfg, str(tmp_path / 'run2'))[1]['step'] == 20 and sorted(os.listdir(ckpt)) == ['.lock.0', '10', '15', '20']
+
+
 def test_a_killed_saves_unfinished_step_goes_when_its_run_resumes(tiny_cfg, tmp_path, monkeypatch):
     """A run killed while saving step 10 leaves 10.orbax-checkpoint-tmp-*, a whole state's size; its relaunch resumes
     at step 5 and removes it (orbax would only if it saved step 10 again: not with another ckpt.every, say)."""
@@ -378,4 +398,4 @@ def test_a_killed_saves_unfinished_step_goes_when_its_run_resumes(tiny_cfg, tmp_
     monkeypatch.setattr(train, 'compile_steps', lambda *args: 1 / 0)  # right after the cleanup: stop there
     with pytest.raises(ZeroDivisionError):
         train.train(tiny_cfg('train_tokens=10240', f'ckpt.dir={ckpt}', 'ckpt.every=7'), str(tmp_path))
-    assert os.listdir(ckpt) == ['5']
+    assert sorted(os.listdir(ckpt)) == ['.lock.0', '5']

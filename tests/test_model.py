@@ -189,15 +189,16 @@ def test_bf16_step_scatters_the_embedding_gradient_in_fp32(scan, remat):
     assert types == ['tensor<384x64xf32>'] * hlo.count('"stablehlo.scatter"') != [], types
 
 
-@pytest.mark.parametrize('attn_impl', ['xla', 'chunked'])
-def test_q_k_v_are_three_matmuls_on_thirds_of_the_packed_weight(attn_impl):
-    """Not slices of one [B·T, 3D] matmul output: on an H100 the forward's split copies and the backward's concatenate
-    took 2.4 of GPT-2 small's 62.9 ms per step; on this CPU the benchmark step ran 3-4% faster without them.
-    The only slices left are of the tokens and of the (small) qkv weight, and nothing is concatenated."""
-    model = gpt.GPT(config(dtype=jnp.bfloat16, attn_impl=attn_impl), nnx.Rngs(0))
-    hlo = jax.jit(nnx.grad(lambda m, x: gpt.cross_entropy(m(x[:, :-1]), x[:, 1:]))).lower(model, tokens(T=17)).as_text()
-    sliced = set(re.findall(r'stablehlo.slice .*?: \((tensor<[^>]*>)\)', hlo))
-    assert sliced == {'tensor<2x17xi32>', 'tensor<64x192xbf16>'} and 'concatenate' not in hlo, sliced
+@pytest.mark.parametrize('attn_impl,T', [('xla', 16), ('chunked', 16), ('chunked', 256)])
+def test_q_k_v_are_three_matmuls_on_thirds_of_the_packed_weight(attn_impl, T):
+    """Not slices of one [B·T, 3D] matmul output, whose split copies q, k, v apart and whose backward concatenates their
+    gradients: on this CPU the benchmark step ran 3-4% faster without them. (This is the program JAX hands XLA; on GPUs,
+    XLA's dot merger may join the matmuls again.) Nothing [..., 3D]- or [..., 3H, K]-shaped is sliced or concatenated
+    but the (small) qkv weight itself."""
+    model = gpt.GPT(config(dtype=jnp.bfloat16, attn_impl=attn_impl, seq_len=T), nnx.Rngs(0))
+    hlo = jax.jit(nnx.grad(lambda m, x: gpt.cross_entropy(m(x[:, :-1]), x[:, 1:]))).lower(model, tokens(T=T + 1)).as_text()
+    types = re.findall(r'stablehlo.slice .*?: \((tensor<[^>]*>)\)', hlo) + re.findall(r'stablehlo.concatenate .*?-> (tensor<[^>]*>)', hlo)
+    assert 'tensor<64x192xbf16>' in types and not [t for t in types if t != 'tensor<64x192xbf16>' and ('x192x' in t or 'x12x16x' in t)], types
 
 
 @pytest.mark.parametrize('remat,scan', [('none', True), ('dots', True), ('none', False), ('dots', False)])

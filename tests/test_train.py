@@ -387,7 +387,7 @@ def test_a_wandb_that_fails_mid_run_stops_neither_training_nor_checkpoints(tiny_
         raise ConnectionResetError('Connection lost')
     monkeypatch.setattr(train.utils, 'init_wandb', lambda *args: types.SimpleNamespace(id='x', log=lost, finish=lost))
     _, last = train.train(tiny_cfg('train_tokens=5120', 'ckpt.every=5', f'ckpt.dir={tmp_path / "ckpt"}'), str(tmp_path))
-    assert last['step'] == 10 and sorted(os.listdir(tmp_path / 'ckpt')) == ['10', '5']
+    assert last['step'] == 10 and sorted(os.listdir(tmp_path / 'ckpt')) == ['.lock.0', '10', '5']
     assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [5, 10, 10]  # 2 logs, 1 eval
 
 
