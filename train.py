@@ -190,6 +190,12 @@ def train(cfg, out_dir, name='run'):
     with contextlib.suppress(OSError): os.makedirs(ckpt_dir, exist_ok=True)  # a file in the way, or no write access: said below
     if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
         raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
+    lock = open(os.path.join(ckpt_dir, f'.lock.{jax.process_index()}'), 'a')  # held while this run trains and saves: a second
+    try:  # launch of it would delete its unfinished checkpoint (below) and save steps over its own
+        os.lockf(lock.fileno(), os.F_TLOCK, 0)  # a POSIX lock: released when the process ends, however it ends
+    except (OSError, AttributeError) as e:  # held by another process; else no locks on this filesystem (or no os.lockf): no check
+        if isinstance(e, (BlockingIOError, PermissionError)):
+            raise utils.PicodoError(f'{ckpt_dir} is in use by another process: the same run launched twice?') from None
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep))
     resume = cfg.ckpt.resume and os.path.abspath(cfg.ckpt.resume)  # a relaunch of a run begun from another dir's checkpoint
     own = not resume or saver.latest_step() and resume not in (ckpt_dir, os.path.join(ckpt_dir, str(saver.latest_step())))
@@ -201,12 +207,6 @@ def train(cfg, out_dir, name='run'):
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
     n_params, whole = map(sum, zip(*[(x.size, x.size * (jax.device_count() > 1 and x.sharding.is_fully_replicated)) for x in jax.tree.leaves(state[0])]))
     state, meta = restore(source, start, cfg, state, same_run=source is saver) if start else (state, {})
-    lock = open(os.path.join(ckpt_dir, f'.lock.{jax.process_index()}'), 'a')  # the dir is this run's: held while it trains, as a
-    try:  # second launch of it would delete its unfinished checkpoint (next) and save steps over its own
-        os.lockf(lock.fileno(), os.F_TLOCK, 0)  # a POSIX lock: released when the process ends, however it ends
-    except (OSError, AttributeError) as e:  # held by another process; else no locks on this filesystem (or no os.lockf): no check
-        if isinstance(e, (BlockingIOError, PermissionError)):
-            raise utils.PicodoError(f'{ckpt_dir} is in use by another process: the same run launched twice?') from None
     for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):  # a killed save's unfinished step, once the
         shutil.rmtree(tmp, ignore_errors=True)  # dir is this run's; here, not in orbax's thread (it fails at exit after a start-up error)
     start and print(f'resuming at step {start} of {total_steps} from {source.directory}')
@@ -230,7 +230,7 @@ def train(cfg, out_dir, name='run'):
     pending, t0, last, stopping = [], time.perf_counter(), {}, False
     bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not main)
     say = bar.write if main else lambda line: None
-    with (jax.set_mesh(mesh), utils.stop_signals() as stop, saver, lock,  # the loader's thread starts here, so it always stops
+    with (jax.set_mesh(mesh), utils.stop_signals() as stop, lock, saver,  # exits in reverse: the last save, then the lock; the loader's thread starts here, so it always stops
           open(os.path.join(out_dir, 'metrics.jsonl') if main else os.devnull, 'a') as log_file, contextlib.closing(data.batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)) as batches):
         batch_spec = jax.ShapeDtypeStruct((A, B // A, T + 1), jnp.int32, sharding=batch_sharding)
         train_step_fn = train_step_fn.lower(state, batch_spec).compile()

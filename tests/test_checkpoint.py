@@ -389,6 +389,19 @@ def test_a_second_launch_of_a_running_run_is_one_line_and_touches_nothing(finish
     assert train.train(cfg, str(tmp_path / 'run2'))[1]['step'] == 20 and sorted(os.listdir(ckpt)) == ['.lock.0', '10', '15', '20']
 
 
+def test_the_lock_is_held_until_the_last_save_is_written(tiny_cfg, tmp_path, monkeypatch):
+    """The final (or stop) checkpoint is written while the checkpoint manager closes: released before it, the lock let a
+    second launch in, which deleted that unfinished save and trained the steps again (the first then died in orbax)."""
+    ckpt, free, close = tmp_path / 'ckpt', [], train.ocp.CheckpointManager.close
+    def close_and_probe(self):  # another process tries the lock while this run's saver closes
+        probe = f'import os; f = open({str(ckpt / ".lock.0")!r}, "a"); os.lockf(f.fileno(), os.F_TLOCK, 0)'
+        free.append(subprocess.run([sys.executable, '-c', probe], capture_output=True).returncode == 0)
+        return close(self)
+    monkeypatch.setattr(train.ocp.CheckpointManager, 'close', close_and_probe)
+    train.train(tiny_cfg('train_tokens=2560', f'ckpt.dir={ckpt}'), str(tmp_path))
+    assert free == [False]
+
+
 def test_a_killed_saves_unfinished_step_goes_when_its_run_resumes(tiny_cfg, tmp_path, monkeypatch):
     """A run killed while saving step 10 leaves 10.orbax-checkpoint-tmp-*, a whole state's size; its relaunch resumes
     at step 5 and removes it (orbax would only if it saved step 10 again: not with another ckpt.every, say)."""
