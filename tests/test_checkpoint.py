@@ -98,13 +98,13 @@ def test_a_relaunch_of_a_run_begun_from_ckpt_resume_goes_on_from_its_own_checkpo
 def test_ckpt_resume_keeps_the_batch_size_and_needs_steps_left_to_train(finished_run, tiny_cfg, tmp_path):
     """The step count goes on from the checkpoint's and counts batches (data position, tokens seen, budget): another
     batch_size would skip or repeat windows, so it is refused; so is a budget the checkpoint has already reached
-    (it trained nothing and exited 0). Both before anything is written."""
+    (it trained nothing and exited 0). Both before anything is written (but the new run's lock on its own dir)."""
     a = finished_run[2]  # batch_size 16, step 20 of 20
     with pytest.raises(PicodoError, match=re.escape(f'checkpoint {a}/20 has batch_size=16 but the config says 8')):
         train.train(tiny_cfg('batch_size=8', 'train_tokens=20480', f'ckpt.resume={a}', f'ckpt.dir={tmp_path}/b'), str(tmp_path))
     with pytest.raises(PicodoError, match=re.escape(f'ckpt.resume {a} is at step 20: train_tokens=10240 ends at step 20')):
         train.train(tiny_cfg('train_tokens=10240', f'ckpt.resume={a}', f'ckpt.dir={tmp_path}/c'), str(tmp_path))
-    assert os.listdir(tmp_path / 'b') == os.listdir(tmp_path / 'c') == []
+    assert os.listdir(tmp_path / 'b') == os.listdir(tmp_path / 'c') == ['.lock.0']
 
 
 def test_a_run_that_dies_during_an_eval_evaluates_that_step_when_relaunched(tiny_cfg, tmp_path, monkeypatch):
@@ -366,7 +366,7 @@ def test_ckpt_resume_of_a_step_in_its_own_ckpt_dir(tiny_cfg, tmp_path, monkeypat
         assert restored == [(20, False), (25, True)]  # its own, as the same run: restore checks the config
     with pytest.raises(PicodoError, match=re.escape(f'checkpoint {ckpt}/25 has ckpt.resume={ckpt}/20 but the config says {ckpt}/15')):
         train.train(tiny_cfg('train_tokens=12800', f'ckpt.dir={ckpt}', f'ckpt.resume={ckpt}/15'), str(tmp_path))
-    assert sorted(os.listdir(ckpt)) == ['15', '20', '25']
+    assert sorted(os.listdir(ckpt)) == ['.lock.0', '15', '20', '25']
 
 
 def test_a_second_launch_of_a_running_run_is_one_line_and_touches_nothing(finished_run, tiny_cfg, tmp_path):
