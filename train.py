@@ -109,13 +109,13 @@ def restore(manager, step, cfg, state, same_run=False):
         differ = [f'{k}={saved.get(k)} but the config says {now[k]}' for k in keys if saved.get(k) != now[k]]
         if not differ:  # a failed read: orbax closes its event loop with other reads in flight, and as they end (within ms)
             with contextlib.redirect_stderr(io.StringIO()):  # TensorStore's threads print tracebacks (event loop is closed)
+                # ... here, into nothing; the failed reads' tasks log a traceback each through asyncio's logger (which writes
+                logging.getLogger('asyncio').disabled = True  # to the console, not stderr) when freed, even within the restore
                 try:
                     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
-                except Exception:
-                    # the failed reads' coroutines and tasks print a traceback each when freed (at exit, during a sweep's next
-                    sys.unraisablehook, logging.getLogger('asyncio').disabled = (lambda *_: None), True  # run, or in the sleep
-                    warnings.filterwarnings('ignore', 'coroutine .* was never awaited')  # under load): silenced for good, first
-                    time.sleep(0.5)  # ... here, into nothing
+                except Exception:  # and their coroutines print one each when freed (at exit, or during a sweep's next run)
+                    sys.unraisablehook = warnings.filterwarnings('ignore', 'coroutine .* was never awaited') or (lambda *_: None)
+                    time.sleep(0.5)  # for the reads still in flight to end while stderr goes nowhere
                     raise
     except Exception as e:  # truncated or missing files, garbled metadata, ...: TensorStore's errors name the file (the cause
         raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(c := e.__cause__ or e).__name__}: {(str(c).splitlines() or [""])[0].split(" [tensorstore_spec")[0]}') from None  # of orbax's)
