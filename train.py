@@ -230,8 +230,9 @@ def train(cfg, out_dir, name='run'):
     pending, t0, last, stopping = [], time.perf_counter(), {}, False
     bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not main)
     say = bar.write if main else lambda line: None
-    with (jax.set_mesh(mesh), utils.stop_signals() as stop, lock, saver,  # exits in reverse: the last save, then the lock; the loader's thread starts here, so it always stops
-          open(os.path.join(out_dir, 'metrics.jsonl') if main else os.devnull, 'a') as log_file, contextlib.closing(data.batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)) as batches):
+    # left in reverse: the loader's thread (it starts here, so it always stops), metrics.jsonl, the last save, then the lock
+    with (jax.set_mesh(mesh), utils.stop_signals() as stop, lock, saver, open(os.path.join(out_dir, 'metrics.jsonl') if main else os.devnull, 'a') as log_file,
+          contextlib.closing(data.batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)) as batches):
         batch_spec = jax.ShapeDtypeStruct((A, B // A, T + 1), jnp.int32, sharding=batch_sharding)
         train_step_fn = train_step_fn.lower(state, batch_spec).compile()
         say(f'compiled the training step in {time.perf_counter() - t0:.1f} s')
