@@ -37,9 +37,9 @@ def get_batch(tokens, seq_len, seed, step, batch_size, rows=slice(None)):
     return np.stack([tokens[s:s + seq_len + 1] for s in windows[rows] * seq_len]).astype(np.int32)
 
 
-def load_batch(tokens, seq_len, seed, step, batch_size, accum, sharding):  # global [A, B/A, T+1]: each process loads only its rows
-    n, i = jax.process_count(), jax.process_index()
-    rows = get_batch(tokens, seq_len, seed, step, batch_size, slice(i * batch_size // n, (i + 1) * batch_size // n))
+def load_batch(tokens, seq_len, seed, step, batch_size, accum, sharding):  # global [A, B/A, T+1]: each process loads only its rows,
+    n, i = jax.process_count(), jax.process_index()  # its share of each micro-batch: a micro-batch is the same rows on any process count
+    rows = get_batch(tokens, seq_len, seed, step, batch_size, np.arange(batch_size).reshape(accum, n, -1)[:, i].ravel())
     return jax.make_array_from_process_local_data(sharding, rows.reshape(accum, -1, seq_len + 1))
 
 

@@ -72,3 +72,26 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path, stdlib_dat
     assert steps and steps[-1] % 3 == 0 and steps[-1] == logged[-1] < 2000, (steps, logged)
     assert f'signal on another process: stopped after step {steps[-1]}' in out, out[-2000:]
 
+
+
+LOAD = """import os, sys
+import jax, numpy as np
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from jax.experimental.multihost_utils import process_allgather
+import data
+tokens, mesh = np.arange(4 * 400 + 1, dtype=np.uint16), jax.make_mesh((jax.device_count(),), ('data',))
+for B, A, step in [(8, 2, 0), (16, 4, 3), (8, 1, 5), (32, 2, 7)]:  # a micro-batch: the same rows as with one process
+    got = process_allgather(data.load_batch(tokens, 4, 0, step, B, A, jax.NamedSharding(mesh, jax.P(None, 'data'))), tiled=True)
+    assert np.array_equal(got, data.get_batch(tokens, 4, 0, step, B).reshape(A, B // A, 5)), (B, A, step)
+print('same')
+"""
+
+
+def test_with_micro_batches_each_process_loads_its_share_of_each_one():
+    """2 processes x 2 devices, grad_accum > 1: micro-batch a holds rows a·B/A.. of the global batch, as with one process
+    (each process loading a contiguous half of the batch put other rows in each micro-batch: not bit-identical)."""
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+    coordinator = f'127.0.0.1:{free_port()}'
+    procs = [subprocess.Popen([sys.executable, '-c', LOAD, coordinator, str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL) for i in range(2)]
+    assert [out.split()[-1:] for out in wait(procs)] == [['same'], ['same']]
