@@ -62,9 +62,9 @@ def model_config(c):
     return c
 
 
-def lr_schedule(c, total_steps):
+def lr_schedule(c, total_steps):  # step s runs at its value at s - 1: peak_lr * s / (warmup + 1) up to the peak, min lr at the last
     warmup = round(c.warmup_frac * total_steps)  # not int(): 0.29 * 100 is 28.999...
-    return optax.warmup_cosine_decay_schedule(0.0, c.peak_lr, warmup, max(total_steps, warmup + 1), c.peak_lr * c.min_lr_frac)
+    return optax.warmup_cosine_decay_schedule(c.peak_lr / (warmup + 1), c.peak_lr, warmup, max(total_steps - 1, warmup + 1), c.peak_lr * c.min_lr_frac)
 
 
 def make_optimizer(c, schedule):

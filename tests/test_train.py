@@ -81,14 +81,14 @@ def test_8_device_step_gathers_weights_never_activations(tiny_cfg):
 
 
 def test_grad_accumulation_equals_one_big_batch(tiny_cfg):
-    cfg = tiny_cfg()
+    cfg = tiny_cfg('opt.warmup_frac=0')  # the step moves the weights (a warmup once ran it at lr 0: the weight check was void)
     out = []
     for accum in [1, 4]:
         mesh, _, state, step, _ = setup(cfg, 2)
         state, m = step(state, first_batch(cfg, mesh, accum))
         out.append((float(m['train_loss']), float(m['grad_norm']), jax.device_get(state[0])))
     np.testing.assert_allclose(out[0][:2], out[1][:2], rtol=1e-5)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), out[0][2], out[1][2])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), out[0][2], out[1][2])  # Adam: ~lr * sign(g)
 
 
 @pytest.mark.parametrize('scan', [False, True])  # with the scan, a model merged outside the eval loop failed to trace
@@ -129,12 +129,14 @@ def test_the_gpu_compile_options_are_known_to_this_xla(tiny_cfg, monkeypatch):
 
 
 def test_peak_lr_override_reaches_the_schedule(tiny_cfg):
-    """Warmup to the peak, then a cosine over the remaining steps down to min_lr_frac at the last step: halfway at
-    the middle of the decay (optax's decay_steps counts the warmup too; given total - warmup, it ended early)."""
+    """Step s runs at schedule(s - 1): a linear warmup, peak_lr * s / (warmup + 1), to the peak at step warmup + 1, then
+    a cosine down to min_lr_frac at the last step, halfway at the middle of the decay (optax's decay_steps counts the
+    warmup too; given total - warmup, it ended early). Step 1 once ran at lr 0 and the last step never reached the min."""
     cfg = tiny_cfg('opt.peak_lr=0.004', 'opt.warmup_frac=0.1')
-    schedule = train.lr_schedule(cfg.opt, 100)
-    assert schedule(0) == 0 and np.isclose(schedule(10), 0.004) and np.isclose(schedule(100), 0.0004)
-    assert np.isclose(schedule(55), (0.004 + 0.0004) / 2) and schedule(99) > schedule(100)
+    schedule = train.lr_schedule(cfg.opt, 100)  # steps 1-100
+    assert np.isclose(schedule(0), 0.004 / 11) and np.isclose(schedule(5), 0.004 * 6 / 11) and np.isclose(schedule(10), 0.004)
+    assert np.isclose(schedule(99), 0.0004) and schedule(98) > schedule(99)  # the last step, at the min lr
+    assert np.isclose((schedule(54) + schedule(55)) / 2, (0.004 + 0.0004) / 2)  # steps 11..100: the middle is at 55.5
     schedule = train.lr_schedule(tiny_cfg('opt.peak_lr=0.004', 'opt.warmup_frac=0.29').opt, 100)  # 0.29 * 100 = 28.999...
     assert schedule(28) < 0.004 and np.isclose(schedule(29), 0.004)  # warmup over 29 steps, not 28
 
