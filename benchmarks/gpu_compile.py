@@ -1,0 +1,222 @@
+"""The training step compiled for an NVIDIA H100 or H200 on a machine without one (XLA's deviceless compile): whether
+a batch fits in the GPU's memory, which kernels XLA makes, and the bytes its non-matmul kernels move (at the GPU's
+bandwidth, a floor on their time). Nothing runs: these are the compiler's figures, not timings.
+
+    python -m venv --system-site-packages .venv-gpu      # the CUDA plugin of the installed jaxlib's version, apart
+    .venv-gpu/bin/pip install --no-deps jax-cuda12-plugin==$(python -c 'import jaxlib; print(jaxlib.__version__)') \\
+        jax-cuda12-pjrt==$(python -c 'import jaxlib; print(jaxlib.__version__)') nvidia-cudnn-cu12   # cuDNN: attention
+    .venv-gpu/bin/python benchmarks/gpu_compile.py -cn default batch_size=32            # GPT-2 small on an H100
+    .venv-gpu/bin/python benchmarks/gpu_compile.py -cn default batch_size=128 --gpu h200 --hlo /tmp/step.hlo
+
+Prints a summary and, as its last line, one JSON object. The memory is what XLA allocates for the step (state, batch,
+activations); JAX may use 75% of the GPU's memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION). `mfu_ceiling` is the MFU
+the step would reach with every matmul and attention kernel at the vendor's peak FLOP/s and every other kernel moving
+its bytes at the full memory bandwidth: an upper bound. Matmuls are cuBLAS's, as train.compile_steps asks on GPUs.
+Without a GPU XLA cannot autotune, and the plugin's XLA is the installed jaxlib's, not necessarily the GPU machine's.
+"""
+import argparse, collections, json, os, re, sys
+if __name__ == '__main__':  # before JAX loads: the CPU is the only backend it starts; the GPU is a compile-only target
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+import bench  # noqa: E402 (puts the repo on sys.path)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+import model as gpt, train, utils  # noqa: E402
+
+SM90 = dict(threads_per_block_limit=1024, threads_per_warp=32, shared_memory_per_block=49152, shared_memory_per_core=233472,
+            threads_per_core_limit=2048, core_count=132, fpus_per_core=128, block_dim_limit_x=2147483647, block_dim_limit_y=65535,
+            block_dim_limit_z=65535, l2_cache_size=52428800, clock_rate_ghz=1.98, shared_memory_per_block_optin=232448,
+            registers_per_core_limit=65536, registers_per_block_limit=65536)  # an H100/H200 SXM (compute capability 9.0)
+GPUS = {'h100': ('NVIDIA H100 80GB HBM3', 3.35e12, 79.1 * 2**30), 'h200': ('NVIDIA H200', 4.8e12, 139.8 * 2**30)}  # bandwidth, memory
+BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
+FREE = {'parameter', 'get-tuple-element', 'bitcast', 'tuple', 'constant', 'after-all', 'opt-barrier', 'while', 'call', 'conditional'}
+PARTIAL = {'gather', 'dynamic-slice', 'slice'}  # a fusion parameter read only through these is read in part: their outputs count
+ELEMENTWISE = {'select', 'bitcast', 'convert', 'copy', 'negate', 'add', 'subtract', 'multiply', 'divide', 'maximum', 'minimum',
+               'exponential', 'log', 'compare', 'and', 'or', 'not'}  # ... also through these first
+
+
+def target_config(gpu):
+    kind, bandwidth, memory = GPUS[gpu]
+    info = ''.join(f'  {k}: {v}\n' for k, v in SM90.items())
+    return (f'gpu_device_info {{\n{info}  memory_bandwidth: {int(bandwidth)}\n  device_memory_size: {int(memory)}\n'
+            f'  cuda_compute_capability {{ major: 9 minor: 0 }}\n}}\nplatform_name: "CUDA"\n'
+            f'dnn_version_info {{ major: 9 minor: 8 }}\ndevice_description_str: "{kind}"\n')
+
+
+def nbytes(shape):  # 'bf16[32,1024]{1,0}' or a tuple of such: its size in bytes
+    return sum(BYTES.get(t, 4) * eval('*'.join(d.split(',')) or '1') for t, d in re.findall(r'\b([a-z]+\d*)\[([\d,]*)\]', shape))
+
+
+def closing(text, i):  # the index of the bracket that closes the one at text[i]
+    depth = 0
+    for j in range(i, len(text)):
+        depth += (text[j] in '([{') - (text[j] in ')]}')
+        if depth == 0:
+            return j
+
+
+def parse(hlo):
+    """{computation: [(name, shape, op, operands (a parameter's: its number), attributes)]} from optimized HLO text,
+    {computation: its ROOT's name}, and the ENTRY computation's name."""
+    comps, roots, entry, current = {}, {}, None, None
+    for line in hlo.split('\n'):
+        if m := re.match(r'(ENTRY )?%([\w.\-]+) .*\{$', line):
+            computation, current, entry = m[2], comps.setdefault(m[2], []), m[2] if m[1] else entry
+        elif current is not None and (m := re.match(r'\s+(ROOT )?%([\w.\-]+) = (.*)$', line)):
+            rest, roots[computation] = m[3], m[2] if m[1] else roots.get(computation)
+            end = closing(rest, 0) + 1 if rest[0] == '(' else rest.index(' ')
+            shape, rest = rest[:end], rest[end:].lstrip()
+            op, start = re.match(r'([\w\-]+)\(', rest)[1], rest.index('(')
+            close = closing(rest, start)
+            args = rest[start + 1:close]  # operands (%names), or a parameter's number
+            current.append((m[2], shape, op, re.findall(r'%([\w.\-]+)', args) or args, rest[close:]))
+    return comps, roots, entry
+
+
+def source_lines(hlo, root):
+    """{stack_frame_id: 'file.py:line'}: the innermost frame in a file under `root` (this repo's code)."""
+    tables = {t: {} for t in ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames')}
+    table = None
+    for line in hlo.split('\n'):
+        if line in tables:
+            table = tables[line]
+        elif table is not None and (m := re.match(r'(\d+) (.*)$', line)):
+            table[int(m[1])] = m[2].strip('"') if table is tables['FileNames'] else dict(re.findall(r'(\w+)=(\d+)', m[2]))
+        elif line.startswith(('%', 'ENTRY')):
+            break
+    files, locs, frames = tables['FileNames'], tables['FileLocations'], tables['StackFrames']
+    def where(frame, seen=()):
+        if frame not in frames or frame in seen:
+            return '?'
+        loc = locs.get(int(frames[frame]['file_location_id']), {})
+        path = files.get(int(loc.get('file_name_id', -1)), '')
+        if path.startswith(root):
+            return f'{os.path.relpath(path, root)}:{loc["line"]}'
+        return where(int(frames[frame].get('parent_frame_id', 0)), (*seen, frame))
+    return {f: where(f) for f in frames}
+
+
+def kernels(hlo, root=bench.REPO):
+    """One dict per kernel the step launches (those in while loops once per trip): its kind, bytes read and written (a
+    fusion's parameter read only through gather/slice counts their outputs; cuBLAS's workspace is left out), source line."""
+    comps, roots, entry = parse(hlo)
+    shapes = {name: shape for insts in comps.values() for name, shape, *_ in insts}
+    insts = {name: (op, operands) for i in comps.values() for name, _, op, operands, _ in i}
+    def written(value):  # bytes written by the kernel whose output is `value`: in place into a buffer, only the update
+        op, operands = insts[value]
+        return (sum(map(written, operands)) if op == 'tuple' else nbytes(shapes[operands[1]]) if op == 'dynamic-update-slice'
+                else nbytes(shapes[value]))
+    where = source_lines(hlo, root)
+    def partial_reads(fused):  # {parameter number: bytes} for the parameters of fusion computation `fused` read only in part
+        insts = comps.get(fused, [])
+        users = collections.defaultdict(list)
+        for name, shape, op, operands, _ in insts:
+            for position, o in enumerate(operands if op != 'parameter' else []):
+                users[o].append((name, shape, op, position))
+        def read(value):  # bytes of `value` read if only in part (by gathers or slices, maybe through elementwise ops), else None
+            total = 0
+            for name, shape, op, position in users[value]:
+                if op == 'dynamic-update-slice' and position == 0:  # the buffer updated in place: not read
+                    continue
+                if op in PARTIAL and position == 0:
+                    total += nbytes(shape)
+                elif op in ELEMENTWISE and (part := read(name)) is not None:
+                    total += part
+                else:
+                    return None
+            return total if users[value] else None
+        return {int(number): b for name, _, op, number, _ in insts if op == 'parameter' and (b := read(name)) is not None}
+    out = []
+    def walk(comp, times):
+        for name, shape, op, operands, attrs in comps[comp]:
+            if op == 'while':
+                n = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+                walk(re.search(r'body=%([\w.\-]+)', attrs)[1], times * int(n[1] if n else 1))
+            if op in FREE:
+                continue
+            target = re.search(r'custom_call_target="([^"]+)"', attrs)
+            kind = 'matmul' if target and 'matmul' in target[1] or op == 'dot' else 'attention' if target and 'fmha' in target[1] else op
+            fused = re.search(r'calls=%([\w.\-]+)', attrs)
+            part = partial_reads(fused[1]) if op == 'fusion' and fused else {}
+            read = sum(part.get(i, nbytes(shapes.get(o, ''))) for i, o in enumerate(operands))
+            wrote = (written(roots[fused[1]]) if op == 'fusion' and fused else written(name) if op == 'dynamic-update-slice' else
+                     nbytes(shape) - (nbytes(re.findall(r's8\[\d+\]', shape)[-1]) if kind == 'matmul' and shape[0] == '(' else 0))
+            frame = re.search(r'stack_frame_id=(\d+)', attrs)
+            out.extend([dict(name=name, kind=kind, read=read, written=wrote, source=where.get(int(frame[1]), '?') if frame else '?')] * times)
+    walk(entry, 1)
+    return out
+
+
+def summary(hlo, model_flops, peak, bandwidth):
+    ks = kernels(hlo)
+    count = collections.Counter(k['kind'] if k['kind'] in ('matmul', 'attention') else 'other' for k in ks)
+    other = [k for k in ks if k['kind'] not in ('matmul', 'attention')]
+    moved = sum(k['read'] + k['written'] for k in other)
+    by_line = collections.Counter()
+    for k in other:
+        by_line[k['source']] += k['read'] + k['written']
+    flops_s, memory_s = model_flops / peak, moved / bandwidth
+    return dict(kernels=len(ks), matmuls=count['matmul'], attention=count['attention'], other_kernels=count['other'],
+                other_bytes=moved, other_floor_ms=memory_s * 1e3, model_flops_floor_ms=flops_s * 1e3,
+                mfu_ceiling=flops_s / (flops_s + memory_s), other_bytes_by_line=dict(by_line.most_common(12)))
+
+
+def compile_step(cfg, gpu):
+    """The optimized HLO text and memory figures of the training step compiled for `gpu` ('h100' or 'h200')."""
+    from jax.experimental import topologies
+    try:
+        topology = topologies.get_topology_desc(platform='cuda', topology='1x1x1', target_config=target_config(gpu))
+    except Exception as e:  # no CUDA plugin in this environment
+        raise utils.PicodoError(f'no CUDA compiler here ({type(e).__name__}: {(str(e).splitlines() or [""])[0]}): install '
+                                'jax-cuda12-plugin and jax-cuda12-pjrt of the same version as jaxlib (see the top of this file)') from None
+    mesh = topologies.make_mesh(topology, (1,), ('data',))
+    c, K = train.model_config(cfg.model), cfg.model.d_model // cfg.model.n_heads
+    if cfg.model.attn_impl == 'auto':  # what train.model_config picks on a GPU of compute capability 9.0 (here it sees a CPU)
+        c.attn_impl = 'cudnn' if c.dtype == jnp.bfloat16 and c.seq_len % 2 == 0 and K % 8 == 0 and K <= 256 else 'xla'
+    tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1000))
+    A, B, T = cfg.grad_accum, cfg.batch_size, cfg.model.seq_len
+    batch = jax.ShapeDtypeStruct((A, B // A, T + 1), jnp.int32, sharding=jax.NamedSharding(mesh, jax.P(None, 'data')))
+    with jax.set_mesh(mesh):  # shapes only: no array is made
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: (m := gpt.GPT(c, nnx.Rngs(0)), nnx.Optimizer(m, tx, wrt=nnx.Param))))
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, jax.P())), state)
+        step = jax.jit(lambda s, b: train.train_step(graphdef, s, b), donate_argnums=0,
+                       compiler_options={'xla_gpu_enable_triton_gemm': False})  # as train.compile_steps on GPUs
+        try:
+            compiled = step.lower(state, batch).compile()
+        except Exception as e:  # cuDNN attention without the cuDNN wheel, ...
+            raise utils.PicodoError(f'cannot compile for {GPUS[gpu][0]}: {type(e).__name__}: {(str(e).splitlines() or [""])[0]}'
+                                    + ' (pip install nvidia-cudnn-cu12, or model.attn_impl=xla)' * ('cuDNN' in str(e))) from None
+    m = compiled.memory_analysis()
+    return compiled.as_text(), m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes, c.attn_impl
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('overrides', nargs='*', help='Hydra overrides, e.g. batch_size=64 model.remat=dots')
+    p.add_argument('-cn', '--config-name', default='default')
+    p.add_argument('--gpu', choices=sorted(GPUS), default='h100')
+    p.add_argument('--hlo', help='also write the optimized HLO text to this file')
+    args = p.parse_args(argv)
+    try:
+        cfg = bench.compose_config(args.config_name, args.overrides)
+        hlo, memory, attn = compile_step(cfg, args.gpu)
+    except utils.PicodoError as e:
+        sys.exit(f'error: {e}')
+    args.hlo and open(args.hlo, 'w').write(hlo)
+    kind, bandwidth, capacity = GPUS[args.gpu]
+    B, T, peak = cfg.batch_size, cfg.model.seq_len, utils.peak_flops(kind)
+    s = summary(hlo, gpt.flops_per_token(train.model_config(cfg.model)) * B * T, peak, bandwidth)
+    r = dict(gpu=kind, config=args.config_name, overrides=args.overrides, batch_size=B, grad_accum=cfg.grad_accum, seq_len=T,
+             attn_impl=attn, jax=jax.__version__, memory_bytes=memory, usable_bytes=0.75 * capacity, fits=memory <= 0.75 * capacity) | s
+    print(f"{kind} (a compile, nothing ran; jax {jax.__version__}): {args.config_name} {' '.join(args.overrides)}, attention {attn}")
+    print(f"memory: {memory / 2**30:.1f} GiB of the {0.75 * capacity / 2**30:.1f} GiB JAX may use (75%): {'fits' if r['fits'] else 'does not fit'}")
+    print(f"kernels per step: {r['kernels']}: {r['matmuls']} matmuls, {r['attention']} attention, {r['other_kernels']} others")
+    print(f"model FLOPs at the peak ({peak / 1e12:.0f} TFLOP/s): {r['model_flops_floor_ms']:.1f} ms; the others' {r['other_bytes'] / 1e9:.1f} GB "
+          f"at {bandwidth / 1e12:.2f} TB/s: {r['other_floor_ms']:.1f} ms; MFU ceiling {r['mfu_ceiling']:.3f}")
+    for line, moved in r['other_bytes_by_line'].items():
+        print(f'  {moved / 1e9:7.2f} GB  {moved / bandwidth * 1e3:5.2f} ms  {line}')
+    print(json.dumps(r))
+
+
+if __name__ == '__main__':
+    main()
