@@ -69,8 +69,7 @@ def lr_schedule(c, total_steps):  # step s runs at its value at s - 1: peak_lr *
 
 def make_optimizer(c, schedule):
     # weight decay on matmul weights and embedding tables, not on LayerNorm scales and biases
-    decay = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: any(getattr(k, 'key', None) in ('kernel', 'embedding') for k in path), params)
+    decay = lambda params: jax.tree.map_with_path(lambda path, _: any(getattr(k, 'key', None) in ('kernel', 'embedding') for k in path), params)
     return optax.chain(optax.clip_by_global_norm(c.clip_norm),
                        optax.adamw(schedule, c.b1, c.b2, weight_decay=c.weight_decay, mask=decay))
 
@@ -110,7 +109,8 @@ def restore(manager, step, cfg, state, same_run=False):
         if not differ:  # a failed read: orbax closes its event loop with other reads in flight, and as they end (within ms)
             with contextlib.redirect_stderr(io.StringIO()):  # TensorStore's threads print tracebacks (event loop is closed)
                 # ... here, into nothing; the failed reads' tasks log a traceback each through asyncio's logger (which writes
-                logging.getLogger('asyncio').disabled = True  # to the console, not stderr) when freed, even within the restore
+                logging.getLogger('asyncio').setLevel(logging.CRITICAL + 1)  # to the console, not stderr) when freed, even within the
+                # restore; a level, not .disabled, which Hydra's logging set-up for a sweep's next run turns back on
                 try:
                     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
                 except Exception:  # and their coroutines print one each when freed (at exit, or during a sweep's next run)
@@ -192,10 +192,11 @@ def train(cfg, out_dir, name='run'):
         raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
     lock = open(os.path.join(ckpt_dir, f'.lock.{jax.process_index()}'), 'a')  # held while this run trains and saves: a second
     try:  # launch of it would delete its unfinished checkpoint (below) and save steps over its own
-        os.lockf(lock.fileno(), os.F_TLOCK, 0)  # a POSIX lock: released when the process ends, however it ends
+        refused = os.lockf(lock.fileno(), os.F_TLOCK, 0)  # a POSIX lock: released when the process ends, however it ends
     except (OSError, AttributeError) as e:  # held by another process; else no locks on this filesystem (or no os.lockf): no check
-        if isinstance(e, (BlockingIOError, PermissionError)):
-            raise utils.PicodoError(f'{ckpt_dir} is in use by another process: the same run launched twice?') from None
+        refused = isinstance(e, (BlockingIOError, PermissionError))
+    if refused if jax.process_count() == 1 else process_allgather(np.int32(bool(refused))).any():  # all processes stop, or none
+        raise utils.PicodoError(f'{ckpt_dir} is in use by another process: the same run launched twice?')
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep))
     resume = cfg.ckpt.resume and os.path.abspath(cfg.ckpt.resume)  # a relaunch of a run begun from another dir's checkpoint
     own = not resume or saver.latest_step() and resume not in (ckpt_dir, os.path.join(ckpt_dir, str(saver.latest_step())))
@@ -233,8 +234,7 @@ def train(cfg, out_dir, name='run'):
     # left in reverse: the loader's thread (it starts here, so it always stops), metrics.jsonl, the last save, then the lock
     with (jax.set_mesh(mesh), utils.stop_signals() as stop, lock, saver, open(os.path.join(out_dir, 'metrics.jsonl') if main else os.devnull, 'a') as log_file,
           contextlib.closing(data.batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)) as batches):
-        batch_spec = jax.ShapeDtypeStruct((A, B // A, T + 1), jnp.int32, sharding=batch_sharding)
-        train_step_fn = train_step_fn.lower(state, batch_spec).compile()
+        train_step_fn = train_step_fn.lower(state, jax.ShapeDtypeStruct((A, B // A, T + 1), jnp.int32, sharding=batch_sharding)).compile()
         say(f'compiled the training step in {time.perf_counter() - t0:.1f} s')
         t0 = time.perf_counter()  # tokens/s counts training steps only: not the compile, not evals
         for done in bar:  # the step number once this step is done

@@ -32,8 +32,9 @@ def in_tmp_dir(tmp_path, monkeypatch):
     checkpoint restore silences unraisable exceptions and asyncio's log for good: undone for the next test."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, 'unraisablehook', sys.unraisablehook)
-    monkeypatch.setattr(logging.getLogger('asyncio'), 'disabled', logging.getLogger('asyncio').disabled)
+    asyncio_level = logging.getLogger('asyncio').level
     yield
+    logging.getLogger('asyncio').setLevel(asyncio_level)  # setLevel: it also clears the loggers' cached levels
     # wandb.init in this process exports WANDB_SERVICE; a later `python main.py` subprocess would inherit it and
     # talk to this process's wandb service (its run id then no longer comes from the checkpoint)
     os.environ.pop('WANDB_SERVICE', None)

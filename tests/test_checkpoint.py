@@ -1,5 +1,5 @@
 """Checkpoints: exact resume after SIGKILL (even mid-save) and SIGTERM, any mesh, bad checkpoints."""
-import glob, json, os, re, shutil, signal, subprocess, sys, time
+import glob, json, logging, logging.config, os, re, shutil, signal, subprocess, sys, time
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -245,6 +245,9 @@ def test_bad_checkpoints_get_a_clear_error_and_nothing_is_deleted(finished_run, 
         train.train(tiny_cfg(f'ckpt.resume={resume}', f'ckpt.dir={tmp_path / "new"}', *overrides), str(tmp_path))
     assert '\n' not in str(e.value)
     assert sorted(glob.glob(f'{ckpt}/**', recursive=True)) == files
+    if case == 'corrupt':  # the failed reads' tasks stay silent even after logging is set up again, as for a sweep's next run
+        logging.config.dictConfig({'version': 1, 'disable_existing_loggers': False})  # (it re-enabled a .disabled logger)
+        assert not logging.getLogger('asyncio').isEnabledFor(logging.ERROR)
 
 
 @pytest.mark.parametrize('damaged', ['**/d/*', 'ocdbt.process_0/d/*'])

@@ -95,3 +95,18 @@ def test_with_micro_batches_each_process_loads_its_share_of_each_one():
     procs = [subprocess.Popen([sys.executable, '-c', LOAD, coordinator, str(i)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL) for i in range(2)]
     assert [out.split()[-1:] for out in wait(procs)] == [['same'], ['same']]
+
+
+def test_a_launch_on_a_dir_in_use_stops_on_every_process(tmp_path, stdlib_data):
+    """A run holds .lock.0 of its ckpt dir (here: this test's process) while saving step 5; a 2-process launch on that dir.
+    Process 0 is refused; process 1 (.lock.1 is free) must stop too, before touching the dir: it went on alone, deleted
+    the unfinished step, and hung waiting for process 0."""
+    ckpt = tmp_path / 'ckpt'
+    (ckpt / '5.orbax-checkpoint-tmp-1').mkdir(parents=True)
+    with open(ckpt / '.lock.0', 'a') as lock:
+        os.lockf(lock.fileno(), os.F_TLOCK, 0)
+        args = [*TINY, 'train_tokens=2048', f'data.train_path={stdlib_data[0]}', f'data.val_path={stdlib_data[1]}', f'ckpt.dir={ckpt}',
+                f'dist.coordinator=127.0.0.1:{free_port()}', 'dist.num_processes=2']
+        outs = wait([launch(tmp_path / f'p{i}', 4, [*args, f'dist.process_id={i}']) for i in range(2)], returncode=1)
+    assert all(f'error: {ckpt} is in use by another process: the same run launched twice?' in out for out in outs), outs
+    assert sorted(os.listdir(ckpt)) == ['.lock.0', '.lock.1', '5.orbax-checkpoint-tmp-1']
