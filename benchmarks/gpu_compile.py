@@ -10,11 +10,12 @@ bandwidth, a floor on their time). Nothing runs: these are the compiler's figure
 
 Prints a summary and, as its last line, one JSON object. The memory is what XLA allocates for the step (state, batch,
 activations); JAX may use 75% of the GPU's memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION). `mfu_ceiling` is the MFU
-the step would reach with every matmul and attention kernel at the vendor's peak FLOP/s and every other kernel moving
-its bytes at the full memory bandwidth: an upper bound. Matmuls are cuBLAS's, as train.compile_steps asks on GPUs.
-Without a GPU XLA cannot autotune, and the plugin's XLA is the installed jaxlib's, not necessarily the GPU machine's.
+the step would reach with every matmul and attention FLOP (as MFU counts them) at the vendor's peak and every other
+kernel moving its bytes at the full memory bandwidth. Matmuls are cuBLAS's, as train.compile_steps asks on GPUs (and
+attention is cuDNN's where train.model_config would pick it: both choices are repeated here). One GPU only: collectives
+between GPUs are not modelled. Without a GPU XLA cannot autotune, and the plugin's XLA is the installed jaxlib's.
 """
-import argparse, collections, json, os, re, sys
+import argparse, collections, json, math, os, re, sys
 if __name__ == '__main__':  # before JAX loads: the CPU is the only backend it starts; the GPU is a compile-only target
     os.environ['JAX_PLATFORMS'] = 'cpu'
 import bench  # noqa: E402 (puts the repo on sys.path)
@@ -31,6 +32,7 @@ GPUS = {'h100': ('NVIDIA H100 80GB HBM3', 3.35e12, 79.1 * 2**30), 'h200': ('NVID
 BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
 FREE = {'parameter', 'get-tuple-element', 'bitcast', 'tuple', 'constant', 'after-all', 'opt-barrier', 'while', 'call', 'conditional'}
 PARTIAL = {'gather', 'dynamic-slice', 'slice'}  # a fusion parameter read only through these is read in part: their outputs count
+IN_PLACE = {'dynamic-update-slice', 'scatter'}  # ... or updated in place through these: their updates count
 ELEMENTWISE = {'select', 'bitcast', 'convert', 'copy', 'negate', 'add', 'subtract', 'multiply', 'divide', 'maximum', 'minimum',
                'exponential', 'log', 'compare', 'and', 'or', 'not'}  # ... also through these first
 
@@ -43,8 +45,15 @@ def target_config(gpu):
             f'dnn_version_info {{ major: 9 minor: 8 }}\ndevice_description_str: "{kind}"\n')
 
 
-def nbytes(shape):  # 'bf16[32,1024]{1,0}' or a tuple of such: its size in bytes
-    return sum(BYTES.get(t, 4) * eval('*'.join(d.split(',')) or '1') for t, d in re.findall(r'\b([a-z]+\d*)\[([\d,]*)\]', shape))
+Inst = collections.namedtuple('Inst', 'name shape op operands number attrs')  # number: a parameter's
+
+
+def elements(shape):  # elements of an array shape, 'bf16[32,1024]{1,0}' (a tuple's: of its first part)
+    return math.prod(int(d) for d in re.search(r'\[([\d,]*)\]', shape)[1].split(',') if d)
+
+
+def nbytes(shape):  # bytes of an array or tuple shape
+    return sum(BYTES.get(t, 4) * elements(f'[{d}]') for t, d in re.findall(r'\b([a-z]+\d*)\[([\d,]*)\]', shape))
 
 
 def closing(text, i):  # the index of the bracket that closes the one at text[i]
@@ -56,8 +65,7 @@ def closing(text, i):  # the index of the bracket that closes the one at text[i]
 
 
 def parse(hlo):
-    """{computation: [(name, shape, op, operands (a parameter's: its number), attributes)]} from optimized HLO text,
-    {computation: its ROOT's name}, and the ENTRY computation's name."""
+    """{computation: [Inst]} from optimized HLO text, {computation: its ROOT's name}, and the ENTRY computation's name."""
     comps, roots, entry, current = {}, {}, None, None
     for line in hlo.split('\n'):
         if m := re.match(r'(ENTRY )?%([\w.\-]+) .*\{$', line):
@@ -67,9 +75,9 @@ def parse(hlo):
             end = closing(rest, 0) + 1 if rest[0] == '(' else rest.index(' ')
             shape, rest = rest[:end], rest[end:].lstrip()
             op, start = re.match(r'([\w\-]+)\(', rest)[1], rest.index('(')
-            close = closing(rest, start)
-            args = rest[start + 1:close]  # operands (%names), or a parameter's number
-            current.append((m[2], shape, op, re.findall(r'%([\w.\-]+)', args) or args, rest[close:]))
+            args = rest[start + 1:closing(rest, start)]  # operands (%names), or a parameter's number
+            current.append(Inst(m[2], shape, op, re.findall(r'%([\w.\-]+)', args), int(args) if op == 'parameter' else None,
+                                rest[closing(rest, start) + 1:]))
     return comps, roots, entry
 
 
@@ -97,68 +105,82 @@ def source_lines(hlo, root):
 
 
 def kernels(hlo, root=bench.REPO):
-    """One dict per kernel the step launches (those in while loops once per trip): its kind, bytes read and written (a
-    fusion's parameter read only through gather/slice counts their outputs; cuBLAS's workspace is left out), source line."""
+    """One dict per kernel the step launches: its kind, bytes read and written, source line, and times per step (a loop's
+    kernels: once per trip, its condition's once more). Within a fusion, a parameter read only by gathers or slices (maybe
+    through elementwise ops) counts what they read; a buffer updated in place (dynamic-update-slice, scatter) counts the
+    update, read and written, not the whole buffer. `exact` is False in a loop of unknown trip count (counted once) and in
+    a conditional's branches (each counted once: an upper bound). For one GPU: collectives across GPUs are not modelled."""
     comps, roots, entry = parse(hlo)
-    shapes = {name: shape for insts in comps.values() for name, shape, *_ in insts}
-    insts = {name: (op, operands) for i in comps.values() for name, _, op, operands, _ in i}
-    def written(value):  # bytes written by the kernel whose output is `value`: in place into a buffer, only the update
-        op, operands = insts[value]
-        return (sum(map(written, operands)) if op == 'tuple' else nbytes(shapes[operands[1]]) if op == 'dynamic-update-slice'
-                else nbytes(shapes[value]))
+    insts = {i.name: i for body in comps.values() for i in body}
     where = source_lines(hlo, root)
-    def partial_reads(fused):  # {parameter number: bytes} for the parameters of fusion computation `fused` read only in part
-        insts = comps.get(fused, [])
+
+    def written(value):  # bytes a fusion writes to produce `value` (its root)
+        i = insts[value]
+        if i.op == 'tuple':
+            return sum(map(written, i.operands))
+        return nbytes(insts[i.operands[1 if i.op == 'dynamic-update-slice' else 2]].shape) if i.op in IN_PLACE else nbytes(i.shape)
+
+    def reads(fused):  # {parameter number: bytes} for the parameters of fusion computation `fused` read only in part
         users = collections.defaultdict(list)
-        for name, shape, op, operands, _ in insts:
-            for position, o in enumerate(operands if op != 'parameter' else []):
-                users[o].append((name, shape, op, position))
-        def read(value):  # bytes of `value` read if only in part (by gathers or slices, maybe through elementwise ops), else None
+        for i in comps[fused]:
+            for position, o in enumerate(i.operands):
+                users[o].append((i, position))
+        def read(value):  # elements of `value` read if only in part, else None
             total = 0
-            for name, shape, op, position in users[value]:
-                if op == 'dynamic-update-slice' and position == 0:  # the buffer updated in place: not read
-                    continue
-                if op in PARTIAL and position == 0:
-                    total += nbytes(shape)
-                elif op in ELEMENTWISE and (part := read(name)) is not None:
+            for i, position in users[value]:
+                if i.op in IN_PLACE and position == 0:  # the buffer: only the updated elements (a scatter reads them too)
+                    total += elements(insts[i.operands[2]].shape) if i.op == 'scatter' else 0
+                elif i.op in PARTIAL and position == 0:
+                    total += elements(i.shape)
+                elif i.op in ELEMENTWISE and (part := read(i.name)) is not None:
                     total += part
                 else:
                     return None
             return total if users[value] else None
-        return {int(number): b for name, _, op, number, _ in insts if op == 'parameter' and (b := read(name)) is not None}
+        return {i.number: min(n * nbytes(i.shape) // max(elements(i.shape), 1), nbytes(i.shape))  # in the parameter's dtype
+                for i in comps[fused] if i.op == 'parameter' and (n := read(i.name)) is not None}
+
     out = []
-    def walk(comp, times):
-        for name, shape, op, operands, attrs in comps[comp]:
-            if op == 'while':
-                n = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
-                walk(re.search(r'body=%([\w.\-]+)', attrs)[1], times * int(n[1] if n else 1))
-            if op in FREE:
+    def walk(comp, times, exact):
+        for i in comps[comp]:
+            if i.op == 'while':
+                n = re.search(r'"known_trip_count":\{"n":"(\d+)"', i.attrs)
+                trips = int(n[1]) if n else 1
+                walk(re.search(r'body=%([\w.\-]+)', i.attrs)[1], times * trips, exact and bool(n))
+                walk(re.search(r'condition=%([\w.\-]+)', i.attrs)[1], times * (trips + 1), exact and bool(n))
+            if i.op == 'conditional':  # branch_computations={%a, %b}, or true_computation=%a, false_computation=%b
+                listed = re.search(r'branch_computations=\{([^}]*)\}', i.attrs)
+                for branch in re.findall(r'%([\w.\-]+)', listed[1] if listed else ' '.join(re.findall(r'_computation=%[\w.\-]+', i.attrs))):
+                    walk(branch, times, False)
+            if i.op in FREE:
                 continue
-            target = re.search(r'custom_call_target="([^"]+)"', attrs)
-            kind = 'matmul' if target and 'matmul' in target[1] or op == 'dot' else 'attention' if target and 'fmha' in target[1] else op
-            fused = re.search(r'calls=%([\w.\-]+)', attrs)
-            part = partial_reads(fused[1]) if op == 'fusion' and fused else {}
-            read = sum(part.get(i, nbytes(shapes.get(o, ''))) for i, o in enumerate(operands))
-            wrote = (written(roots[fused[1]]) if op == 'fusion' and fused else written(name) if op == 'dynamic-update-slice' else
-                     nbytes(shape) - (nbytes(re.findall(r's8\[\d+\]', shape)[-1]) if kind == 'matmul' and shape[0] == '(' else 0))
-            frame = re.search(r'stack_frame_id=(\d+)', attrs)
-            out.extend([dict(name=name, kind=kind, read=read, written=wrote, source=where.get(int(frame[1]), '?') if frame else '?')] * times)
-    walk(entry, 1)
+            target = re.search(r'custom_call_target="([^"]+)"', i.attrs)
+            kind = ('matmul' if (target and 'matmul' in target[1]) or i.op == 'dot' else
+                    'attention' if target and 'fmha' in target[1] else i.op)
+            fused = re.search(r'calls=%([\w.\-]+)', i.attrs)[1] if i.op == 'fusion' else None
+            part = reads(fused) if fused else {}
+            frame = re.search(r'stack_frame_id=(\d+)', i.attrs)
+            out.append(dict(name=i.name, kind=kind, times=times, exact=exact, source=where.get(int(frame[1]), '?') if frame else '?',
+                            read=sum(part.get(n, nbytes(insts[o].shape)) for n, o in enumerate(i.operands)),
+                            written=written(roots[fused]) if fused else nbytes(i.shape)))
+    walk(entry, 1, True)
     return out
 
 
 def summary(hlo, model_flops, peak, bandwidth):
     ks = kernels(hlo)
-    count = collections.Counter(k['kind'] if k['kind'] in ('matmul', 'attention') else 'other' for k in ks)
-    other = [k for k in ks if k['kind'] not in ('matmul', 'attention')]
-    moved = sum(k['read'] + k['written'] for k in other)
-    by_line = collections.Counter()
-    for k in other:
-        by_line[k['source']] += k['read'] + k['written']
+    count, by_line = collections.Counter(), collections.Counter()
+    for k in ks:
+        group = k['kind'] if k['kind'] in ('matmul', 'attention') else 'other'
+        count[group] += k['times']
+        if group == 'other':
+            by_line[k['source']] += k['times'] * (k['read'] + k['written'])
+    moved = sum(by_line.values())
     flops_s, memory_s = model_flops / peak, moved / bandwidth
-    return dict(kernels=len(ks), matmuls=count['matmul'], attention=count['attention'], other_kernels=count['other'],
-                other_bytes=moved, other_floor_ms=memory_s * 1e3, model_flops_floor_ms=flops_s * 1e3,
-                mfu_ceiling=flops_s / (flops_s + memory_s), other_bytes_by_line=dict(by_line.most_common(12)))
+    return dict(kernels=sum(count.values()), matmuls=count['matmul'], attention=count['attention'], other_kernels=count['other'],
+                inexact_kernels=sum(k['times'] for k in ks if not k['exact']), other_bytes=moved, other_floor_ms=memory_s * 1e3,
+                model_flops_floor_ms=flops_s * 1e3, mfu_ceiling=flops_s / (flops_s + memory_s),
+                other_bytes_top_lines=dict(by_line.most_common(12)))
 
 
 def compile_step(cfg, gpu):
@@ -213,7 +235,9 @@ def main(argv=None):
     print(f"kernels per step: {r['kernels']}: {r['matmuls']} matmuls, {r['attention']} attention, {r['other_kernels']} others")
     print(f"model FLOPs at the peak ({peak / 1e12:.0f} TFLOP/s): {r['model_flops_floor_ms']:.1f} ms; the others' {r['other_bytes'] / 1e9:.1f} GB "
           f"at {bandwidth / 1e12:.2f} TB/s: {r['other_floor_ms']:.1f} ms; MFU ceiling {r['mfu_ceiling']:.3f}")
-    for line, moved in r['other_bytes_by_line'].items():
+    r['inexact_kernels'] and print(f"warning: {r['inexact_kernels']} kernels in loops of unknown trip count (counted once) or in a "
+                                   'conditional\'s branches (each counted): the figures are estimates')
+    for line, moved in r['other_bytes_top_lines'].items():
         print(f'  {moved / 1e9:7.2f} GB  {moved / bandwidth * 1e3:5.2f} ms  {line}')
     print(json.dumps(r))
 

@@ -6,8 +6,9 @@ from conftest import REPO
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import gpu_compile
 
-# A loop of 5 trips whose body gathers 8 rows of a [4096, 256] table (through an elementwise op) and writes them in place
-# into a [5, 8, 256] buffer; then a cuBLAS matmul (its s8 workspace is not output) and a LayerNorm-like reduction.
+# A loop of 5 trips whose body gathers 8 rows of an fp32 [4096, 256] table cast to bf16 and writes them in place into a
+# [5, 8, 256] buffer, its condition one kernel a trip (and one more); a scatter-add of 8 rows into the table, in place; a
+# cuBLAS matmul; a reduction; a conditional whose two branches are one kernel each.
 HLO = """HloModule m
 
 FileNames
@@ -25,20 +26,27 @@ StackFrames
 1 {file_location_id=1}
 2 {file_location_id=2 parent_frame_id=1}
 
-%fused_gather (param_0: f32[4096,256], param_1: s32[8,1]) -> f32[8,256] {
+%fused_gather (param_0: f32[4096,256], param_1: s32[8,1]) -> bf16[8,256] {
   %param_0 = f32[4096,256]{1,0} parameter(0)
   %param_1 = s32[8,1]{1,0} parameter(1)
-  %negate.1 = f32[4096,256]{1,0} negate(%param_0)
-  ROOT %gather.1 = f32[8,256]{1,0} gather(%negate.1, %param_1), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,256}
+  %convert.1 = bf16[4096,256]{1,0} convert(%param_0)
+  ROOT %gather.1 = bf16[8,256]{1,0} gather(%convert.1, %param_1), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,256}
 }
 
-%fused_update (param_0: f32[5,8,256], param_1: f32[8,256], param_2: s32[]) -> f32[5,8,256] {
-  %param_0 = f32[5,8,256]{2,1,0} parameter(0)
-  %param_1 = f32[8,256]{1,0} parameter(1)
-  %bitcast.1 = f32[1,8,256]{2,1,0} bitcast(%param_1)
+%fused_update (param_0: bf16[5,8,256], param_1: bf16[8,256], param_2: s32[]) -> bf16[5,8,256] {
+  %param_0 = bf16[5,8,256]{2,1,0} parameter(0)
+  %param_1 = bf16[8,256]{1,0} parameter(1)
+  %bitcast.1 = bf16[1,8,256]{2,1,0} bitcast(%param_1)
   %param_2 = s32[] parameter(2)
   %constant.1 = s32[] constant(0)
-  ROOT %dynamic-update-slice.1 = f32[5,8,256]{2,1,0} dynamic-update-slice(%param_0, %bitcast.1, %param_2, %constant.1, /*index=4*/%constant.1)
+  ROOT %dynamic-update-slice.1 = bf16[5,8,256]{2,1,0} dynamic-update-slice(%param_0, %bitcast.1, %param_2, %constant.1, /*index=4*/%constant.1)
+}
+
+%fused_scatter (param_0: f32[4096,256], param_1: s32[8,1], param_2: f32[8,256]) -> f32[4096,256] {
+  %param_0 = f32[4096,256]{1,0} parameter(0)
+  %param_1 = s32[8,1]{1,0} parameter(1)
+  %param_2 = f32[8,256]{1,0} parameter(2)
+  ROOT %scatter.1 = f32[4096,256]{1,0} scatter(%param_0, %param_1, %param_2), update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add
 }
 
 %fused_sum (param_0: f32[64,1024]) -> f32[64] {
@@ -47,60 +55,90 @@ StackFrames
   ROOT %reduce.1 = f32[64]{0} reduce(%param_0, %constant.2), dimensions={1}, to_apply=%add
 }
 
+%fused_lt (param_0: s32[]) -> pred[] {
+  %param_0 = s32[] parameter(0)
+  %constant.3 = s32[] constant(5)
+  ROOT %lt.1 = pred[] compare(%param_0, %constant.3), direction=LT
+}
+
+%fused_neg (param_0: f32[64]) -> f32[64] {
+  %param_0 = f32[64]{0} parameter(0)
+  ROOT %negate.2 = f32[64]{0} negate(%param_0)
+}
+
 %add (a: f32[], b: f32[]) -> f32[] {
   %a = f32[] parameter(0)
   %b = f32[] parameter(1)
   ROOT %sum = f32[] add(%a, %b)
 }
 
-%body (p: (s32[], f32[5,8,256], f32[4096,256], s32[8,1])) -> (s32[], f32[5,8,256], f32[4096,256], s32[8,1]) {
-  %p = (s32[], f32[5,8,256]{2,1,0}, f32[4096,256]{1,0}, s32[8,1]{1,0}) parameter(0)
+%body (p: (s32[], bf16[5,8,256], f32[4096,256], s32[8,1])) -> (s32[], bf16[5,8,256], f32[4096,256], s32[8,1]) {
+  %p = (s32[], bf16[5,8,256]{2,1,0}, f32[4096,256]{1,0}, s32[8,1]{1,0}) parameter(0)
   %i = s32[] get-tuple-element(%p), index=0
-  %buffer = f32[5,8,256]{2,1,0} get-tuple-element(%p), index=1
+  %buffer = bf16[5,8,256]{2,1,0} get-tuple-element(%p), index=1
   %table = f32[4096,256]{1,0} get-tuple-element(%p), index=2
   %ids = s32[8,1]{1,0} get-tuple-element(%p), index=3
-  %rows = f32[8,256]{1,0} fusion(%table, %ids), kind=kLoop, calls=%fused_gather, metadata={op_name="gather" stack_frame_id=2}
-  %updated = f32[5,8,256]{2,1,0} fusion(%buffer, %rows, %i), kind=kLoop, calls=%fused_update, metadata={op_name="update" stack_frame_id=1}
-  ROOT %out = (s32[], f32[5,8,256]{2,1,0}, f32[4096,256]{1,0}, s32[8,1]{1,0}) tuple(%i, %updated, %table, %ids)
+  %rows = bf16[8,256]{1,0} fusion(%table, %ids), kind=kLoop, calls=%fused_gather, metadata={op_name="gather" stack_frame_id=2}
+  %updated = bf16[5,8,256]{2,1,0} fusion(%buffer, %rows, %i), kind=kLoop, calls=%fused_update, metadata={op_name="update" stack_frame_id=1}
+  ROOT %out = (s32[], bf16[5,8,256]{2,1,0}, f32[4096,256]{1,0}, s32[8,1]{1,0}) tuple(%i, %updated, %table, %ids)
 }
 
-%cond (p: (s32[], f32[5,8,256], f32[4096,256], s32[8,1])) -> pred[] {
-  %p = (s32[], f32[5,8,256]{2,1,0}, f32[4096,256]{1,0}, s32[8,1]{1,0}) parameter(0)
-  ROOT %c = pred[] constant(true)
+%cond (p: (s32[], bf16[5,8,256], f32[4096,256], s32[8,1])) -> pred[] {
+  %p = (s32[], bf16[5,8,256]{2,1,0}, f32[4096,256]{1,0}, s32[8,1]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %more = pred[] fusion(%i), kind=kLoop, calls=%fused_lt
 }
 
-ENTRY %main (init: (s32[], f32[5,8,256], f32[4096,256], s32[8,1]), a: bf16[64,512], b: bf16[512,1024]) -> f32[64] {
-  %init = (s32[], f32[5,8,256]{2,1,0}, f32[4096,256]{1,0}, s32[8,1]{1,0}) parameter(0)
-  %loop = (s32[], f32[5,8,256]{2,1,0}, f32[4096,256]{1,0}, s32[8,1]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+%left (x: f32[64]) -> f32[64] {
+  %x = f32[64]{0} parameter(0)
+  ROOT %left_neg = f32[64]{0} fusion(%x), kind=kLoop, calls=%fused_neg
+}
+
+%right (x: f32[64]) -> f32[64] {
+  %x = f32[64]{0} parameter(0)
+  ROOT %right_neg = f32[64]{0} fusion(%x), kind=kLoop, calls=%fused_neg
+}
+
+ENTRY %main (init: (s32[], bf16[5,8,256], f32[4096,256], s32[8,1]), a: bf16[64,512], b: bf16[512,1024], grads: f32[8,256], which: s32[]) -> f32[64] {
+  %init = (s32[], bf16[5,8,256]{2,1,0}, f32[4096,256]{1,0}, s32[8,1]{1,0}) parameter(0)
+  %loop = (s32[], bf16[5,8,256]{2,1,0}, f32[4096,256]{1,0}, s32[8,1]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %table = f32[4096,256]{1,0} get-tuple-element(%loop), index=2
+  %ids = s32[8,1]{1,0} get-tuple-element(%loop), index=3
+  %grads = f32[8,256]{1,0} parameter(3)
+  %added = f32[4096,256]{1,0} fusion(%table, %ids, %grads), kind=kInput, calls=%fused_scatter
   %a = bf16[64,512]{1,0} parameter(1)
   %b = bf16[512,1024]{1,0} parameter(2)
   %matmul = (f32[64,1024]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="dot" stack_frame_id=1}
   %product = f32[64,1024]{1,0} get-tuple-element(%matmul), index=0
-  ROOT %sums = f32[64]{0} fusion(%product), kind=kInput, calls=%fused_sum, metadata={op_name="reduce"}
+  %sums = f32[64]{0} fusion(%product), kind=kInput, calls=%fused_sum, metadata={op_name="reduce"}
+  %which = s32[] parameter(4)
+  ROOT %chosen = f32[64]{0} conditional(%which, %sums, %sums), branch_computations={%left, %right}
 }
 """
+ROW_F32, ROW_BF16 = 8 * 256 * 4, 8 * 256 * 2  # the 8 rows
 
 
-def test_kernels_bytes_count_what_is_read_and_written_and_loops_count_each_trip():
-    ks = gpu_compile.kernels(HLO, root='/repo')
-    assert [k['name'] for k in ks] == ['rows'] * 5 + ['updated'] * 5 + ['matmul', 'sums']  # the loop's kernels once per trip
-    rows, updated, matmul, sums = ks[0], ks[5], ks[-2], ks[-1]
-    assert rows['read'] == 8 * 256 * 4 + 8 * 4  # 8 gathered rows (through the negate), and the ids: not the 4 MB table
-    assert rows['written'] == 8 * 256 * 4
-    assert updated['read'] == 8 * 256 * 4 + 4  # the update and the index: the buffer is updated in place, not read
-    assert updated['written'] == 8 * 256 * 4  # ... nor written whole
-    assert (matmul['kind'], matmul['read'], matmul['written']) == ('matmul', (64 * 512 + 512 * 1024) * 2, 64 * 1024 * 4)  # no workspace
-    assert (sums['kind'], sums['read'], sums['written']) == ('fusion', 64 * 1024 * 4, 64 * 4)
-    assert rows['source'] == updated['source'] == 'model.py:7'  # the innermost frame in the repo, not in site-packages
-    assert sums['source'] == '?'
+def test_kernels_count_the_bytes_each_reads_and_writes_and_how_often_it_runs():
+    ks = {k['name']: k for k in gpu_compile.kernels(HLO, root='/repo')}
+    assert sorted(ks) == ['added', 'left_neg', 'matmul', 'more', 'right_neg', 'rows', 'sums', 'updated']
+    assert [ks[n]['times'] for n in ('rows', 'updated', 'more', 'added', 'sums')] == [5, 5, 6, 1, 1]  # the condition: once more
+    assert ks['rows']['read'] == ROW_F32 + 8 * 4  # 8 gathered rows, in the table's fp32 (through the cast): not the 4 MB table
+    assert ks['rows']['written'] == ROW_BF16
+    assert ks['updated']['read'] == ROW_BF16 + 4 and ks['updated']['written'] == ROW_BF16  # in place: not the whole buffer
+    assert ks['added']['read'] == ROW_F32 + 8 * 4 + ROW_F32 and ks['added']['written'] == ROW_F32  # the scatter-add: its rows
+    assert (ks['sums']['read'], ks['sums']['written']) == (64 * 1024 * 4, 64 * 4)
+    assert ks['matmul']['kind'] == 'matmul' and ks['sums']['kind'] == 'fusion'
+    assert all(k['exact'] for n, k in ks.items() if not n.endswith('_neg')) and not ks['left_neg']['exact']
+    assert ks['rows']['source'] == ks['updated']['source'] == 'model.py:7'  # the innermost frame in the repo, not site-packages
+    assert ks['sums']['source'] == '?'
 
 
 def test_summary_adds_up_the_non_matmul_kernels_and_bounds_the_mfu():
     s = gpu_compile.summary(HLO, model_flops=1e9, peak=1e12, bandwidth=1e9)
-    rows = 8 * 256 * 4
-    moved = 5 * ((rows + 8 * 4 + rows) + (rows + 4 + rows)) + 64 * 1024 * 4 + 64 * 4  # 5 x (gather, update), then the reduction
-    assert (s['kernels'], s['matmuls'], s['attention'], s['other_kernels'], s['other_bytes']) == (12, 1, 0, 11, moved)
-    assert s['other_floor_ms'] == pytest.approx(moved / 1e9 * 1e3)
+    loop = 5 * ((ROW_F32 + 32 + ROW_BF16) + (ROW_BF16 + 4 + ROW_BF16)) + 6 * (4 + 1)
+    moved = loop + (2 * ROW_F32 + 32 + ROW_F32) + (64 * 1024 * 4 + 64 * 4) + 2 * (64 * 4 * 2)
+    assert (s['kernels'], s['matmuls'], s['attention'], s['other_kernels'], s['inexact_kernels']) == (21, 1, 0, 20, 2)
+    assert s['other_bytes'] == moved and s['other_floor_ms'] == pytest.approx(moved / 1e9 * 1e3)
     assert s['mfu_ceiling'] == pytest.approx(1e-3 / (1e-3 + moved / 1e9))  # matmuls at the peak, the rest at full bandwidth
 
 
