@@ -1,23 +1,31 @@
-"""The training step compiled for an NVIDIA H100 or H200 on a machine without one (XLA's deviceless compile): whether
-a batch fits in the GPU's memory, which kernels XLA makes, and the bytes its non-matmul kernels move (at the GPU's
-bandwidth, a floor on their time). Nothing runs: these are the compiler's figures, not timings.
+"""The training step compiled for a GPU or TPU this machine does not have (XLA's deviceless compile): whether a batch
+fits in its memory and, for NVIDIA H100/H200, which kernels XLA makes and the bytes its non-matmul kernels move (at the
+GPU's bandwidth, a floor on their time). Nothing runs: these are the compiler's figures, not timings.
 
     python -m venv --system-site-packages .venv-gpu      # the CUDA plugin of the installed jaxlib's version, apart
     .venv-gpu/bin/pip install --no-deps jax-cuda12-plugin==$(python -c 'import jaxlib; print(jaxlib.__version__)') \\
         jax-cuda12-pjrt==$(python -c 'import jaxlib; print(jaxlib.__version__)') nvidia-cudnn-cu12   # cuDNN: attention
-    .venv-gpu/bin/python benchmarks/gpu_compile.py -cn default batch_size=32            # GPT-2 small on an H100
-    .venv-gpu/bin/python benchmarks/gpu_compile.py -cn default batch_size=128 --gpu h200 --hlo /tmp/step.hlo
+    .venv-gpu/bin/python benchmarks/deviceless.py -cn default batch_size=32              # GPT-2 small on an H100
+    .venv-gpu/bin/python benchmarks/deviceless.py -cn default batch_size=128 --target h200 --hlo /tmp/step.hlo
+    python -m venv --system-site-packages .venv-tpu      # TPUs: the libtpu that jax[tpu] pins for this jax (203 MB)
+    .venv-tpu/bin/pip install "libtpu==0.0.42.*"         # (jax 0.10.2's)
+    .venv-tpu/bin/python benchmarks/deviceless.py -cn colab --target v5e-1               # Colab's TPU, one v5e chip
 
-Prints a summary and, as its last line, one JSON object. The memory is what XLA allocates for the step (state, batch,
-activations); JAX may use 75% of the GPU's memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION). `mfu_ceiling` is the MFU
-the step would reach with every matmul and attention FLOP (as MFU counts them) at the vendor's peak and every other
-kernel moving its bytes at the full memory bandwidth. Matmuls are cuBLAS's, as train.compile_steps asks on GPUs (and
-attention is cuDNN's where train.model_config would pick it: both choices are repeated here). One GPU only: collectives
-between GPUs are not modelled. Without a GPU XLA cannot autotune, and the plugin's XLA is the installed jaxlib's.
+Prints a summary and, as its last line, one JSON object. The memory is what XLA allocates per device for the step
+(state, batch, activations); JAX may use 75% of a GPU's memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION); a TPU batch
+that does not fit fails to compile, with libtpu's figures. On a TPU slice the state is split over its devices as the
+model's FSDP annotations say. `mfu_ceiling` (GPUs) is the MFU the step would reach with every matmul and attention FLOP
+(as MFU counts them) at the vendor's peak and every other kernel moving its bytes at the full memory bandwidth.
+Matmuls are cuBLAS's, as train.compile_steps asks on GPUs, and attention what train.model_config would pick on the
+target (both choices are repeated here). GPUs: one only (collectives between GPUs are not modelled). Without the
+device XLA cannot autotune, and the compiler is the installed jaxlib's (or libtpu's), not necessarily the target's.
 """
 import argparse, collections, json, math, os, re, sys
-if __name__ == '__main__':  # before JAX loads: the CPU is the only backend it starts; the GPU is a compile-only target
+if __name__ == '__main__':  # before JAX loads: the CPU is the only backend it starts; the GPU or TPU is a compile-only target
     os.environ['JAX_PLATFORMS'] = 'cpu'
+    os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # libtpu: fewer warnings about the absent TPU VM
+    os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'none')
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # else a second process at once fails on /tmp/libtpu_lockfile
 import bench  # noqa: E402 (puts the repo on sys.path)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -29,6 +37,11 @@ SM90 = dict(threads_per_block_limit=1024, threads_per_warp=32, shared_memory_per
             block_dim_limit_z=65535, l2_cache_size=52428800, clock_rate_ghz=1.98, shared_memory_per_block_optin=232448,
             registers_per_core_limit=65536, registers_per_block_limit=65536)  # an H100/H200 SXM (compute capability 9.0)
 GPUS = {'h100': ('NVIDIA H100 80GB HBM3', 3.35e12, 79.1 * 2**30), 'h200': ('NVIDIA H200', 4.8e12, 139.8 * 2**30)}  # bandwidth, memory
+TPUS = {  # name: topology, libtpu's topology arguments (one chip: a host of one; v4, v5p: one device per chip)
+    'v2-8': ('v2:2x2', {}), 'v3-8': ('v3:2x2', {}), 'v4-8': ('v4:2x2x1', dict(chip_config_name='megacore')),
+    'v5p-8': ('v5p:2x2x1', dict(chip_config_name='megacore')), 'v5e-1': ('v5e:1x1', dict(chips_per_host_bounds=(1, 1, 1))),
+    'v5e-4': ('v5e:2x2', {}), 'v5e-8': ('v5e:2x4', dict(chips_per_host_bounds=(2, 4, 1))),
+    'v6e-1': ('v6e:1x1', dict(chips_per_host_bounds=(1, 1, 1))), 'v6e-8': ('v6e:2x4', dict(chips_per_host_bounds=(2, 4, 1)))}
 BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
 FREE = {'parameter', 'get-tuple-element', 'bitcast', 'tuple', 'constant', 'after-all', 'opt-barrier', 'while', 'call', 'conditional'}
 PARTIAL = {'gather', 'dynamic-slice', 'slice'}  # a fusion parameter read only through these is read in part: their outputs count
@@ -183,54 +196,66 @@ def summary(hlo, model_flops, peak, bandwidth):
                 other_bytes_top_lines=dict(by_line.most_common(12)))
 
 
-def compile_step(cfg, gpu):
-    """The optimized HLO text and memory figures of the training step compiled for `gpu` ('h100' or 'h200')."""
+def compile_step(cfg, target):
+    """The training step compiled for `target` (a key of GPUS or TPUS): (compiled, the target's devices, attention)."""
     from jax.experimental import topologies
+    gpu = target in GPUS
     try:
-        topology = topologies.get_topology_desc(platform='cuda', topology='1x1x1', target_config=target_config(gpu))
-    except Exception as e:  # no CUDA plugin in this environment
-        raise utils.PicodoError(f'no CUDA compiler here ({type(e).__name__}: {(str(e).splitlines() or [""])[0]}): install '
-                                'jax-cuda12-plugin and jax-cuda12-pjrt of the same version as jaxlib (see the top of this file)') from None
-    mesh = topologies.make_mesh(topology, (1,), ('data',))
+        topology = (topologies.get_topology_desc(platform='cuda', topology='1x1x1', target_config=target_config(target)) if gpu else
+                    topologies.get_topology_desc(TPUS[target][0], 'tpu', **TPUS[target][1]))
+    except Exception as e:  # no CUDA plugin, or no libtpu, in this environment
+        raise utils.PicodoError(f'no {"CUDA" if gpu else "TPU"} compiler here ({type(e).__name__}: {(str(e).splitlines() or [""])[0]}): install '
+                                + ('jax-cuda12-plugin and jax-cuda12-pjrt of the same version as jaxlib' if gpu else
+                                   "the libtpu that jax[tpu] pins for this jax") + ' (see the top of this file)') from None
+    mesh = topologies.make_mesh(topology, (len(topology.devices),), ('data',))
+    bench.check_batch(cfg, mesh)
     c, K = train.model_config(cfg.model), cfg.model.d_model // cfg.model.n_heads
-    if cfg.model.attn_impl == 'auto':  # what train.model_config picks on a GPU of compute capability 9.0 (here it sees a CPU)
-        c.attn_impl = 'cudnn' if c.dtype == jnp.bfloat16 and c.seq_len % 2 == 0 and K % 8 == 0 and K <= 256 else 'xla'
+    if cfg.model.attn_impl == 'auto':  # what train.model_config picks there (here it sees a CPU): cuDNN on compute capability 9.0
+        c.attn_impl = 'cudnn' if gpu and c.dtype == jnp.bfloat16 and c.seq_len % 2 == 0 and K % 8 == 0 and K <= 256 else 'xla'
     tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1000))
     A, B, T = cfg.grad_accum, cfg.batch_size, cfg.model.seq_len
     batch = jax.ShapeDtypeStruct((A, B // A, T + 1), jnp.int32, sharding=jax.NamedSharding(mesh, jax.P(None, 'data')))
-    with jax.set_mesh(mesh):  # shapes only: no array is made
+    with jax.set_mesh(mesh):  # shapes only: no array is made; each weight split over the devices as the model annotates it
         graphdef, state = nnx.split(nnx.eval_shape(lambda: (m := gpt.GPT(c, nnx.Rngs(0)), nnx.Optimizer(m, tx, wrt=nnx.Param))))
-        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, jax.P())), state)
-        step = jax.jit(lambda s, b: train.train_step(graphdef, s, b), donate_argnums=0,
-                       compiler_options={'xla_gpu_enable_triton_gemm': False})  # as train.compile_steps on GPUs
+        shardings = jax.tree.map(lambda spec: jax.NamedSharding(mesh, spec if isinstance(spec, jax.P) else jax.P()), nnx.get_partition_spec(state),
+                                 is_leaf=lambda x: isinstance(x, jax.P) or x is None)
+        state = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state, shardings)
+        step = jax.jit(lambda s, b: train.train_step(graphdef, s, b), donate_argnums=0, out_shardings=(shardings, None),
+                       compiler_options={'xla_gpu_enable_triton_gemm': False} if gpu else None)  # as train.compile_steps
         try:
             compiled = step.lower(state, batch).compile()
-        except Exception as e:  # cuDNN attention without the cuDNN wheel, ...
-            raise utils.PicodoError(f'cannot compile for {GPUS[gpu][0]}: {type(e).__name__}: {(str(e).splitlines() or [""])[0]}'
+        except Exception as e:  # a TPU batch that does not fit (libtpu says by how much), cuDNN attention without its wheel, ...
+            raise utils.PicodoError(f'cannot compile for {target}: {type(e).__name__}: {(str(e).splitlines() or [""])[0]}'
                                     + ' (pip install nvidia-cudnn-cu12, or model.attn_impl=xla)' * ('cuDNN' in str(e))) from None
-    m = compiled.memory_analysis()
-    return compiled.as_text(), m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes, c.attn_impl
+    return compiled, topology.devices, c.attn_impl
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('overrides', nargs='*', help='Hydra overrides, e.g. batch_size=64 model.remat=dots')
     p.add_argument('-cn', '--config-name', default='default')
-    p.add_argument('--gpu', choices=sorted(GPUS), default='h100')
+    p.add_argument('--target', choices=[*GPUS, *TPUS], default='h100')
     p.add_argument('--hlo', help='also write the optimized HLO text to this file')
     args = p.parse_args(argv)
     try:
         cfg = bench.compose_config(args.config_name, args.overrides)
-        hlo, memory, attn = compile_step(cfg, args.gpu)
+        compiled, devices, attn = compile_step(cfg, args.target)
     except utils.PicodoError as e:
         sys.exit(f'error: {e}')
+    hlo, m = compiled.as_text(), compiled.memory_analysis()
     args.hlo and open(args.hlo, 'w').write(hlo)
-    kind, bandwidth, capacity = GPUS[args.gpu]
+    memory = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes  # per device
+    kind, n = devices[0].device_kind, len(devices)
     B, T, peak = cfg.batch_size, cfg.model.seq_len, utils.peak_flops(kind)
-    s = summary(hlo, gpt.flops_per_token(train.model_config(cfg.model)) * B * T, peak, bandwidth)
-    r = dict(gpu=kind, config=args.config_name, overrides=args.overrides, batch_size=B, grad_accum=cfg.grad_accum, seq_len=T,
-             attn_impl=attn, jax=jax.__version__, memory_bytes=memory, usable_bytes=0.75 * capacity, fits=memory <= 0.75 * capacity) | s
-    print(f"{kind} (a compile, nothing ran; jax {jax.__version__}): {args.config_name} {' '.join(args.overrides)}, attention {attn}")
+    r = dict(target=args.target, device_kind=kind, devices=n, config=args.config_name, overrides=args.overrides, batch_size=B,
+             grad_accum=cfg.grad_accum, seq_len=T, attn_impl=attn, jax=jax.__version__, memory_bytes=memory)
+    print(f"{kind} x {n} (a compile, nothing ran; jax {jax.__version__}): {args.config_name} {' '.join(args.overrides)}, attention {attn}")
+    if args.target in TPUS:  # it compiled, so it fits (libtpu refuses what does not)
+        print(f'memory per device: {memory / 2**30:.2f} GiB: fits')
+        print(json.dumps(r | dict(fits=True)))
+        return
+    _, bandwidth, capacity = GPUS[args.target]
+    r |= dict(usable_bytes=0.75 * capacity, fits=memory <= 0.75 * capacity) | summary(hlo, gpt.flops_per_token(train.model_config(cfg.model)) * B * T, peak, bandwidth)
     print(f"memory: {memory / 2**30:.1f} GiB of the {0.75 * capacity / 2**30:.1f} GiB JAX may use (75%): {'fits' if r['fits'] else 'does not fit'}")
     print(f"kernels per step: {r['kernels']}: {r['matmuls']} matmuls, {r['attention']} attention, {r['other_kernels']} others")
     print(f"model FLOPs at the peak ({peak / 1e12:.0f} TFLOP/s): {r['model_flops_floor_ms']:.1f} ms; the others' {r['other_bytes'] / 1e9:.1f} GB "

@@ -1,10 +1,10 @@
-"""benchmarks/gpu_compile.py: its byte counts on a hand-written HLO module, its one-line error without the CUDA plugin, and
-(where the plugin is installed) a real compile of a tiny GPT for an H100."""
+"""benchmarks/deviceless.py: its byte counts on a hand-written HLO module, its one-line error without the CUDA plugin or
+libtpu, and (where they are installed) a real compile of a tiny GPT for an H100 and for a TPU v5e slice."""
 import importlib.util, json, os, subprocess, sys
 import pytest
 from conftest import REPO
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-import gpu_compile
+import deviceless
 
 # A loop of 5 trips whose body gathers 8 rows of an fp32 [4096, 256] table cast to bf16 and writes them in place into a
 # [5, 8, 256] buffer, its condition one kernel a trip (and one more); a scatter-add of 8 rows into the table, in place; a
@@ -119,7 +119,7 @@ ROW_F32, ROW_BF16 = 8 * 256 * 4, 8 * 256 * 2  # the 8 rows
 
 
 def test_kernels_count_the_bytes_each_reads_and_writes_and_how_often_it_runs():
-    ks = {k['name']: k for k in gpu_compile.kernels(HLO, root='/repo')}
+    ks = {k['name']: k for k in deviceless.kernels(HLO, root='/repo')}
     assert sorted(ks) == ['added', 'left_neg', 'matmul', 'more', 'right_neg', 'rows', 'sums', 'updated']
     assert [ks[n]['times'] for n in ('rows', 'updated', 'more', 'added', 'sums')] == [5, 5, 6, 1, 1]  # the condition: once more
     assert ks['rows']['read'] == ROW_F32 + 8 * 4  # 8 gathered rows, in the table's fp32 (through the cast): not the 4 MB table
@@ -134,7 +134,7 @@ def test_kernels_count_the_bytes_each_reads_and_writes_and_how_often_it_runs():
 
 
 def test_summary_adds_up_the_non_matmul_kernels_and_bounds_the_mfu():
-    s = gpu_compile.summary(HLO, model_flops=1e9, peak=1e12, bandwidth=1e9)
+    s = deviceless.summary(HLO, model_flops=1e9, peak=1e12, bandwidth=1e9)
     loop = 5 * ((ROW_F32 + 32 + ROW_BF16) + (ROW_BF16 + 4 + ROW_BF16)) + 6 * (4 + 1)
     moved = loop + (2 * ROW_F32 + 32 + ROW_F32) + (64 * 1024 * 4 + 64 * 4) + 2 * (64 * 4 * 2)
     assert (s['kernels'], s['matmuls'], s['attention'], s['other_kernels'], s['inexact_kernels']) == (21, 1, 0, 20, 2)
@@ -143,31 +143,44 @@ def test_summary_adds_up_the_non_matmul_kernels_and_bounds_the_mfu():
 
 
 def test_target_config_names_the_gpu_and_its_memory():
-    text = gpu_compile.target_config('h200')
+    text = deviceless.target_config('h200')
     assert 'device_description_str: "NVIDIA H200"' in text and 'memory_bandwidth: 4800000000000' in text
     assert 'cuda_compute_capability { major: 9 minor: 0 }' in text
 
 
 HAS_PLUGIN = importlib.util.find_spec('jax_plugins') is not None and importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 TINY = ['model.vocab_size=256', 'model.seq_len=64', 'model.d_model=64', 'model.n_layers=2', 'model.n_heads=4', 'batch_size=8',
         'model.attn_impl=xla']
 
 
-run = lambda *args: subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'gpu_compile.py'), *args], capture_output=True, text=True)
+run = lambda *args: subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'deviceless.py'), *args], capture_output=True, text=True)
 
 
-@pytest.mark.skipif(HAS_PLUGIN, reason='the CUDA plugin is installed here')
-def test_without_the_cuda_plugin_it_is_one_line_saying_what_to_install():
-    r = run(*TINY)
+@pytest.mark.parametrize('target,installed,compiler,package', [('h100', HAS_PLUGIN, 'CUDA', 'jax-cuda12-plugin'), ('v5e-4', HAS_LIBTPU, 'TPU', 'libtpu')])
+def test_without_the_compiler_it_is_one_line_saying_what_to_install(target, installed, compiler, package):
+    if installed:
+        pytest.skip(f'{package} is installed here')
+    r = run(*TINY, '--target', target)
     assert r.returncode == 1 and r.stdout == ''
-    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and 'error: no CUDA compiler here' in r.stderr
-    assert 'jax-cuda12-plugin' in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and f'error: no {compiler} compiler here' in r.stderr
+    assert package in r.stderr
 
 
-@pytest.mark.skipif(not HAS_PLUGIN, reason='needs jax-cuda12-plugin and jax-cuda12-pjrt (see benchmarks/gpu_compile.py)')
+@pytest.mark.skipif(not HAS_PLUGIN, reason='needs jax-cuda12-plugin and jax-cuda12-pjrt (see benchmarks/deviceless.py)')
 def test_a_tiny_gpt_compiles_for_an_h100():
     r = run(*TINY)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out['gpu'] == 'NVIDIA H100 80GB HBM3' and out['fits'] and 0 < out['memory_bytes'] < 2**30
+    assert (out['device_kind'], out['devices']) == ('NVIDIA H100 80GB HBM3', 1) and out['fits'] and 0 < out['memory_bytes'] < 2**30
     assert out['matmuls'] > 0 and out['attention'] == 0 and 0 < out['mfu_ceiling'] < 1
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason='needs libtpu (see benchmarks/deviceless.py)')
+def test_a_tiny_gpt_compiles_for_a_tpu_slice_and_a_batch_that_does_not_divide_is_one_line():
+    r = run(*TINY, '--target', 'v5e-4')
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (out['device_kind'], out['devices'], out['fits']) == ('TPU v5 lite', 4, True) and 0 < out['memory_bytes'] < 2**30
+    r = run(*TINY, 'batch_size=6', '--target', 'v5e-4')
+    assert r.returncode == 1 and 'error: batch_size 6 must split into grad_accum=1 micro-batches, each divisible over 4 devices' in r.stderr
