@@ -47,7 +47,6 @@ def batches(tokens, seq_len, seed, start_step, batch_size, accum, sharding):
     """Global batches [A, B/A, T+1] from `start_step` on, each process reading its rows, the next loaded while one trains."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # closed, it waits for the thread: one killed in XLA's C++ aborts the process
         load = lambda step: pool.submit(load_batch, tokens, seq_len, seed, step, batch_size, accum, sharding)
-        ahead = load(start_step)
-        for step in itertools.count(start_step + 1):
-            current, ahead = ahead, load(step)  # one thread: it starts on `step` once `current` is loaded
+        # pairs of futures: `ahead` is submitted before `current` is waited on; one thread: it starts once `current` is loaded
+        for current, ahead in itertools.pairwise(map(load, itertools.count(start_step))):
             yield current.result()  # the thread's failure, if any, is raised here
