@@ -16,13 +16,13 @@ DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', '
 FIXED_KEYS = ['model.vocab_size', 'model.seq_len', 'model.d_model', 'model.n_layers', 'model.n_heads', 'model.scan', 'batch_size']
 # keys that may change between launches of one run (how it runs, logs and saves, where its data is): the others may not
 FREE_KEYS = ('ckpt.', 'wandb.', 'dist.', 'data.', 'log_every', 'eval_every', 'eval_batches', 'sample_tokens', 'peak_flops',
-             'grad_accum', 'model.remat', 'model.attn_impl')
+             'grad_accum', 'model.remat', 'model.attn_impl', 'model.dtype')
 AT_LEAST = {'seed': 0, 'sample_tokens': 0} | dict.fromkeys(['model.vocab_size', 'model.seq_len', 'model.d_model', 'model.n_layers',
     'model.n_heads', 'batch_size', 'grad_accum', 'train_tokens', 'log_every', 'eval_every', 'eval_batches', 'ckpt.every', 'ckpt.keep'], 1)
 in_01, below_1 = ('in [0, 1]', lambda x: 0 <= x <= 1), ('in [0, 1)', lambda x: 0 <= x < 1)  # other opt.* and peak_flops: >= 0
 BOUNDS = {'opt.b1': below_1, 'opt.b2': below_1, 'opt.warmup_frac': in_01, 'opt.min_lr_frac': in_01, 'opt.clip_norm': ('> 0', lambda x: x > 0)}
 NULL_DEFAULTS = {'peak_flops': float, 'dist.num_processes': int, 'dist.process_id': int}  # the other null defaults are text
-CHOICES = {'model.dtype': ['float32', 'bfloat16'], 'model.remat': ['none', *gpt.REMAT_POLICIES], 'model.attn_impl': ['auto', 'xla', 'cudnn', 'chunked'],
+CHOICES = {'model.dtype': ['float32', 'bfloat16', 'float16'], 'model.remat': ['none', *gpt.REMAT_POLICIES], 'model.attn_impl': ['auto', 'xla', 'cudnn', 'chunked'],
            'wandb.mode': ['online', 'offline', 'disabled', 'shared', 'dryrun']}  # WANDB_MODE, which wins, is checked in main.py
 flatten = functools.partial(traverse_util.flatten_dict, sep='.')  # {'opt': {'peak_lr': 1}} -> {'opt.peak_lr': 1}
 
@@ -50,13 +50,14 @@ def check_config(cfg):  # every key must exist in configs/default.yaml (catches 
 
 
 def model_config(c):
-    c = types.SimpleNamespace(**OmegaConf.to_container(c, resolve=True))
-    c.dtype = jnp.dtype(c.dtype)
-    # cuDNN trains on compute capability 8.0+ (not a T4 or V100) in bf16, with an even seq_len and a head width K that is a
+    c = types.SimpleNamespace(**OmegaConf.to_container(c, resolve=True) | {'dtype': jnp.dtype(c.dtype)})
+    # cuDNN trains on compute capability 8.0+ (not a T4 or V100) in bf16 or fp16, with an even seq_len and a head width K that is a
     # multiple of 8, up to 128 (256 from Hopper, 9.0); JAX raises NotImplementedError for the rest
     cc, K = str(getattr(jax.devices()[0], 'compute_capability', '')), c.d_model // c.n_heads
-    c.cudnn_ok = (jax.default_backend() == 'gpu' and c.dtype == jnp.bfloat16 and cc[:1].isdigit() and float(cc) >= 8
+    c.cudnn_ok = (jax.default_backend() == 'gpu' and c.dtype != jnp.float32 and cc[:1].isdigit() and float(cc) >= 8
                   and c.seq_len % 2 == 0 and K % 8 == 0 and K <= (256 if float(cc) >= 9 else 128))
+    if c.dtype == jnp.bfloat16 and cc[:1].isdigit() and float(cc) < 8:  # XLA's bf16 attention does not compile there: UNIMPLEMENTED
+        raise utils.PicodoError(f'model.dtype=bfloat16 needs compute capability 8.0+ (here {jax.devices()[0].device_kind}, {cc}): set model.dtype=float16')
     if c.attn_impl == 'auto':  # cuDNN flash attention on NVIDIA GPUs where it can train, model.chunked_attention on CPUs, else XLA
         c.attn_impl = 'cudnn' if c.cudnn_ok else {'cpu': 'chunked'}.get(jax.default_backend(), 'xla')
     return c
@@ -136,10 +137,12 @@ loss_fn = lambda model, tokens: gpt.cross_entropy(model(tokens[:, :-1]), tokens[
 def train_step(graphdef, state, batch):  # batch [A, B/A, T+1]: A micro-batches whose gradients add up
     model, optimizer = nnx.merge(graphdef, state)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
-    grad_fn = jax.value_and_grad(lambda params, tokens: loss_fn(nnx.merge(model_def, params, rest), tokens))
+    # float16: the loss scaled up to about its sum over the micro-batch's tokens (by a power of 2), so gradients do not underflow
+    scale = 2. ** round(np.log2(batch[0, :, 1:].size)) if model.token_embed.dtype == jnp.float16 else 1.
+    grad_fn = jax.value_and_grad(lambda params, tokens: scale * loss_fn(nnx.merge(model_def, params, rest), tokens))
     add_micro_batch = lambda acc, tokens: (jax.tree.map(jnp.add, acc, grad_fn(params, tokens)), None)  # XLA drops a 1-step loop
     zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), params))
-    loss, grads = jax.tree.map(lambda x: x / batch.shape[0], jax.lax.scan(add_micro_batch, zeros, batch)[0])
+    loss, grads = jax.tree.map(lambda x: x / (scale * batch.shape[0]), jax.lax.scan(add_micro_batch, zeros, batch)[0])
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), {'train_loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
@@ -170,8 +173,8 @@ def train(cfg, out_dir, name='run'):
     init_distributed(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     B, A, T = cfg.batch_size, cfg.grad_accum, cfg.model.seq_len
-    if cfg.model.attn_impl == 'cudnn' and not model_config(cfg.model).cudnn_ok:  # else JAX's traceback at the first compile
-        raise utils.PicodoError(f'model.attn_impl=cudnn needs an NVIDIA GPU of compute capability 8.0+ and model.dtype=bfloat16 (here {jax.devices()[0].device_kind}, '
+    if not model_config(cfg.model).cudnn_ok and cfg.model.attn_impl == 'cudnn':  # else JAX's traceback at the first compile
+        raise utils.PicodoError(f'model.attn_impl=cudnn needs an NVIDIA GPU of compute capability 8.0+ and model.dtype=bfloat16 or float16 (here {jax.devices()[0].device_kind}, '
                                 f'{cfg.model.dtype}), an even seq_len and a head width d_model/n_heads that is a multiple of 8 up to 128, 256 from 9.0 '
                                 f'(here {T} and {cfg.model.d_model // cfg.model.n_heads})')
     if B % A or (B // A) % jax.device_count():

@@ -1,6 +1,6 @@
 """The training step compiled for a GPU or TPU this machine does not have (XLA's deviceless compile): whether a batch
-fits in its memory and, for NVIDIA H100/H200, which kernels XLA makes and the bytes its non-matmul kernels move (at the
-GPU's bandwidth, a floor on their time). Nothing runs: these are the compiler's figures, not timings.
+fits in its memory and, for NVIDIA H100/H200/T4, which kernels XLA makes (matmuls by operand type) and the bytes its
+non-matmul kernels move (at the GPU's bandwidth, a floor on their time). Nothing runs: these are the compiler's figures.
 
     python -m venv --system-site-packages .venv-gpu      # the CUDA plugin of the installed jaxlib's version, apart
     .venv-gpu/bin/pip install --no-deps jax-cuda12-plugin==$(python -c 'import jaxlib; print(jaxlib.__version__)') \\
@@ -36,7 +36,10 @@ SM90 = dict(threads_per_block_limit=1024, threads_per_warp=32, shared_memory_per
             threads_per_core_limit=2048, core_count=132, fpus_per_core=128, block_dim_limit_x=2147483647, block_dim_limit_y=65535,
             block_dim_limit_z=65535, l2_cache_size=52428800, clock_rate_ghz=1.98, shared_memory_per_block_optin=232448,
             registers_per_core_limit=65536, registers_per_block_limit=65536)  # an H100/H200 SXM (compute capability 9.0)
-GPUS = {'h100': ('NVIDIA H100 80GB HBM3', 3.35e12, 79.1 * 2**30), 'h200': ('NVIDIA H200', 4.8e12, 139.8 * 2**30)}  # bandwidth, memory
+SM75 = SM90 | dict(shared_memory_per_core=65536, threads_per_core_limit=1024, core_count=40, fpus_per_core=64, l2_cache_size=4194304,
+                   clock_rate_ghz=1.59, shared_memory_per_block_optin=65536)  # a T4 (7.5): Colab's free GPU
+GPUS = {'h100': ('NVIDIA H100 80GB HBM3', 3.35e12, 79.1 * 2**30, '9.0', SM90), 'h200': ('NVIDIA H200', 4.8e12, 139.8 * 2**30, '9.0', SM90),
+        't4': ('Tesla T4', 320e9, 15 * 2**30, '7.5', SM75)}  # device kind, bandwidth, memory, compute capability
 TPUS = {  # name: topology, libtpu's topology arguments (one chip: a host of one; v4, v5p: one device per chip)
     'v2-8': ('v2:2x2', {}), 'v3-8': ('v3:2x2', {}), 'v4-8': ('v4:2x2x1', dict(chip_config_name='megacore')),
     'v5p-8': ('v5p:2x2x1', dict(chip_config_name='megacore')), 'v5e-1': ('v5e:1x1', dict(chips_per_host_bounds=(1, 1, 1))),
@@ -51,10 +54,10 @@ ELEMENTWISE = {'select', 'bitcast', 'convert', 'copy', 'negate', 'add', 'subtrac
 
 
 def target_config(gpu):
-    kind, bandwidth, memory = GPUS[gpu]
-    info = ''.join(f'  {k}: {v}\n' for k, v in SM90.items())
+    kind, bandwidth, memory, cc, sm = GPUS[gpu]
+    info = ''.join(f'  {k}: {v}\n' for k, v in sm.items())
     return (f'gpu_device_info {{\n{info}  memory_bandwidth: {int(bandwidth)}\n  device_memory_size: {int(memory)}\n'
-            f'  cuda_compute_capability {{ major: 9 minor: 0 }}\n}}\nplatform_name: "CUDA"\n'
+            f'  cuda_compute_capability {{ major: {cc[0]} minor: {cc[2]} }}\n}}\nplatform_name: "CUDA"\n'
             f'dnn_version_info {{ major: 9 minor: 8 }}\ndevice_description_str: "{kind}"\n')
 
 
@@ -174,6 +177,7 @@ def kernels(hlo, root=bench.REPO):
             part = reads(fused) if fused else {}
             frame = re.search(r'stack_frame_id=(\d+)', i.attrs)
             out.append(dict(name=i.name, kind=kind, times=times, exact=exact, source=where.get(int(frame[1]), '?') if frame else '?',
+                            operand_dtypes='/'.join(sorted({insts[o].shape.split('[')[0] for o in i.operands[:2]})),
                             read=sum(part.get(n, nbytes(insts[o].shape)) for n, o in enumerate(i.operands)),
                             written=written(roots[fused]) if fused else nbytes(i.shape)))
     walk(entry, 1, True)
@@ -182,15 +186,17 @@ def kernels(hlo, root=bench.REPO):
 
 def summary(hlo, model_flops, peak, bandwidth):
     ks = kernels(hlo)
-    count, by_line = collections.Counter(), collections.Counter()
+    count, by_line, dtypes = collections.Counter(), collections.Counter(), collections.Counter()
     for k in ks:
         group = k['kind'] if k['kind'] in ('matmul', 'attention') else 'other'
         count[group] += k['times']
+        dtypes[k['operand_dtypes']] += k['times'] * (group == 'matmul')
         if group == 'other':
             by_line[k['source']] += k['times'] * (k['read'] + k['written'])
     moved = sum(by_line.values())
     flops_s, memory_s = model_flops / peak, moved / bandwidth
     return dict(kernels=sum(count.values()), matmuls=count['matmul'], attention=count['attention'], other_kernels=count['other'],
+                matmul_operand_dtypes=dict((+dtypes).most_common()),
                 inexact_kernels=sum(k['times'] for k in ks if not k['exact']), other_bytes=moved, other_floor_ms=memory_s * 1e3,
                 model_flops_floor_ms=flops_s * 1e3, mfu_ceiling=flops_s / (flops_s + memory_s),
                 other_bytes_top_lines=dict(by_line.most_common(12)))
@@ -210,8 +216,9 @@ def compile_step(cfg, target):
     mesh = topologies.make_mesh(topology, (len(topology.devices),), ('data',))
     bench.check_batch(cfg, mesh)
     c, K = train.model_config(cfg.model), cfg.model.d_model // cfg.model.n_heads
-    if cfg.model.attn_impl == 'auto':  # what train.model_config picks there (here it sees a CPU): cuDNN on compute capability 9.0
-        c.attn_impl = 'cudnn' if gpu and c.dtype == jnp.bfloat16 and c.seq_len % 2 == 0 and K % 8 == 0 and K <= 256 else 'xla'
+    if cfg.model.attn_impl == 'auto':  # what train.model_config picks there (here it sees a CPU)
+        cc = float(GPUS[target][3]) if gpu else 0
+        c.attn_impl = 'cudnn' if cc >= 8 and c.dtype != jnp.float32 and c.seq_len % 2 == 0 and K % 8 == 0 and K <= (256 if cc >= 9 else 128) else 'xla'
     tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1000))
     A, B, T = cfg.grad_accum, cfg.batch_size, cfg.model.seq_len
     batch = jax.ShapeDtypeStruct((A, B // A, T + 1), jnp.int32, sharding=jax.NamedSharding(mesh, jax.P(None, 'data')))
@@ -254,10 +261,11 @@ def main(argv=None):
         print(f'memory per device: {memory / 2**30:.2f} GiB: fits')
         print(json.dumps(r | dict(fits=True)))
         return
-    _, bandwidth, capacity = GPUS[args.target]
+    _, bandwidth, capacity, *_ = GPUS[args.target]
     r |= dict(usable_bytes=0.75 * capacity, fits=memory <= 0.75 * capacity) | summary(hlo, gpt.flops_per_token(train.model_config(cfg.model)) * B * T, peak, bandwidth)
     print(f"memory: {memory / 2**30:.1f} GiB of the {0.75 * capacity / 2**30:.1f} GiB JAX may use (75%): {'fits' if r['fits'] else 'does not fit'}")
-    print(f"kernels per step: {r['kernels']}: {r['matmuls']} matmuls, {r['attention']} attention, {r['other_kernels']} others")
+    print(f"kernels per step: {r['kernels']}: {r['matmuls']} matmuls ({', '.join(f'{n} {t}' for t, n in r['matmul_operand_dtypes'].items())}), "
+          f"{r['attention']} attention, {r['other_kernels']} others")
     print(f"model FLOPs at the peak ({peak / 1e12:.0f} TFLOP/s): {r['model_flops_floor_ms']:.1f} ms; the others' {r['other_bytes'] / 1e9:.1f} GB "
           f"at {bandwidth / 1e12:.2f} TB/s: {r['other_floor_ms']:.1f} ms; MFU ceiling {r['mfu_ceiling']:.3f}")
     r['inexact_kernels'] and print(f"warning: {r['inexact_kernels']} kernels in loops of unknown trip count (counted once) or in a "

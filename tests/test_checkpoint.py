@@ -325,11 +325,12 @@ def fake_checkpoints(path, cfg, steps):
 
 
 def test_restore_lets_free_keys_change_and_names_a_changed_parameter_tree(tiny_cfg, tmp_path):
-    """The same run relaunched may move its data, change its attention kernel, remat, grad_accum, dist.* or peak_flops;
+    """The same run relaunched may move its data, change its attention kernel, remat, dtype (bf16 on an A100, then fp16
+    on a T4), grad_accum, dist.* or peak_flops;
     a checkpoint of another parameter tree (model.scan stacks the layers) is one line naming the key, not orbax's error."""
     manager, step = train.find_checkpoint(fake_checkpoints(tmp_path / 'ckpt', tiny_cfg(), [5]))
     moved = tiny_cfg('data.train_path=/elsewhere/train.bin', 'data.val_path=/elsewhere/val.bin', 'model.attn_impl=xla',
-                     'model.remat=dots', 'grad_accum=2', 'peak_flops=1e12', 'dist.num_processes=1', 'sample_tokens=4')
+                     'model.remat=dots', 'grad_accum=2', 'peak_flops=1e12', 'dist.num_processes=1', 'sample_tokens=4', 'model.dtype=float16')
     state, meta = train.restore(manager, step, moved, ({'w': np.zeros(2, np.float32)},), same_run=True)
     np.testing.assert_array_equal(state[0]['w'], [5, 5])
     assert meta['step'] == 5

@@ -138,6 +138,7 @@ def test_summary_adds_up_the_non_matmul_kernels_and_bounds_the_mfu():
     loop = 5 * ((ROW_F32 + 32 + ROW_BF16) + (ROW_BF16 + 4 + ROW_BF16)) + 6 * (4 + 1)
     moved = loop + (2 * ROW_F32 + 32 + ROW_F32) + (64 * 1024 * 4 + 64 * 4) + 2 * (64 * 4 * 2)
     assert (s['kernels'], s['matmuls'], s['attention'], s['other_kernels'], s['inexact_kernels']) == (21, 1, 0, 20, 2)
+    assert s['matmul_operand_dtypes'] == {'bf16': 1}  # its operands' type (its output is f32)
     assert s['other_bytes'] == moved and s['other_floor_ms'] == pytest.approx(moved / 1e9 * 1e3)
     assert s['mfu_ceiling'] == pytest.approx(1e-3 / (1e-3 + moved / 1e9))  # matmuls at the peak, the rest at full bandwidth
 
@@ -146,6 +147,8 @@ def test_target_config_names_the_gpu_and_its_memory():
     text = deviceless.target_config('h200')
     assert 'device_description_str: "NVIDIA H200"' in text and 'memory_bandwidth: 4800000000000' in text
     assert 'cuda_compute_capability { major: 9 minor: 0 }' in text
+    t4 = deviceless.target_config('t4')
+    assert 'device_description_str: "Tesla T4"' in t4 and 'cuda_compute_capability { major: 7 minor: 5 }' in t4 and 'core_count: 40' in t4
 
 
 HAS_PLUGIN = importlib.util.find_spec('jax_plugins') is not None and importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
@@ -184,3 +187,15 @@ def test_a_tiny_gpt_compiles_for_a_tpu_slice_and_a_batch_that_does_not_divide_is
     assert (out['device_kind'], out['devices'], out['fits']) == ('TPU v5 lite', 4, True) and 0 < out['memory_bytes'] < 2**30
     r = run(*TINY, 'batch_size=6', '--target', 'v5e-4')
     assert r.returncode == 1 and 'error: batch_size 6 must split into grad_accum=1 micro-batches, each divisible over 4 devices' in r.stderr
+
+
+@pytest.mark.skipif(not HAS_PLUGIN, reason='needs jax-cuda12-plugin and jax-cuda12-pjrt (see benchmarks/deviceless.py)')
+def test_on_a_t4_bf16_attention_does_not_compile_and_fp16_matmuls_are_fp16():
+    """A T4 (compute capability 7.5) has no bf16 matmuls: XLA refuses the bf16 algorithm of jax.nn.dot_product_attention
+    (why train.model_config refuses bf16 there), and in fp16 every matmul takes fp16 operands (tensor cores)."""
+    r = run(*TINY, '--target', 't4')
+    assert r.returncode == 1 and r.stdout.count('\n') <= 1 and 'ALG_DOT_BF16_BF16_F32' in r.stderr
+    r = run(*TINY, 'model.dtype=float16', '--target', 't4')
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out['device_kind'] == 'Tesla T4' and out['attn_impl'] == 'xla' and out['matmul_operand_dtypes'] == {'f16': out['matmuls']} != {'f16': 0}

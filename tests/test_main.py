@@ -22,10 +22,11 @@ def test_every_config_composes_and_has_only_known_keys(name):
 
 @pytest.mark.parametrize('backend,capability,dtype,impl', [
     ('gpu', '9.0', 'bfloat16', 'cudnn'), ('gpu', '8.0', 'bfloat16', 'cudnn'), ('gpu', '12.0', 'bfloat16', 'cudnn'),
-    ('gpu', '7.5', 'bfloat16', 'xla'), ('gpu', '9.0', 'float32', 'xla'), ('gpu', 'gfx90a', 'bfloat16', 'xla'),
-    ('gpu', None, 'bfloat16', 'xla'), ('cpu', None, 'float32', 'chunked'), ('tpu', None, 'bfloat16', 'xla')])
+    ('gpu', '7.5', 'float32', 'xla'), ('gpu', '9.0', 'float32', 'xla'), ('gpu', 'gfx90a', 'bfloat16', 'xla'),
+    ('gpu', None, 'bfloat16', 'xla'), ('cpu', None, 'float32', 'chunked'), ('tpu', None, 'bfloat16', 'xla'),
+    ('gpu', '8.6', 'float16', 'cudnn'), ('gpu', '7.5', 'float16', 'xla')])
 def test_auto_attention_per_platform(monkeypatch, backend, capability, dtype, impl):
-    """cuDNN's flash attention needs bf16 and compute capability 8.0 or more: a Colab T4 (7.5) gets XLA's."""
+    """cuDNN's flash attention needs bf16 or fp16 and compute capability 8.0 or more: a Colab T4 (7.5) gets XLA's."""
     device = SimpleNamespace(**({'compute_capability': capability} if capability else {}))
     monkeypatch.setattr(train.jax, 'default_backend', lambda: backend)
     monkeypatch.setattr(train.jax, 'devices', lambda *_: [device])

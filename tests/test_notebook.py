@@ -1,6 +1,7 @@
 """train_colab.ipynb, executed headless on the tiny local config (install and download cells switched off)."""
-import os, sys
+import os, shlex, sys
 import nbformat
+import pytest
 from nbclient import NotebookClient
 from conftest import REPO, TINY
 
@@ -61,7 +62,25 @@ def test_the_plot_keeps_one_point_per_step_after_a_resumed_run(tmp_path):
     assert list(lines[1].get_xdata()) == [20]
 
 
-def test_the_commands_pass_each_path_whole_to_the_shell_and_to_hydra(tmp_path):
+@pytest.mark.parametrize('smi,overrides,float16', [('Tesla T4, 7.5', '', True), ('Tesla V100-SXM2-16GB, 7.0', '', True),
+    ('Tesla T4, 7.5', 'model.dtype=float32', False), ('NVIDIA A100-SXM4-40GB, 8.0', '', False), ('NVIDIA L4, 8.9', '', False),
+    ('Field "compute_cap" is not a valid field to query.', '', False), ('', '', False)])
+def test_a_gpu_without_bfloat16_matmuls_trains_in_float16(tmp_path, monkeypatch, capsys, smi, overrides, float16):
+    """Colab's free T4 (compute capability 7.5) has no bf16 matmuls, and the trainer refuses bf16 there: the notebook
+    asks for float16 on GPUs before 8.0 (nvidia-smi's name and compute_cap), unless OVERRIDES sets model.dtype."""
+    (tmp_path / 'nvidia-smi').write_text(f'#!/bin/sh\n[ -n "$1" ] && echo {shlex.quote(smi)}\nexit 0\n')
+    (tmp_path / 'nvidia-smi').chmod(0o755)
+    monkeypatch.setenv('PATH', f'{tmp_path}:{os.environ["PATH"]}')
+    monkeypatch.chdir(REPO)  # main.py is there: the cell clones nothing
+    nb = nbformat.read(os.path.join(REPO, 'train_colab.ipynb'), as_version=4)
+    scope = {'OVERRIDES': overrides}
+    exec(next(c.source for c in nb.cells if c.cell_type == 'code' and 'FLOAT16 =' in c.source), scope)
+    assert scope['ACCELERATOR'] == 'gpu' and scope['FLOAT16'] is float16
+    assert ('training in float16' in capsys.readouterr().out) is float16
+
+
+@pytest.mark.parametrize('float16', [False, True])
+def test_the_commands_pass_each_path_whole_to_the_shell_and_to_hydra(tmp_path, float16):
     """DATA_DIR and RUN_DIR may hold what the shell splits (a space, as in Drive's 'Colab Notebooks') and what Hydra's
     override grammar reads as its own ('(', ',', '=', '~'): the download, training and sample commands each pass a
     path as one argument, and each override's value reaches Hydra as the path. The commands are recorded, not run."""
@@ -74,7 +93,7 @@ def test_the_commands_pass_each_path_whole_to_the_shell_and_to_hydra(tmp_path):
     open(f'{d}/run/sample.txt', 'w').close()  # the sample cell prints it
     commands = []
     scope = {'os': os, 'shlex': shlex, 'sys': sys, 'sh': commands.append, 'CONFIG': 'local', 'OVERRIDES': 'opt.peak_lr=0.004',
-             'DATA_DIR': f'{d}/data', 'RUN_DIR': f'{d}/run', 'DOWNLOAD': True, 'PROMPT': 'def'}
+             'DATA_DIR': f'{d}/data', 'RUN_DIR': f'{d}/run', 'DOWNLOAD': True, 'PROMPT': 'def', 'FLOAT16': float16}
     for cell in cells:
         exec(cell, scope)
     download, training, sampling = (shlex.split(c) for c in commands)
@@ -82,5 +101,5 @@ def test_the_commands_pass_each_path_whole_to_the_shell_and_to_hydra(tmp_path):
     assert training[1:4] == ['main.py', '-cn', 'local']
     overrides = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(training[4:])}
     assert overrides == {'data.train_path': f'{d}/data/fineweb_edu_gpt2_train.bin', 'data.val_path': f'{d}/data/fineweb_edu_gpt2_val.bin',
-                         'opt.peak_lr': 0.004, 'hydra.run.dir': f'{d}/run', 'ckpt.dir': f'{d}/run/checkpoints'}
+                         'opt.peak_lr': 0.004, 'hydra.run.dir': f'{d}/run', 'ckpt.dir': f'{d}/run/checkpoints'} | ({'model.dtype': 'float16'} if float16 else {})
     assert sampling[1:3] == ['sample.py', f'{d}/run/checkpoints'] and sampling[-2:] == ['>', f'{d}/run/sample.txt']

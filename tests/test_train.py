@@ -3,6 +3,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -91,6 +92,27 @@ def test_grad_accumulation_equals_one_big_batch(tiny_cfg):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), out[0][2], out[1][2])  # Adam: ~lr * sign(g)
 
 
+def step_gradients(cfg):
+    """The loss and gradients train_step computes (kept as the state of an optimizer that leaves the weights as they are)."""
+    keep = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p), lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+    mesh = mesh_of(1)
+    graphdef, state = train.create_state(cfg, mesh, keep)
+    state, metrics = in_mesh(mesh, train.compile_steps(graphdef, state)[0])(state, first_batch(cfg, mesh))
+    grads = jax.tree_util.tree_leaves_with_path(nnx.merge(graphdef, state)[1].opt_state)
+    return float(metrics['train_loss']), {jax.tree_util.keystr(k): np.asarray(g) for k, g in grads}
+
+
+def test_float16_gradients_do_not_underflow(tiny_cfg):
+    """model.dtype=float16 (for GPUs without bfloat16 matmuls: a T4, a V100): each token's share of the gradient of a
+    loss averaged over 32k tokens (GPT-2 small's 32 x 1024) falls below float16's normal range unless the loss is scaled
+    up. Every weight's gradient stays within 1% of float32's (unscaled: up to 4%; bfloat16: 0.5%), and the loss is the loss."""
+    cfg = lambda dtype: tiny_cfg(f'model.dtype={dtype}', 'batch_size=1024')  # 1024 x 32 tokens
+    (loss32, g32), (loss16, g16) = step_gradients(cfg('float32')), step_gradients(cfg('float16'))
+    assert loss16 == pytest.approx(loss32, rel=1e-3)
+    error = {k: np.linalg.norm(g16[k] - g32[k]) / np.linalg.norm(g32[k]) for k in g32}
+    assert len(error) > 10 and max(error.values()) < 0.01, sorted(error.items(), key=lambda kv: -kv[1])[:3]
+
+
 @pytest.mark.parametrize('scan', [False, True])  # with the scan, a model merged outside the eval loop failed to trace
 def test_eval_runs_in_the_training_micro_batches(tiny_cfg, scan):
     """grad_accum is there because a whole batch does not fit: the eval step takes the same [A, B/A, T+1] batches,
@@ -163,10 +185,10 @@ def test_targets_are_the_next_tokens(tiny_cfg, tmp_path):
     assert last['step'] == 30 and 5.4 < last['train_loss'] < 5.7 and 5.4 < last['eval_loss'] < 5.7
 
 
-@pytest.mark.parametrize('variant', [[], ['model.scan=true', 'grad_accum=2', 'model.remat=dots']])
+@pytest.mark.parametrize('variant', [[], ['model.scan=true', 'grad_accum=2', 'model.remat=dots'], ['model.dtype=float16']])
 def test_loss_falls_on_real_text(tiny_cfg, tmp_path, variant):
     """A few dozen steps on the stdlib byte corpus take the model well below its starting loss; also with the layer
-    scan, micro-batches and remat, whole runs of which (evals included) nothing else trains."""
+    scan, micro-batches and remat, and in float16: whole runs of which (evals included) nothing else trains."""
     cfg = tiny_cfg('train_tokens=30720', 'opt.peak_lr=0.01', 'eval_every=10', *variant)  # 60 steps of 16x32
     state, last = train.train(cfg, str(tmp_path))
     records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
@@ -216,8 +238,7 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize('override,message', [
-    ('model.dtype=bf16', 'model.dtype=bf16 (one of float32, bfloat16)'),
-    ('model.dtype=float16', 'model.dtype=float16 (one of float32, bfloat16)'),  # no loss scaling: its logit gradients underflow
+    ('model.dtype=bf16', 'model.dtype=bf16 (one of float32, bfloat16, float16)'), ('model.dtype=float64', 'model.dtype=float64 (one of float32, bfloat16, float16)'),
     ('model.attn_impl=flash', 'model.attn_impl=flash (one of auto, xla, cudnn, chunked)'),
     ('wandb.mode=ofline', 'wandb.mode=ofline (one of online, offline, disabled, shared, dryrun)'),  # once logged offline, saying it had no API key
     ('model.n_heads=3', 'model.n_heads=3 (must divide model.d_model=64)'),
@@ -272,7 +293,7 @@ def test_cudnn_attention_where_cudnn_cannot_train_is_one_line(tiny_cfg, tmp_path
     train (an odd seq_len; a head width not a multiple of 8, or over 128 before Hopper): one line before the model is
     built, not JAX's NotImplementedError traceback at the first compile."""
     monkeypatch.setattr(train, 'create_state', lambda *args: pytest.fail('got past the check'))
-    message = lambda device, dtype, T, K: re.escape(f'model.attn_impl=cudnn needs an NVIDIA GPU of compute capability 8.0+ and model.dtype=bfloat16 '
+    message = lambda device, dtype, T, K: re.escape(f'model.attn_impl=cudnn needs an NVIDIA GPU of compute capability 8.0+ and model.dtype=bfloat16 or float16 '
                                                     f'(here {device}, {dtype}), an even seq_len and a head width d_model/n_heads that is a multiple '
                                                     f'of 8 up to 128, 256 from 9.0 (here {T} and {K})') + '$'
     with pytest.raises(PicodoError, match='^' + message('cpu', 'float32', 32, 16)):
@@ -283,14 +304,30 @@ def test_cudnn_attention_where_cudnn_cannot_train_is_one_line(tiny_cfg, tmp_path
     for cc, overrides, (dtype, T, K) in [('9.0', (), ('float32', 32, 16)), ('9.0', (bf16, 'model.seq_len=31'), ('bfloat16', 31, 16)),
                                          ('9.0', (bf16, 'model.d_model=48'), ('bfloat16', 32, 12)),  # K not a multiple of 8
                                          ('8.0', (bf16, 'model.d_model=768', 'model.n_heads=4'), ('bfloat16', 32, 192)),  # over 128 on an A100
-                                         ('7.5', (bf16,), ('bfloat16', 32, 16))]:  # a T4
+                                         ('7.5', ('model.dtype=float16',), ('float16', 32, 16))]:  # a T4
         monkeypatch.setattr(jax, 'devices', gpu(cc))
         with pytest.raises(PicodoError, match='^' + message('NVIDIA GPU', dtype, T, K)):
             train.train(tiny_cfg('model.attn_impl=cudnn', *overrides), str(tmp_path))
     monkeypatch.setattr(jax, 'devices', gpu('9.0'))  # what cuDNN can train gets past the check: K=16, and K=192 on Hopper
-    for overrides in [(bf16,), (bf16, 'model.d_model=768', 'model.n_heads=4')]:
+    for overrides in [(bf16,), ('model.dtype=float16',), (bf16, 'model.d_model=768', 'model.n_heads=4')]:
         with pytest.raises(pytest.fail.Exception, match='got past the check'):
             train.train(tiny_cfg('model.attn_impl=cudnn', *overrides), str(tmp_path))
+
+
+def test_bfloat16_on_a_gpu_without_it_is_one_line(tiny_cfg, tmp_path, monkeypatch):
+    """A T4 (Colab's free GPU, compute capability 7.5) or a V100 (7.0) has no bf16 matmuls, and XLA cannot compile
+    jax.nn.dot_product_attention's bf16 algorithm there (UNIMPLEMENTED, at the first compile): one line saying to use
+    float16, before the model is built. float16 there, bfloat16 on an A100 and on AMD GPUs (no compute capability) go on."""
+    monkeypatch.setattr(train, 'create_state', lambda *args: pytest.fail('got past the check'))
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    for cc, kind in [('7.5', 'Tesla T4'), ('7.0', 'Tesla V100-SXM2-16GB')]:
+        monkeypatch.setattr(jax, 'devices', lambda *_: [types.SimpleNamespace(compute_capability=cc, device_kind=kind)] * 8)
+        with pytest.raises(PicodoError, match=re.escape(f'model.dtype=bfloat16 needs compute capability 8.0+ (here {kind}, {cc}): set model.dtype=float16') + '$'):
+            train.train(tiny_cfg('model.dtype=bfloat16'), str(tmp_path))
+    for cc, dtype in [('7.5', 'float16'), ('8.0', 'bfloat16'), ('gfx90a', 'bfloat16')]:
+        monkeypatch.setattr(jax, 'devices', lambda *_: [types.SimpleNamespace(compute_capability=cc, device_kind='GPU')] * 8)
+        with pytest.raises(pytest.fail.Exception, match='got past the check'):
+            train.train(tiny_cfg(f'model.dtype={dtype}'), str(tmp_path))
 
 
 def test_a_number_for_a_name_or_path_needs_quotes(tiny_cfg):
