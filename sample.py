@@ -55,13 +55,15 @@ def generate(model, prompt, key, n_new, temperature=1.0, top_k=0):
     return jax.lax.fori_loop(0, n_new, step, (tokens, logits[:, -1:], cache, weights))[0]
 
 
-def load(path):
-    """(model, config, step) from a checkpoint dir (its newest complete step) or one step dir."""
+def load(path, dtype=None):
+    """(model, config, step) from a checkpoint dir (its newest complete step) or one step dir; `dtype`: the model's
+    compute dtype instead of the checkpoint's (parameters are fp32 either way)."""
     manager, step = train.find_checkpoint(path)
     try:
         cfg = OmegaConf.create(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']['config'])
     except Exception as e:
         raise utils.PicodoError(f'cannot read the config saved in {path}: {type(e).__name__}') from None
+    cfg.model.dtype = dtype or cfg.model.dtype
     mesh = jax.make_mesh((1,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
     tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1))  # restoring needs the optimizer's tree too
     graphdef, state = train.create_state(cfg, mesh, tx)
@@ -116,9 +118,11 @@ def main(argv=None):
     p.add_argument('--top_k', type=int, default=0, help='sample among the k likeliest tokens; 0 = all')
     p.add_argument('--num_samples', type=int, default=1)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--dtype', choices=train.CHOICES['model.dtype'], help="compute dtype (default: the checkpoint's); "
+                   'float16 on GPUs without bfloat16 matmuls, such as a T4')
     a = p.parse_args(argv)
     try:
-        model, cfg, step = load(a.checkpoint)
+        model, cfg, step = load(a.checkpoint, a.dtype)
         encode, decode = tokenizer(cfg.model.vocab_size)
         texts = sample(model, encode, decode, a.prompt, a.max_new_tokens, a.num_samples, a.temperature, a.top_k, a.seed)
     except utils.PicodoError as e:

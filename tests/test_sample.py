@@ -116,6 +116,16 @@ def test_sample_py_from_a_trained_checkpoint(finished_run, capsys):
             sample.main([ckpt, *args])
 
 
+def test_sample_py_in_another_compute_dtype(finished_run, capsys):
+    """--dtype: a checkpoint trained in bf16 samples on a T4 with --dtype float16 (no bf16 matmuls there); the weights are
+    fp32 either way. Here an fp32 checkpoint in bf16: XLA on CPUs has no fp16 attention (float16 is for GPUs)."""
+    model, cfg, _ = sample.load(finished_run[2], 'bfloat16')
+    assert model.token_embed.dtype == jnp.bfloat16 and cfg.model.dtype == 'bfloat16' and model.token_embed.embedding.dtype == jnp.float32
+    sample.main([finished_run[2], '--dtype', 'bfloat16', '--prompt', 'def ', '--max_new_tokens', '8', '--temperature', '0'])
+    out, err = capsys.readouterr()
+    assert out.startswith('def ') and out.count('\n---------------\n') == 1 and 'from step 20 of' in err
+
+
 def test_a_tiny_temperature_is_greedy_and_prompt_ids_must_be_in_the_vocab(one_device_mesh):
     """1e-40 (denormal in fp32) made the scaled logits inf and then nan: padding or id 0 came out, not the argmax.
     A prompt id >= vocab_size (a non-ASCII byte for a vocab under 256) gave non-finite logits and garbage."""
