@@ -55,15 +55,28 @@ def generate(model, prompt, key, n_new, temperature=1.0, top_k=0):
     return jax.lax.fori_loop(0, n_new, step, (tokens, logits[:, -1:], cache, weights))[0]
 
 
+def runnable_dtype(dtype, backend, cc):
+    """`dtype`, or one XLA's attention runs in here: fp16 only on NVIDIA GPUs, bf16 there from compute capability 8.0."""
+    if dtype == 'float16' and backend != 'gpu':
+        return 'float32'
+    if dtype == 'bfloat16' and cc[:1].isdigit() and float(cc) < 8:
+        return 'float16' if float(cc) >= 7 else 'float32'
+    return dtype
+
+
 def load(path, dtype=None):
     """(model, config, step) from a checkpoint dir (its newest complete step) or one step dir; `dtype`: the model's
-    compute dtype instead of the checkpoint's (parameters are fp32 either way)."""
+    compute dtype (default: the checkpoint's, if it runs here; the parameters are fp32 either way)."""
     manager, step = train.find_checkpoint(path)
     try:
         cfg = OmegaConf.create(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']['config'])
     except Exception as e:
         raise utils.PicodoError(f'cannot read the config saved in {path}: {type(e).__name__}') from None
-    cfg.model.dtype = dtype or cfg.model.dtype
+    if dtype is None:  # a T4 run's fp16 checkpoint on a laptop, or an A100's bf16 one on a T4
+        dtype = runnable_dtype(cfg.model.dtype, jax.default_backend(), str(getattr(jax.devices()[0], 'compute_capability', '')))
+        dtype != cfg.model.dtype and print(f'note: sampling in {dtype}: {cfg.model.dtype} does not run on {jax.devices()[0].device_kind} '
+                                           '(--dtype chooses)', file=sys.stderr)
+    cfg.model.dtype = dtype
     mesh = jax.make_mesh((1,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
     tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1))  # restoring needs the optimizer's tree too
     graphdef, state = train.create_state(cfg, mesh, tx)
@@ -118,8 +131,8 @@ def main(argv=None):
     p.add_argument('--top_k', type=int, default=0, help='sample among the k likeliest tokens; 0 = all')
     p.add_argument('--num_samples', type=int, default=1)
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--dtype', choices=train.CHOICES['model.dtype'], help="compute dtype (default: the checkpoint's); "
-                   'float16 on GPUs without bfloat16 matmuls, such as a T4')
+    p.add_argument('--dtype', choices=train.CHOICES['model.dtype'], help="compute dtype (default: the checkpoint's, if it runs here: "
+                   'else float16 on a GPU without bfloat16 matmuls such as a T4, float32 for float16 off GPUs)')
     a = p.parse_args(argv)
     try:
         model, cfg, step = load(a.checkpoint, a.dtype)

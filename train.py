@@ -57,7 +57,7 @@ def model_config(c):
     c.cudnn_ok = (jax.default_backend() == 'gpu' and c.dtype != jnp.float32 and cc[:1].isdigit() and float(cc) >= 8
                   and c.seq_len % 2 == 0 and K % 8 == 0 and K <= (256 if float(cc) >= 9 else 128))
     if c.dtype == jnp.bfloat16 and cc[:1].isdigit() and float(cc) < 8:  # XLA's bf16 attention does not compile there: UNIMPLEMENTED
-        raise utils.PicodoError(f'model.dtype=bfloat16 needs compute capability 8.0+ (here {jax.devices()[0].device_kind}, {cc}): set model.dtype=float16')
+        raise utils.PicodoError(f'model.dtype=bfloat16 needs compute capability 8.0+ (here {jax.devices()[0].device_kind}, {cc}): set model.dtype=float16 (float32 below 7.0)')
     if c.attn_impl == 'auto':  # cuDNN flash attention on NVIDIA GPUs where it can train, model.chunked_attention on CPUs, else XLA
         c.attn_impl = 'cudnn' if c.cudnn_ok else {'cpu': 'chunked'}.get(jax.default_backend(), 'xla')
     return c
@@ -137,8 +137,9 @@ loss_fn = lambda model, tokens: gpt.cross_entropy(model(tokens[:, :-1]), tokens[
 def train_step(graphdef, state, batch):  # batch [A, B/A, T+1]: A micro-batches whose gradients add up
     model, optimizer = nnx.merge(graphdef, state)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
-    # float16: the loss scaled up to about its sum over the micro-batch's tokens (by a power of 2), so gradients do not underflow
-    scale = 2. ** round(np.log2(batch[0, :, 1:].size)) if model.token_embed.dtype == jnp.float16 else 1.
+    # float16: the loss scaled by about its micro-batch's token count (a power of 2, so exactly undone; at most 2^14, since
+    # fp16 weight gradients come out near scale x their mean), so that each token's share of the gradient does not underflow
+    scale = 2. ** min(round(np.log2(batch[0, :, 1:].size)), 14) if model.token_embed.dtype == jnp.float16 else 1.
     grad_fn = jax.value_and_grad(lambda params, tokens: scale * loss_fn(nnx.merge(model_def, params, rest), tokens))
     add_micro_batch = lambda acc, tokens: (jax.tree.map(jnp.add, acc, grad_fn(params, tokens)), None)  # XLA drops a 1-step loop
     zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), params))

@@ -55,9 +55,10 @@ ELEMENTWISE = {'select', 'bitcast', 'convert', 'copy', 'negate', 'add', 'subtrac
 
 def target_config(gpu):
     kind, bandwidth, memory, cc, sm = GPUS[gpu]
+    major, minor = cc.split('.')
     info = ''.join(f'  {k}: {v}\n' for k, v in sm.items())
     return (f'gpu_device_info {{\n{info}  memory_bandwidth: {int(bandwidth)}\n  device_memory_size: {int(memory)}\n'
-            f'  cuda_compute_capability {{ major: {cc[0]} minor: {cc[2]} }}\n}}\nplatform_name: "CUDA"\n'
+            f'  cuda_compute_capability {{ major: {major} minor: {minor} }}\n}}\nplatform_name: "CUDA"\n'
             f'dnn_version_info {{ major: 9 minor: 8 }}\ndevice_description_str: "{kind}"\n')
 
 

@@ -103,4 +103,3 @@ def test_the_commands_pass_each_path_whole_to_the_shell_and_to_hydra(tmp_path, f
     assert overrides == {'data.train_path': f'{d}/data/fineweb_edu_gpt2_train.bin', 'data.val_path': f'{d}/data/fineweb_edu_gpt2_val.bin',
                          'opt.peak_lr': 0.004, 'hydra.run.dir': f'{d}/run', 'ckpt.dir': f'{d}/run/checkpoints'} | ({'model.dtype': 'float16'} if float16 else {})
     assert sampling[1:3] == ['sample.py', f'{d}/run/checkpoints'] and sampling[-2:] == ['>', f'{d}/run/sample.txt']
-    assert (sampling[-4:-2] == ['--dtype', 'float16']) is float16

@@ -322,7 +322,7 @@ def test_bfloat16_on_a_gpu_without_it_is_one_line(tiny_cfg, tmp_path, monkeypatc
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
     for cc, kind in [('7.5', 'Tesla T4'), ('7.0', 'Tesla V100-SXM2-16GB')]:
         monkeypatch.setattr(jax, 'devices', lambda *_: [types.SimpleNamespace(compute_capability=cc, device_kind=kind)] * 8)
-        with pytest.raises(PicodoError, match=re.escape(f'model.dtype=bfloat16 needs compute capability 8.0+ (here {kind}, {cc}): set model.dtype=float16') + '$'):
+        with pytest.raises(PicodoError, match=re.escape(f'model.dtype=bfloat16 needs compute capability 8.0+ (here {kind}, {cc}): set model.dtype=float16 (float32 below 7.0)') + '$'):
             train.train(tiny_cfg('model.dtype=bfloat16'), str(tmp_path))
     for cc, dtype in [('7.5', 'float16'), ('8.0', 'bfloat16'), ('gfx90a', 'bfloat16')]:
         monkeypatch.setattr(jax, 'devices', lambda *_: [types.SimpleNamespace(compute_capability=cc, device_kind='GPU')] * 8)
