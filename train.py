@@ -60,6 +60,8 @@ def model_config(c):
         raise utils.PicodoError(f'model.dtype=bfloat16 needs compute capability 8.0+ (here {jax.devices()[0].device_kind}, {cc}): set model.dtype=float16 (float32 below 7.0)')
     if c.attn_impl == 'auto':  # cuDNN flash attention on NVIDIA GPUs where it can train, model.chunked_attention on CPUs, else XLA
         c.attn_impl = 'cudnn' if c.cudnn_ok else {'cpu': 'chunked'}.get(jax.default_backend(), 'xla')
+    if c.dtype == jnp.float16 and c.attn_impl == 'xla' and jax.default_backend() != 'gpu':  # its F16_F16_F32 dot: GPUs only
+        raise utils.PicodoError(f'model.dtype=float16 with XLA attention needs an NVIDIA GPU (here {jax.default_backend()}): use bfloat16 or float32')
     return c
 
 
@@ -244,8 +246,8 @@ def train(cfg, out_dir, name='run'):
         for done in bar:  # the step number once this step is done
             state, metrics = train_step_fn(state, next(batches))
             pending.append(metrics)
-            if jax.process_count() == 1 or done % cfg.log_every == 0:  # several processes agree to stop at a log step
-                stopping = bool(stop) if jax.process_count() == 1 else process_allgather(np.int32(len(stop))).any()
+            # several processes agree to stop at a log step (until then `stopping` stays False: it breaks the loop)
+            stopping = bool(stop) if jax.process_count() == 1 else done % cfg.log_every == 0 and process_allgather(np.int32(len(stop))).any()
             save_now = done % cfg.ckpt.every == 0 or done == total_steps or stopping
             if done % cfg.log_every == 0 or save_now:  # so a saved state has always passed the non-finite check
                 values = np.array([[m['train_loss'], m['grad_norm']] for m in jax.device_get(pending)])  # [steps, 2]: the only host sync between evals

@@ -314,16 +314,24 @@ def test_cudnn_attention_where_cudnn_cannot_train_is_one_line(tiny_cfg, tmp_path
             train.train(tiny_cfg('model.attn_impl=cudnn', *overrides), str(tmp_path))
 
 
-def test_bfloat16_on_a_gpu_without_it_is_one_line(tiny_cfg, tmp_path, monkeypatch):
+def test_a_dtype_xla_cannot_compile_here_is_one_line(tiny_cfg, tmp_path, monkeypatch):
     """A T4 (Colab's free GPU, compute capability 7.5) or a V100 (7.0) has no bf16 matmuls, and XLA cannot compile
     jax.nn.dot_product_attention's bf16 algorithm there (UNIMPLEMENTED, at the first compile): one line saying to use
-    float16, before the model is built. float16 there, bfloat16 on an A100 and on AMD GPUs (no compute capability) go on."""
+    float16, before the model is built. float16 there, bfloat16 on an A100 and on AMD GPUs (no compute capability) go on;
+    float16 with XLA's attention (TPUs, or forced on a CPU) does not compile off NVIDIA GPUs: one line too."""
     monkeypatch.setattr(train, 'create_state', lambda *args: pytest.fail('got past the check'))
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
     for cc, kind in [('7.5', 'Tesla T4'), ('7.0', 'Tesla V100-SXM2-16GB')]:
         monkeypatch.setattr(jax, 'devices', lambda *_: [types.SimpleNamespace(compute_capability=cc, device_kind=kind)] * 8)
         with pytest.raises(PicodoError, match=re.escape(f'model.dtype=bfloat16 needs compute capability 8.0+ (here {kind}, {cc}): set model.dtype=float16 (float32 below 7.0)') + '$'):
             train.train(tiny_cfg('model.dtype=bfloat16'), str(tmp_path))
+    monkeypatch.setattr(jax, 'devices', lambda *_: [types.SimpleNamespace(device_kind='TPU v5 lite')] * 8)
+    for backend, overrides in [('tpu', ()), ('cpu', ('model.attn_impl=xla',))]:  # XLA's F16_F16_F32 dot: NVIDIA GPUs only
+        monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+        with pytest.raises(PicodoError, match=re.escape(f'model.dtype=float16 with XLA attention needs an NVIDIA GPU (here {backend}): '
+                                                        'use bfloat16 or float32') + '$'):
+            train.train(tiny_cfg('model.dtype=float16', *overrides), str(tmp_path))
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
     for cc, dtype in [('7.5', 'float16'), ('8.0', 'bfloat16'), ('gfx90a', 'bfloat16')]:
         monkeypatch.setattr(jax, 'devices', lambda *_: [types.SimpleNamespace(compute_capability=cc, device_kind='GPU')] * 8)
         with pytest.raises(pytest.fail.Exception, match='got past the check'):
