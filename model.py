@@ -108,7 +108,8 @@ class Block(nnx.Module):
         else:  # write this chunk's keys/values at positions pos.., attend to everything up to each query
             cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, new, pos, axis=1) for c, new in zip(cache, (k, v)))
             visible = jnp.arange(cache[0].shape[1]) <= pos + jnp.arange(T)[:, None]  # [T, C]
-            y = jax.nn.dot_product_attention(q, *cache, mask=visible)
+            # fp16 in fp32: XLA has no fp16 algorithm for these dots (INVALID_ARGUMENT on GPUs for one query, none on CPUs)
+            y = jax.nn.dot_product_attention(*(a.astype(jnp.float32) if a.dtype == jnp.float16 else a for a in (q, *cache)), mask=visible).astype(q.dtype)
         x = x + self.attn_out(y.reshape(B * T, D))
         x = (x + self.mlp_out(gelu(self.mlp_in(self.ln2(x))))).reshape(B, T, D)
         return x if cache is None else (x, cache)

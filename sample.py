@@ -55,10 +55,8 @@ def generate(model, prompt, key, n_new, temperature=1.0, top_k=0):
     return jax.lax.fori_loop(0, n_new, step, (tokens, logits[:, -1:], cache, weights))[0]
 
 
-def runnable_dtype(dtype, backend, cc):
-    """`dtype`, or one XLA's attention runs in here: fp16 only on NVIDIA GPUs, bf16 there from compute capability 8.0."""
-    if dtype == 'float16' and backend != 'gpu':
-        return 'float32'
+def runnable_dtype(dtype, cc):
+    """`dtype`, or one XLA's attention compiles in here: on NVIDIA GPUs, bf16 from compute capability 8.0 on."""
     if dtype == 'bfloat16' and cc[:1].isdigit() and float(cc) < 8:
         return 'float16' if float(cc) >= 7 else 'float32'
     return dtype
@@ -72,8 +70,8 @@ def load(path, dtype=None):
         cfg = OmegaConf.create(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']['config'])
     except Exception as e:
         raise utils.PicodoError(f'cannot read the config saved in {path}: {type(e).__name__}') from None
-    if dtype is None:  # a T4 run's fp16 checkpoint on a laptop, or an A100's bf16 one on a T4
-        dtype = runnable_dtype(cfg.model.dtype, jax.default_backend(), str(getattr(jax.devices()[0], 'compute_capability', '')))
+    if dtype is None:  # an A100's bf16 checkpoint on a T4
+        dtype = runnable_dtype(cfg.model.dtype, str(getattr(jax.devices()[0], 'compute_capability', '')))
         dtype != cfg.model.dtype and print(f'note: sampling in {dtype}: {cfg.model.dtype} does not run on {jax.devices()[0].device_kind} '
                                            '(--dtype chooses)', file=sys.stderr)
     cfg.model.dtype = dtype
@@ -132,7 +130,7 @@ def main(argv=None):
     p.add_argument('--num_samples', type=int, default=1)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--dtype', choices=train.CHOICES['model.dtype'], help="compute dtype (default: the checkpoint's, if it runs here: "
-                   'else float16 on a GPU without bfloat16 matmuls such as a T4, float32 for float16 off GPUs)')
+                   'else float16 on a GPU without bfloat16 matmuls such as a T4)')
     a = p.parse_args(argv)
     try:
         model, cfg, step = load(a.checkpoint, a.dtype)

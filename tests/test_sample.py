@@ -126,23 +126,23 @@ def test_sample_py_in_another_compute_dtype(finished_run, capsys):
     assert out.startswith('def ') and out.count('\n---------------\n') == 1 and 'from step 20 of' in err
 
 
-@pytest.mark.parametrize('dtype,backend,cc,runs', [('float16', 'cpu', '', 'float32'), ('float16', 'tpu', '', 'float32'),
-    ('float16', 'gpu', '7.5', 'float16'), ('bfloat16', 'gpu', '7.5', 'float16'), ('bfloat16', 'gpu', '6.1', 'float32'),
-    ('bfloat16', 'gpu', '8.0', 'bfloat16'), ('bfloat16', 'gpu', 'gfx90a', 'bfloat16'), ('bfloat16', 'cpu', '', 'bfloat16'),
-    ('float32', 'gpu', '7.5', 'float32')])
-def test_sampling_runs_in_a_dtype_this_machine_has(dtype, backend, cc, runs):
-    """XLA's attention has no fp16 algorithm off NVIDIA GPUs and no bf16 one below compute capability 8.0 (a T4)."""
-    assert sample.runnable_dtype(dtype, backend, cc) == runs
+@pytest.mark.parametrize('dtype,cc,runs', [('bfloat16', '7.5', 'float16'), ('bfloat16', '6.1', 'float32'), ('bfloat16', '8.0', 'bfloat16'),
+    ('bfloat16', 'gfx90a', 'bfloat16'), ('bfloat16', '', 'bfloat16'), ('float16', '7.5', 'float16'), ('float16', '', 'float16'),
+    ('float32', '7.5', 'float32')])
+def test_sampling_runs_in_a_dtype_this_machine_has(dtype, cc, runs):
+    """XLA has no bf16 attention algorithm below compute capability 8.0 (a T4: float16; before 7.0 fp16 is slow: float32)."""
+    assert sample.runnable_dtype(dtype, cc) == runs
 
 
-def test_a_float16_checkpoint_samples_on_a_cpu_in_float32(tiny_cfg, tmp_path, capsys):
-    """A T4 run's checkpoint (fp16) sampled on a laptop: in float32, with a note; --dtype float16 is XLA's error there."""
+def test_a_float16_checkpoint_samples_on_a_cpu(tiny_cfg, tmp_path, capsys):
+    """A T4 run's checkpoint (fp16) sampled on a laptop: decoding's attention runs fp16 inputs in fp32 (XLA has no fp16
+    algorithm for its dots: on CPUs none, on GPUs none for one query, INVALID_ARGUMENT on a T4 and an H100)."""
     import train
     train.train(tiny_cfg('model.dtype=float16', 'train_tokens=1024', f'ckpt.dir={tmp_path}/ck'), str(tmp_path))
     capsys.readouterr()
     sample.main([f'{tmp_path}/ck', '--prompt', 'def ', '--max_new_tokens', '4'])
     out, err = capsys.readouterr()
-    assert out.startswith('def ') and 'note: sampling in float32: float16 does not run on cpu (--dtype chooses)' in err
+    assert out.startswith('def ') and 'note:' not in err
 
 
 def test_a_tiny_temperature_is_greedy_and_prompt_ids_must_be_in_the_vocab(one_device_mesh):
