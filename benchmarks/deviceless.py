@@ -7,6 +7,7 @@ non-matmul kernels move (at the GPU's bandwidth, a floor on their time). Nothing
         jax-cuda12-pjrt==$(python -c 'import jaxlib; print(jaxlib.__version__)') nvidia-cudnn-cu12   # cuDNN: attention
     .venv-gpu/bin/python benchmarks/deviceless.py -cn default batch_size=32              # GPT-2 small on an H100
     .venv-gpu/bin/python benchmarks/deviceless.py -cn default batch_size=128 --target h200 --hlo /tmp/step.hlo
+    .venv-gpu/bin/python benchmarks/deviceless.py -cn colab model.dtype=float16 --target t4 --decode   # sampling's
     python -m venv --system-site-packages .venv-tpu      # TPUs: the libtpu that jax[tpu] pins for this jax (203 MB)
     .venv-tpu/bin/pip install "libtpu==0.0.42.*"         # (jax 0.10.2's)
     .venv-tpu/bin/python benchmarks/deviceless.py -cn colab --target v5e-1               # Colab's TPU, one v5e chip
@@ -27,6 +28,7 @@ if __name__ == '__main__':  # before JAX loads: the CPU is the only backend it s
     os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'none')
     os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # else a second process at once fails on /tmp/libtpu_lockfile
 import bench  # noqa: E402 (puts the repo on sys.path)
+from omegaconf import OmegaConf  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -203,8 +205,8 @@ def summary(hlo, model_flops, peak, bandwidth):
                 other_bytes_top_lines=dict(by_line.most_common(12)))
 
 
-def compile_step(cfg, target):
-    """The training step compiled for `target` (a key of GPUS or TPUS): (compiled, the target's devices, attention)."""
+def target_mesh(target):
+    """A compile-only mesh of `target`'s devices (a key of GPUS or TPUS), over the axis 'data'."""
     from jax.experimental import topologies
     gpu = target in GPUS
     try:
@@ -214,12 +216,45 @@ def compile_step(cfg, target):
         raise utils.PicodoError(f'no {"CUDA" if gpu else "TPU"} compiler here ({type(e).__name__}: {(str(e).splitlines() or [""])[0]}): install '
                                 + ('jax-cuda12-plugin and jax-cuda12-pjrt of the same version as jaxlib' if gpu else
                                    "the libtpu that jax[tpu] pins for this jax") + ' (see the top of this file)') from None
-    mesh = topologies.make_mesh(topology, (len(topology.devices),), ('data',))
-    bench.check_batch(cfg, mesh)
-    c, K = train.model_config(cfg.model), cfg.model.d_model // cfg.model.n_heads
-    if cfg.model.attn_impl == 'auto':  # what train.model_config picks there (here it sees a CPU)
-        cc = float(GPUS[target][3]) if gpu else 0
+    return topologies.make_mesh(topology, (len(topology.devices),), ('data',))
+
+
+def target_model_config(cfg, target):
+    """train.model_config as on `target`: its checks and choices are this CPU's, so its refusals are XLA's errors here."""
+    c, K = train.model_config(OmegaConf.merge(cfg.model, {'attn_impl': 'auto'})), cfg.model.d_model // cfg.model.n_heads
+    c.attn_impl = cfg.model.attn_impl
+    if c.attn_impl == 'auto':  # what train.model_config picks there
+        cc = float(GPUS[target][3]) if target in GPUS else 0
         c.attn_impl = 'cudnn' if cc >= 8 and c.dtype != jnp.float32 and c.seq_len % 2 == 0 and K % 8 == 0 and K <= (256 if cc >= 9 else 128) else 'xla'
+    return c
+
+
+def compile_error(target, e):  # XLA's first line: a TPU batch that does not fit (libtpu says by how much), an algorithm the GPU lacks, ...
+    return utils.PicodoError(f'cannot compile for {target}: {type(e).__name__}: {(str(e).splitlines() or [""])[0]}'
+                             + ' (pip install nvidia-cudnn-cu12, or model.attn_impl=xla)' * ('cuDNN' in str(e)))
+
+
+def compile_decode(cfg, target, n_new=16):
+    """sample.generate (one sequence, a prompt of a quarter window, n_new tokens through the KV cache) compiled for `target`."""
+    import sample
+    mesh, c = target_mesh(target), target_model_config(cfg, target)
+    P, whole = max(1, c.seq_len // 4), jax.NamedSharding(mesh, jax.P())
+    key = jax.random.key(0).dtype  # here, not under the target's mesh: it would run on it
+    with jax.set_mesh(mesh):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: gpt.GPT(c, nnx.Rngs(0))))
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), state)
+        decode = jax.jit(lambda s, prompt, k: sample.generate(nnx.merge(graphdef, s), prompt, k, min(n_new, c.seq_len - P)))
+        try:
+            return decode.lower(state, jax.ShapeDtypeStruct((1, P), jnp.int32, sharding=whole), jax.ShapeDtypeStruct((), key, sharding=whole)).compile()
+        except Exception as e:
+            raise compile_error(target, e) from None
+
+
+def compile_step(cfg, target):
+    """The training step compiled for `target` (a key of GPUS or TPUS): (compiled, the target's devices, attention)."""
+    mesh = target_mesh(target)
+    bench.check_batch(cfg, mesh)
+    c, gpu = target_model_config(cfg, target), target in GPUS
     tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1000))
     A, B, T = cfg.grad_accum, cfg.batch_size, cfg.model.seq_len
     batch = jax.ShapeDtypeStruct((A, B // A, T + 1), jnp.int32, sharding=jax.NamedSharding(mesh, jax.P(None, 'data')))
@@ -232,10 +267,9 @@ def compile_step(cfg, target):
                        compiler_options={'xla_gpu_enable_triton_gemm': False} if gpu else None)  # as train.compile_steps
         try:
             compiled = step.lower(state, batch).compile()
-        except Exception as e:  # a TPU batch that does not fit (libtpu says by how much), cuDNN attention without its wheel, ...
-            raise utils.PicodoError(f'cannot compile for {target}: {type(e).__name__}: {(str(e).splitlines() or [""])[0]}'
-                                    + ' (pip install nvidia-cudnn-cu12, or model.attn_impl=xla)' * ('cuDNN' in str(e))) from None
-    return compiled, topology.devices, c.attn_impl
+        except Exception as e:
+            raise compile_error(target, e) from None
+    return compiled, mesh.devices.flat, c.attn_impl
 
 
 def main(argv=None):
@@ -244,9 +278,15 @@ def main(argv=None):
     p.add_argument('-cn', '--config-name', default='default')
     p.add_argument('--target', choices=[*GPUS, *TPUS], default='h100')
     p.add_argument('--hlo', help='also write the optimized HLO text to this file')
+    p.add_argument('--decode', action='store_true', help="compile sampling's decoding (sample.generate) instead of the training step")
     args = p.parse_args(argv)
     try:
         cfg = bench.compose_config(args.config_name, args.overrides)
+        if args.decode:
+            m = compile_decode(cfg, args.target).memory_analysis()
+            memory = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            print(f'decoding compiles for {args.target} (nothing ran; jax {jax.__version__}): {memory / 2**30:.2f} GiB')
+            return print(json.dumps(dict(target=args.target, decode=True, dtype=cfg.model.dtype, memory_bytes=memory)))
         compiled, devices, attn = compile_step(cfg, args.target)
     except utils.PicodoError as e:
         sys.exit(f'error: {e}')
@@ -263,7 +303,7 @@ def main(argv=None):
         print(json.dumps(r | dict(fits=True)))
         return
     _, bandwidth, capacity, *_ = GPUS[args.target]
-    r |= dict(usable_bytes=0.75 * capacity, fits=memory <= 0.75 * capacity) | summary(hlo, gpt.flops_per_token(train.model_config(cfg.model)) * B * T, peak, bandwidth)
+    r |= dict(usable_bytes=0.75 * capacity, fits=memory <= 0.75 * capacity) | summary(hlo, gpt.flops_per_token(cfg.model) * B * T, peak, bandwidth)
     print(f"memory: {memory / 2**30:.1f} GiB of the {0.75 * capacity / 2**30:.1f} GiB JAX may use (75%): {'fits' if r['fits'] else 'does not fit'}")
     print(f"kernels per step: {r['kernels']}: {r['matmuls']} matmuls ({', '.join(f'{n} {t}' for t, n in r['matmul_operand_dtypes'].items())}), "
           f"{r['attention']} attention, {r['other_kernels']} others")

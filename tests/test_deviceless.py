@@ -199,3 +199,15 @@ def test_on_a_t4_bf16_attention_does_not_compile_and_fp16_matmuls_are_fp16():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out['device_kind'] == 'Tesla T4' and out['attn_impl'] == 'xla' and out['matmul_operand_dtypes'] == {'f16': out['matmuls']} != {'f16': 0}
+
+
+@pytest.mark.skipif(not HAS_PLUGIN, reason='needs jax-cuda12-plugin and jax-cuda12-pjrt (see benchmarks/deviceless.py)')
+def test_sampling_compiles_for_a_t4_in_float16():
+    """Decoding with a KV cache in fp16 failed to compile for a T4 and an H100 (INVALID_ARGUMENT: Unsupported dot
+    precision algorithm) until its attention took fp16 inputs in fp32; bf16 there is XLA's one-line error."""
+    for target in ('t4', 'h100'):
+        r = run(*TINY, 'model.dtype=float16', '--target', target, '--decode')
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.strip().splitlines()[-1])['decode'] is True
+    r = run(*TINY, '--target', 't4', '--decode')
+    assert r.returncode == 1 and 'ALG_DOT_BF16_BF16_F32' in r.stderr and r.stderr.strip().count('\n') == 0
