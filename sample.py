@@ -74,7 +74,7 @@ def load(path, dtype=None):
         dtype = runnable_dtype(cfg.model.dtype, str(getattr(jax.devices()[0], 'compute_capability', '')))
         dtype != cfg.model.dtype and print(f'note: sampling in {dtype}: {cfg.model.dtype} does not run on {jax.devices()[0].device_kind} '
                                            '(--dtype chooses)', file=sys.stderr)
-    cfg.model.dtype = dtype
+    cfg.model.dtype, cfg.model.attn_impl = dtype, 'chunked'  # decoding never reads attn_impl: no refusal of fp16 with xla off GPUs
     mesh = jax.make_mesh((1,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
     tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1))  # restoring needs the optimizer's tree too
     graphdef, state = train.create_state(cfg, mesh, tx)
@@ -130,7 +130,7 @@ def main(argv=None):
     p.add_argument('--num_samples', type=int, default=1)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--dtype', choices=train.CHOICES['model.dtype'], help="compute dtype (default: the checkpoint's, if it runs here: "
-                   'else float16 on a GPU without bfloat16 matmuls such as a T4)')
+                   'else float16 on a GPU without bfloat16 matmuls such as a T4, float32 below compute capability 7.0)')
     a = p.parse_args(argv)
     try:
         model, cfg, step = load(a.checkpoint, a.dtype)

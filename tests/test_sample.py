@@ -1,6 +1,7 @@
 """Generation: the KV cache changes nothing but the cost; sampling is reproducible; sample.py end to end."""
-import sys
+import sys, types
 from types import SimpleNamespace
+from omegaconf import OmegaConf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,7 +135,7 @@ def test_sampling_runs_in_a_dtype_this_machine_has(dtype, cc, runs):
     assert sample.runnable_dtype(dtype, cc) == runs
 
 
-def test_a_float16_checkpoint_samples_on_a_cpu(tiny_cfg, tmp_path, capsys):
+def test_a_float16_checkpoint_samples_on_a_cpu(tiny_cfg, tmp_path, capsys, monkeypatch):
     """A T4 run's checkpoint (fp16) sampled on a laptop: decoding's attention runs fp16 inputs in fp32 (XLA has no fp16
     algorithm for its dots: on CPUs none, on GPUs none for one query, INVALID_ARGUMENT on a T4 and an H100)."""
     import train
@@ -143,6 +144,12 @@ def test_a_float16_checkpoint_samples_on_a_cpu(tiny_cfg, tmp_path, capsys):
     sample.main([f'{tmp_path}/ck', '--prompt', 'def ', '--max_new_tokens', '4'])
     out, err = capsys.readouterr()
     assert out.startswith('def ') and 'note:' not in err
+    # trained with model.attn_impl=xla (a GPU, or a TPU): decoding never uses it, so the CPU's refusal of fp16 with xla does not apply
+    monkeypatch.setattr(train, 'restore', lambda manager, step, cfg, state, same_run=False: (state, {}))
+    monkeypatch.setattr(train, 'find_checkpoint', lambda path: (types.SimpleNamespace(restore=lambda *a, **k: {'meta': {'config':
+        OmegaConf.to_container(tiny_cfg('model.dtype=float16', 'model.attn_impl=xla'), resolve=True)}}), 1))
+    sample.main([f'{tmp_path}/ck', '--prompt', 'def ', '--max_new_tokens', '4'])
+    assert capsys.readouterr()[0].startswith('def ')
 
 
 def test_a_tiny_temperature_is_greedy_and_prompt_ids_must_be_in_the_vocab(one_device_mesh):
