@@ -61,7 +61,7 @@ def model_config(c):
     if c.attn_impl == 'auto':  # cuDNN flash attention on NVIDIA GPUs where it can train, model.chunked_attention on CPUs, else XLA
         c.attn_impl = 'cudnn' if c.cudnn_ok else {'cpu': 'chunked'}.get(jax.default_backend(), 'xla')
     if c.dtype == jnp.float16 and c.attn_impl == 'xla' and jax.default_backend() != 'gpu':  # its F16_F16_F32 dot: GPUs only
-        raise utils.PicodoError(f'model.dtype=float16 with XLA attention needs an NVIDIA GPU (here {jax.default_backend()}): use bfloat16 or float32')
+        raise utils.PicodoError(f'model.dtype=float16 with XLA attention needs an NVIDIA GPU (here {jax.default_backend()}): use bfloat16 or float32' + ', or model.attn_impl=chunked' * (jax.default_backend() == 'cpu'))
     return c
 
 
@@ -165,7 +165,7 @@ def init_distributed(coordinator, num_processes, process_id):
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id)
     except (ValueError, RuntimeError) as e:  # no cluster found (fine if no dist.* key asked for one), or JAX already running
-        if coordinator or num_processes is not None or not any(m in str(e) for m in ('coordinator_address', 'must be called before')):
+        if coordinator or num_processes is not None or process_id is not None or not any(m in str(e) for m in ('coordinator_address', 'must be called before')):
             raise utils.PicodoError(f'dist.* keys: cannot join the processes of the run: {(str(e).splitlines() or [""])[0]}') from None
 
 
@@ -216,7 +216,7 @@ def train(cfg, out_dir, name='run'):
     state, meta = restore(source, start, cfg, state, same_run=source is saver) if start else (state, {})
     for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):  # a killed save's unfinished step, once the
         shutil.rmtree(tmp, ignore_errors=True)  # dir is this run's; here, not in orbax's thread (it fails at exit after a start-up error)
-    start and print(f'resuming at step {start} of {total_steps} from {source.directory}')
+    start and print(f'resuming at step {start} of {total_steps} from {source.directory}' + ': the run is finished, nothing to train (more tokens: ckpt.resume=that dir, a larger train_tokens)' * (start >= total_steps))
     train_step_fn, eval_step_fn = compile_steps(graphdef, state)
     batch_sharding = jax.NamedSharding(mesh, jax.P(None, 'data'))  # [A, B/A, T+1]; validation: fixed (seed 0), in the same micro-batches
     val_batches = [data.load_batch(val_tokens, T, 0, i, B, A, batch_sharding)

@@ -84,7 +84,7 @@ def timed(fn):
 
 
 if __name__ == '__main__':
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
     at_least = prepare.at_least
     p.add_argument('--gb', type=at_least(1e-6, float), default=1.0, help='size in GiB of the random .bin file for the loader')
     p.add_argument('--steps', type=at_least(1), default=300)

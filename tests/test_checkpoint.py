@@ -75,18 +75,21 @@ def test_killed_and_stopped_runs_resume_exactly(finished_run):
     assert len(wandb_ids(d / 'run_b')) == 1 and wandb_ids(d / 'run_b') == wandb_ids(d / 'run_b2') == wandb_ids(d / 'run_b3')
 
 
-def test_a_relaunch_of_a_run_begun_from_ckpt_resume_goes_on_from_its_own_checkpoints(finished_run, tiny_cfg, tmp_path):
+def test_a_relaunch_of_a_run_begun_from_ckpt_resume_goes_on_from_its_own_checkpoints(finished_run, tiny_cfg, tmp_path, capsys):
     """`ckpt.resume=A` starts a new run, with its own wandb run, from A's newest step; the same command again (a
     requeue) goes on from the new run's own checkpoints and wandb run (it once stopped: its dir was past A's step).
     Here A is a run dir beside the new run's step dirs (`ckpt.dir` is A's parent, as the README's example was while
     run names left ckpt.resume out): a requeue once took them for A's and stopped. A dir holding checkpoints saved
-    without that ckpt.resume is another run's: refused, left as it was."""
+    without that ckpt.resume is another run's: refused, left as it was. A finished run relaunched says so
+    (it said only 'resuming at step 25 of 25', then compiled and trained nothing)."""
     d, _, a = finished_run
     source = shutil.copytree(a, tmp_path / 'b' / 'source')
     branch = lambda *more: tiny_cfg('train_tokens=12800', 'ckpt.every=5', f'ckpt.resume={source}', *more)
     assert train.train(branch(f'ckpt.dir={tmp_path / "b"}'), str(tmp_path / 'run1'))[1]['step'] == 25
     shutil.rmtree(source)  # the source may be gone by then (its own run rotated the step out, say)
     train.train(branch(f'ckpt.dir={tmp_path / "b"}'), str(tmp_path / 'run2'))  # resumes at step 25 of 25
+    assert (f'resuming at step 25 of 25 from {tmp_path / "b"}: the run is finished, nothing to train (more tokens: ckpt.resume='
+            in capsys.readouterr().out)
     assert sorted(os.listdir(tmp_path / 'b')) == ['.lock.0', '25']  # the run's lock (process 0)
     assert wandb_ids(tmp_path / 'run1') == wandb_ids(tmp_path / 'run2') != wandb_ids(d / 'run_a')
     other = shutil.copytree(a, tmp_path / 'other')

@@ -103,6 +103,7 @@ def test_local_run_builds_its_data_and_trains(tmp_path):
     (['model.remat=dot'], 'error: bad config value: model.remat=dot (one of none, dots, full)'),
     (['batch_size=30'], 'error: batch_size 30 must split into grad_accum=1 micro-batches'),
     (['dist.num_processes=2', 'dist.process_id=1'], 'error: dist.* keys: cannot join the processes of the run: '),
+    (['dist.process_id=1'], 'error: dist.* keys: cannot join the processes of the run: '),  # alone, it trained as one process
 ])
 def test_bad_input_exits_nonzero_with_a_clear_line(tmp_path, args, message):
     r = run_main(tmp_path, *TINY[:-3], 'data.build_if_missing=false', *args)
