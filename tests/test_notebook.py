@@ -62,18 +62,19 @@ def test_the_plot_keeps_one_point_per_step_after_a_resumed_run(tmp_path):
     assert list(lines[1].get_xdata()) == [20]
 
 
-@pytest.mark.parametrize('smi,overrides,float16', [('Tesla T4, 7.5', '', True), ('Tesla V100-SXM2-16GB, 7.0', '', True),
-    ('Tesla T4, 7.5', 'model.dtype=float32', False), ('NVIDIA A100-SXM4-40GB, 8.0', '', False), ('NVIDIA L4, 8.9', '', False),
-    ('Field "compute_cap" is not a valid field to query.', '', False), ('', '', False)])
-def test_a_gpu_without_bfloat16_matmuls_trains_in_float16(tmp_path, monkeypatch, capsys, smi, overrides, float16):
+@pytest.mark.parametrize('smi,overrides,config,float16', [('Tesla T4, 7.5', '', 'colab', True), ('Tesla V100-SXM2-16GB, 7.0', '', 'default', True),
+    ('Tesla T4, 7.5', 'model.dtype=float32', 'colab', False), ('Tesla T4, 7.5', '', 'local', False), ('NVIDIA A100-SXM4-40GB, 8.0', '', 'colab', False),
+    ('NVIDIA L4, 8.9', '', 'colab', False), ('Field "compute_cap" is not a valid field to query.', '', 'colab', False), ('', '', 'colab', False)])
+def test_a_gpu_without_bfloat16_matmuls_trains_in_float16(tmp_path, monkeypatch, capsys, smi, overrides, config, float16):
     """Colab's free T4 (compute capability 7.5) has no bf16 matmuls, and the trainer refuses bf16 there: the notebook
-    asks for float16 on GPUs before 8.0 (nvidia-smi's name and compute_cap), unless OVERRIDES sets model.dtype."""
+    asks for float16 on GPUs before 8.0 (nvidia-smi's name and compute_cap) for a bf16 config, unless OVERRIDES sets
+    model.dtype; the float32 local config stays float32 (it was switched to float16 too)."""
     (tmp_path / 'nvidia-smi').write_text(f'#!/bin/sh\n[ -n "$1" ] && echo {shlex.quote(smi)}\nexit 0\n')
     (tmp_path / 'nvidia-smi').chmod(0o755)
     monkeypatch.setenv('PATH', f'{tmp_path}:{os.environ["PATH"]}')
     monkeypatch.chdir(REPO)  # main.py is there: the cell clones nothing
     nb = nbformat.read(os.path.join(REPO, 'train_colab.ipynb'), as_version=4)
-    scope = {'OVERRIDES': overrides}
+    scope = {'OVERRIDES': overrides, 'CONFIG': config}
     exec(next(c.source for c in nb.cells if c.cell_type == 'code' and 'FLOAT16 =' in c.source), scope)
     assert scope['ACCELERATOR'] == 'gpu' and scope['FLOAT16'] is float16
     assert ('training in float16' in capsys.readouterr().out) is float16
