@@ -62,8 +62,10 @@ def compose_config(name, overrides):
     try:
         with initialize_config_dir(os.path.join(REPO, 'configs'), version_base=None):
             cfg = compose(name, overrides=list(overrides))
-    except Exception as e:  # Hydra: a misspelt key, an unknown config name, a malformed override
-        raise utils.PicodoError(f'{type(e).__name__}: {(str(e).splitlines() or [""])[0]}') from None
+    except Exception as e:  # Hydra: a misspelt key, an unknown config name, a malformed override; said as main.py says it
+        line, key = (str(e).splitlines() or [''])[0], re.match(r"Could not override '([^']+)'", str(e))
+        raise utils.PicodoError(f'unknown config key: {key[1]}' if key else f'{type(e).__name__}: {line}' + (
+            " (a value holding '=' or '~' needs quotes: 'key=\"value\"')" * (type(e).__name__ == 'OverrideParseException' and any(set('=~') & set(o.partition('=')[2]) for o in overrides)))) from None
     train.check_config(cfg)
     return cfg
 
