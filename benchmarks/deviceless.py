@@ -24,6 +24,7 @@ device XLA cannot autotune, and the compiler is the installed jaxlib's (or libtp
 import argparse, collections, json, math, os, re, sys
 if __name__ == '__main__':  # before JAX loads: the CPU is the only backend it starts; the GPU or TPU is a compile-only target
     os.environ['JAX_PLATFORMS'] = 'cpu'
+    os.environ['JAX_ENABLE_COMPILATION_CACHE'] = 'false'  # a cached entry needs a device to load: a warning per entry
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # libtpu: fewer warnings about the absent TPU VM
     os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'none')
     os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # else a second process at once fails on /tmp/libtpu_lockfile

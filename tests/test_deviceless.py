@@ -171,9 +171,12 @@ def test_without_the_compiler_it_is_one_line_saying_what_to_install(target, inst
 
 
 @pytest.mark.skipif(not HAS_PLUGIN, reason='needs jax-cuda12-plugin and jax-cuda12-pjrt (see benchmarks/deviceless.py)')
-def test_a_tiny_gpt_compiles_for_an_h100():
-    r = run(*TINY)
-    assert r.returncode == 0, r.stderr
+def test_a_tiny_gpt_compiles_for_an_h100(tmp_path, monkeypatch):
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path))  # a user's persistent cache: a second run reads no entry
+    monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')  # (a cached one needs a device: a warning each)
+    for _ in range(2):
+        r = run(*TINY)
+        assert r.returncode == 0 and 'compilation cache' not in r.stderr, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert (out['device_kind'], out['devices']) == ('NVIDIA H100 80GB HBM3', 1) and out['fits'] and 0 < out['memory_bytes'] < 2**30
     assert out['matmuls'] > 0 and out['attention'] == 0 and 0 < out['mfu_ceiling'] < 1
