@@ -45,13 +45,11 @@ def keep_freed_memory():
 def stop_signals():
     """Within: SIGTERM (preemption) and SIGINT (Ctrl-C) append to the yielded list instead of killing (a second acts as usual)."""
     stop, previous = [], {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    for s in previous:
-        signal.signal(s, lambda sig, _: (stop.append(sig), signal.signal(sig, previous[sig])))
-    try:
-        yield stop
-    finally:
+    with contextlib.ExitStack() as on_exit:  # which sets each handler from before back
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            on_exit.callback(signal.signal, s, handler)
+            signal.signal(s, lambda sig, _: (stop.append(sig), signal.signal(sig, previous[sig])))
+        yield stop
 
 
 def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
