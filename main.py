@@ -31,7 +31,6 @@ if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydr
     defaults, absent = OmegaConf.load(train.DEFAULTS), object()
     for key, value in (a.split('=', 1) for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
         OmegaConf.select(defaults, key, default=absent) is absent and sys.exit(f'error: unknown config key: {key}')
-        OmegaConf.is_dict(OmegaConf.select(defaults, key)) and value[:1] != '{' and sys.exit(f'error: {key}={value}: {key} is a group of keys: set one as {key}.KEY=VALUE')
         set('=~') & set(re.sub(r'\$\{[^}]*\}|"[^"]*"|\'[^\']*\'', '', value)) and sys.exit(f"error: {key}: a value holding '=' or '~' needs quotes: '{key}=\"{value}\"'")
     modes = train.CHOICES['wandb.mode']  # WANDB_MODE wins over wandb.mode: misspelt or empty, wandb failed after the start-up ('run': online)
     os.environ.get('WANDB_MODE', 'online') in [*modes, 'run'] or sys.exit(f"error: WANDB_MODE={os.environ['WANDB_MODE']!r}: one of {', '.join(modes)}, or unset")

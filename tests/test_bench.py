@@ -1,5 +1,5 @@
 """The benchmark runs end to end in its tiny mode; no assertion on speed."""
-import json, os, sys
+import json, os, re, sys
 import jax
 import numpy as np
 import pytest
@@ -81,6 +81,8 @@ def test_a_misspelt_key_is_one_line():
         bench.compose_config('bench_cpu', ['model.d_modl=3'])
     with pytest.raises(utils.PicodoError, match=r"^OverrideParseException: .* \(a value holding '=' or '~' needs quotes: 'key=\"value\"'\)$"):
         bench.compose_config('bench_cpu', ['ckpt.dir=~/x'])
+    with pytest.raises(utils.PicodoError, match=re.escape("bad config value: model='big' (a group of keys: set one as model.KEY=VALUE)")):
+        bench.compose_config('bench_cpu', ['model=big'])  # it said model.vocab_size=None (main.py checked it, not the trainer)
 
 
 def test_the_reference_model_trains_and_reports_bench_names(capsys, monkeypatch):
