@@ -218,6 +218,7 @@ def train(cfg, out_dir, name='run'):
     for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):  # a killed save's unfinished step, once the
         shutil.rmtree(tmp, ignore_errors=True)  # dir is this run's; here, not in orbax's thread (it fails at exit after a start-up error)
     start and print(f'resuming at step {start} of {total_steps} from {source.directory}' + ': the run is finished, nothing to train (more tokens: ckpt.resume=that dir, a larger train_tokens)' * (start >= total_steps))
+    if start >= total_steps: return saver.close() or (state, {})  # finished: no compile, no wandb run; the lock goes with `lock`
     train_step_fn, eval_step_fn = compile_steps(graphdef, state)
     batch_sharding = jax.NamedSharding(mesh, jax.P(None, 'data'))  # [A, B/A, T+1]; validation: fixed (seed 0), in the same micro-batches
     val_batches = [data.load_batch(val_tokens, T, 0, i, B, A, batch_sharding)

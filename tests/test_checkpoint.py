@@ -81,7 +81,7 @@ def test_a_relaunch_of_a_run_begun_from_ckpt_resume_goes_on_from_its_own_checkpo
     Here A is a run dir beside the new run's step dirs (`ckpt.dir` is A's parent, as the README's example was while
     run names left ckpt.resume out): a requeue once took them for A's and stopped. A dir holding checkpoints saved
     without that ckpt.resume is another run's: refused, left as it was. A finished run relaunched says so
-    (it said only 'resuming at step 25 of 25', then compiled and trained nothing)."""
+    (it said only 'resuming at step 25 of 25', then compiled and trained nothing), and ends there."""
     d, _, a = finished_run
     source = shutil.copytree(a, tmp_path / 'b' / 'source')
     branch = lambda *more: tiny_cfg('train_tokens=12800', 'ckpt.every=5', f'ckpt.resume={source}', *more)
@@ -91,7 +91,8 @@ def test_a_relaunch_of_a_run_begun_from_ckpt_resume_goes_on_from_its_own_checkpo
     assert (f'resuming at step 25 of 25 from {tmp_path / "b"}: the run is finished, nothing to train (more tokens: ckpt.resume='
             in capsys.readouterr().out)
     assert sorted(os.listdir(tmp_path / 'b')) == ['.lock.0', '25']  # the run's lock (process 0)
-    assert wandb_ids(tmp_path / 'run1') == wandb_ids(tmp_path / 'run2') != wandb_ids(d / 'run_a')
+    assert len(wandb_ids(tmp_path / 'run1')) == 1 and wandb_ids(tmp_path / 'run1') != wandb_ids(d / 'run_a')
+    assert not (tmp_path / 'run2' / 'wandb').exists()  # finished: no compile, no wandb run (it logged an empty one)
     other = shutil.copytree(a, tmp_path / 'other')
     before = {p: os.path.getmtime(p) for p in glob.glob(f'{other}/**', recursive=True)}
     with pytest.raises(PicodoError, match=re.escape(f'checkpoint {other}/20 has ckpt.resume=None but the config says {a}: another run')):
