@@ -208,8 +208,8 @@ def train(cfg, out_dir, name='run'):
     resume = cfg.ckpt.resume and os.path.abspath(cfg.ckpt.resume)  # a relaunch of a run begun from another dir's checkpoint
     own = not resume or saver.latest_step() and resume not in (ckpt_dir, os.path.join(ckpt_dir, str(saver.latest_step())))
     source, start = (saver, saver.latest_step() or 0) if own else find_checkpoint(resume)  # goes on from its own (ckpt.resume must match)
-    if (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
-        raise utils.PicodoError(f'{ckpt_dir} holds step {saver.latest_step()}, past step {start}: set ckpt.dir')
+    if (latest := saver.latest_step()) == 0 or (latest or 0) > start:  # orbax would silently skip saves up to its newest step
+        raise utils.PicodoError(f'{ckpt_dir} holds ' + (f'step {latest}, past step {start}' if latest else 'a dir 0, not from this trainer (it saves from step 1): orbax would delete it') + ': set ckpt.dir')
     if not own and start >= total_steps:  # it would train nothing and exit 0
         raise utils.PicodoError(f'ckpt.resume {resume} is at step {start}: train_tokens={cfg.train_tokens} ends at step {total_steps}')
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))

@@ -377,6 +377,17 @@ def test_ckpt_resume_of_a_step_in_its_own_ckpt_dir(tiny_cfg, tmp_path, monkeypat
     assert sorted(os.listdir(ckpt)) == ['.lock.0', '15', '20', '25']
 
 
+def test_a_dir_0_in_ckpt_dir_is_refused_not_deleted(tiny_cfg, tmp_path):
+    """A dir named 0 (a one-point sweep's, say) is no checkpoint of this trainer (it saves from step 1): it read as 'no
+    checkpoint', the run trained from scratch, and orbax, counting it as step 0, deleted it under ckpt.keep."""
+    (tmp_path / 'ck' / '0').mkdir(parents=True)
+    (tmp_path / 'ck' / '0' / 'notes.txt').write_text('mine')
+    with pytest.raises(PicodoError, match=re.escape(f'{tmp_path / "ck"} holds a dir 0, not from this trainer (it saves from step 1): '
+                                                    'orbax would delete it: set ckpt.dir') + '$'):
+        train.train(tiny_cfg('train_tokens=5120', 'ckpt.every=5', 'ckpt.keep=1', f'ckpt.dir={tmp_path / "ck"}'), str(tmp_path))
+    assert (tmp_path / 'ck' / '0' / 'notes.txt').read_text() == 'mine' and sorted(os.listdir(tmp_path / 'ck')) == ['.lock.0', '0']
+
+
 def test_a_second_launch_of_a_running_run_is_one_line_and_touches_nothing(finished_run, tiny_cfg, tmp_path):
     """The same command launched twice at once: the second deleted the first's unfinished checkpoint and both saved into
     one dir (one died with ~380 lines of orbax tracebacks). A lock in the run's ckpt dir, held while it trains, refuses
