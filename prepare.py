@@ -351,7 +351,10 @@ def build_stdlib_bytes(train_path, val_path):
     sources as byte tokens (vocab 256), one document per file, 10% of them (seed 0) for validation."""
     root = sysconfig.get_paths()['stdlib']
     files = sorted(f for f in glob.glob(os.path.join(root, '**', '*.py'), recursive=True) if 'site-packages' not in f)
-    write_splits(FileDocs(files), ByteTokens(), train_path, val_path, val_fraction=0.1, force=True, progress=False)
+    try:
+        write_splits(FileDocs(files), ByteTokens(), train_path, val_path, val_fraction=0.1, force=True, progress=False)
+    except OSError as e:  # a full disk: the trainer's one line (its .tmp files are gone)
+        raise PrepareError(f'cannot build the byte corpus {train_path}, {val_path}: {e}') from None
     print(f'built byte-level corpus from {len(files)} stdlib files in {root}: {train_path}, {val_path}')
 
 

@@ -248,6 +248,19 @@ def test_a_failure_midway_leaves_neither_bin_nor_tmp(corpus, tmp_path):
     assert os.listdir(tmp_path) == ['corpus']
 
 
+def test_the_trainers_first_run_corpus_build_on_a_full_disk_is_one_error(tmp_path, monkeypatch):
+    """`python main.py` on a disk short of the corpus's 63 MB: main.py's one line (it was a 14-line traceback,
+    'OSError: 1038103 requested and 307200 written'), and no file left."""
+    class Full(prepare.ByteTokens):
+        def encode(self, docs):
+            raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(prepare, 'ByteTokens', Full)
+    train, val = str(tmp_path / 'train.bin'), str(tmp_path / 'val.bin')
+    with pytest.raises(prepare.PrepareError, match=re.escape(f'cannot build the byte corpus {train}, {val}: [Errno 28] No space left on device') + '$'):
+        prepare.build_stdlib_bytes(train, val)
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------------------------- download
 
 CONTENT = np.arange(50_000, dtype='<u2').tobytes()  # 100 kB
