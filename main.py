@@ -17,7 +17,7 @@ def main(cfg):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt: a first run's corpus build removes its files
     try:
         job = HydraConfig.get().job  # the run's name: wandb.name or its config, and its overrides: colab/opt.peak_lr=0.004
-        last = train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(str(cfg.wandb.name or job.config_name), job.override_dirname))[1]
+        last = train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(str(OmegaConf.select(cfg, 'wandb.name') or job.config_name), job.override_dirname))[1]
         last.get('signal') and sys.exit(128 + last['signal'])  # stopped by a signal, as if killed by it: a sweep ends too
     except (Exception, KeyboardInterrupt) as e:  # bad input, or XLA out of memory: one line; Ctrl-C before the loop, or twice
         'wandb' in sys.modules and sys.modules['wandb'].finish(exit_code=1)  # failed: a sweep's next run starts its own
@@ -32,7 +32,7 @@ if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydr
     for key, value in (a.split('=', 1) for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
         OmegaConf.select(defaults, key, default=absent) is absent and sys.exit(f'error: unknown config key: {key}')
         set('=~') & set(re.sub(r'\$\{[^}]*\}|"[^"]*"|\'[^\']*\'', '', value)) and sys.exit(f"error: {key}: a value holding '=' or '~' needs quotes: '{key}=\"{value}\"'")
-    modes = train.CHOICES['wandb.mode']  # WANDB_MODE wins over wandb.mode: misspelt or empty, wandb failed after the start-up ('run': online)
-    os.environ.get('WANDB_MODE', 'online') in [*modes, 'run'] or sys.exit(f"error: WANDB_MODE={os.environ['WANDB_MODE']!r}: one of {', '.join(modes)}, or unset")
+    # WANDB_MODE wins over wandb.mode: misspelt or empty, wandb failed after the start-up ('run': online)
+    os.environ.get('WANDB_MODE', 'online') in [*(modes := train.CHOICES['wandb.mode']), 'run'] or sys.exit(f"error: WANDB_MODE={os.environ['WANDB_MODE']!r}: one of {', '.join(modes)}, or unset")
     main()
     sys.exit(1 if FAILED else 0)

@@ -38,6 +38,7 @@ def check_config(cfg):  # every key must exist in configs/default.yaml (catches 
     bad = [f'{k}={cfg[k]!r} (a group of keys: set one as {k}.KEY=VALUE)' for k, v in defaults.items() if OmegaConf.is_dict(v) and not OmegaConf.is_dict(cfg.get(k, v))]
     get, defaults = lambda key: OmegaConf.select(cfg, key), flatten(OmegaConf.to_container(defaults) | {'hydra': {}})
     kind = {k: NULL_DEFAULTS.get(k, str) if v is None else type(v) for k, v in defaults.items()}  # each key's type
+    bad += [f'{k} is missing (a config needs all the keys of default.yaml: begin it with defaults: [default, _self_])' for k in defaults if OmegaConf.select(cfg, k, default=KeyError) is KeyError]
     bad += [f'{k}={get(k)!r} (must be an integer >= {n})' for k, n in AT_LEAST.items() if not (isinstance(get(k), int) and get(k) >= n)]
     bad += [f'{k}={get(k)!r} (must be {t.__name__}{": quote a number" * (t is str and type(get(k)) in (int, float))})'  # 'ckpt.dir="7"'
             for k, t in kind.items()

@@ -113,6 +113,14 @@ def test_bad_input_exits_nonzero_with_a_clear_line(tmp_path, args, message):
     assert 'Traceback' not in r.stderr
 
 
+def test_a_config_file_without_defaults_is_one_line(tmp_path):
+    """A config of one's own that does not build on default.yaml: a traceback (main.py read cfg.wandb.name)."""
+    (tmp_path / 'mine.yaml').write_text('batch_size: 16\n')
+    r = run_main(tmp_path, '--config-dir', str(tmp_path), '-cn', 'mine')
+    assert r.returncode == 1 and r.stderr == ('error: bad config value: model.vocab_size is missing (a config needs all the keys of '
+                                              'default.yaml: begin it with defaults: [default, _self_])\n')
+
+
 @pytest.mark.parametrize('mode', ['ofline', ''])
 def test_a_bad_wandb_mode_variable_is_one_line(tmp_path, mode):
     """WANDB_MODE, which wins over wandb.mode, misspelt or set empty: wandb rejected it after the data and the model
