@@ -14,12 +14,14 @@ def open_tokens(path, vocab_size, seq_len, batch_size):
         raise PicodoError(f'data file not found: {path}')
     if (size := os.path.getsize(path)) % 2:
         raise PicodoError(f'{path}: odd byte size {size}, not a uint16 .bin file')
-    n_windows = max(size // 2 - 1, 0) // seq_len  # checked before np.memmap, which fails on empty files
-    if n_windows < batch_size:
+    if (n_windows := max(size // 2 - 1, 0) // seq_len) < batch_size:  # checked before np.memmap, which fails on empty files
         raise PicodoError(f'{path}: {size // 2} tokens give {n_windows} windows of {seq_len + 1}, fewer than one batch of {batch_size}')
     tokens = np.memmap(path, dtype='<u2', mode='r')  # ids checked in 16 evenly spaced 1M-token chunks: cheap even for a 5 GB file
-    max_id = max(int(tokens[i:i + (1 << 20)].max()) for i in np.linspace(0, len(tokens) - 1, 16, dtype=np.int64))
-    if max_id >= vocab_size:
+    sample = np.concatenate([tokens[i:i + (1 << 20)] for i in np.linspace(0, len(tokens) - 1, 16, dtype=np.int64)])
+    # uint32 ids read as uint16: every other one is 0; text: its bytes printable (token ids: at most about half of them)
+    if (sample == 0).mean() >= 0.5 or (sample.view(np.uint8) - np.uint8(32) < 95).mean() > 0.9:
+        raise PicodoError(f'{path}: not uint16 token ids (uint32 ids, or text?): write .bin files with prepare.py')
+    if (max_id := int(sample.max())) >= vocab_size:
         raise PicodoError(f'{path}: token id {max_id} >= model.vocab_size {vocab_size}')
     return tokens
 

@@ -118,8 +118,7 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
     def __init__(self, c, rngs):
         D, L = c.d_model, c.n_layers
-        self.vocab_size, self.scan, self.remat = c.vocab_size, c.scan, c.remat
-        self.seq_len, self.cache_shape = c.seq_len, (L, c.n_heads, D // c.n_heads)
+        self.vocab_size, self.scan, self.remat, self.seq_len, self.cache_shape = c.vocab_size, c.scan, c.remat, c.seq_len, (L, c.n_heads, D // c.n_heads)
         self.token_embed = nnx.Embed(padded_vocab(c.vocab_size), D, dtype=c.dtype, rngs=rngs, embedding_init=init(0.02, ('data', None)))
         self.pos_embed = nnx.Embed(c.seq_len, D, dtype=c.dtype, rngs=rngs, embedding_init=init(0.01, (None, 'data')))
         # with model.scan, one stacked Block with a leading [L] axis, so compile time is flat in depth

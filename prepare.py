@@ -389,6 +389,10 @@ def inspect(path, vocab=None, seq_len=1024, decoder=None, show=200, chunk=1 << 2
         print(f'first {min(show, len(tokens))} tokens, decoded with {decoder.name}:\n{decoder.decode(tokens[:show])!r}')
     except (PrepareError, KeyError, ValueError) as e:  # KeyError: an id the encoding does not have (the bad: line says)
         print(f'(not decoded: {e})')
+    byte = lambda shift: (((np.arange(1 << 16) >> shift) & 255) - 32) % 256 < 95  # per id: its low/high byte printable ASCII
+    if counts[0] >= len(tokens) / 2 or counts @ byte(0) + counts @ byte(8) > 0.9 * 2 * len(tokens):  # as the trainer checks (data.py)
+        print(f'bad: {path}: not uint16 token ids (uint32 ids: every other uint16 is 0; or text: its bytes printable)', file=sys.stderr)
+        return 1
     if over:
         print(f'bad: {path}: {over:,} ids >= vocab {vocab}, the first at token {first_over:,} (id {tokens[first_over]})',
               file=sys.stderr)

@@ -119,6 +119,9 @@ def test_stdlib_corpus_is_byte_tokens(stdlib_data):
     ('short', 'fewer than one batch'),
     ('empty', '0 tokens give 0 windows'),  # np.memmap cannot map an empty file: checked before it
     ('a dir', 'data file not found'),  # its size (4096) would pass the checks after: np.memmap's IsADirectoryError
+    # once trained on, exit 0: uint32 ids are (id, 0) pairs, all < vocab; text's byte pairs are ids < 32639 < GPT-2's 50257
+    ('uint32', r'not uint16 token ids \(uint32 ids, or text\?\): write .bin files with prepare.py'),
+    ('text', r'not uint16 token ids \(uint32 ids, or text\?\)'),  # nanoGPT's input.txt as data.train_path
 ])
 def test_bad_files_get_a_clear_error(tmp_path, case, message):
     path = tmp_path / 'bad.bin'
@@ -132,8 +135,12 @@ def test_bad_files_get_a_clear_error(tmp_path, case, message):
         path.write_bytes(b'')
     elif case == 'a dir':
         path.mkdir()
+    elif case == 'uint32':
+        np.arange(1, 200, dtype='<u4').tofile(path)
+    elif case == 'text':
+        path.write_bytes(b'The quick brown fox jumps over the lazy dog.\n' * 10)
     with pytest.raises(PicodoError, match=message) as e:
-        data.open_tokens(str(path), 1000, T, B)
+        data.open_tokens(str(path), 50257 if case == 'text' else 1000, T, B)
     assert str(path) in str(e.value) and '\n' not in str(e.value)
 
 

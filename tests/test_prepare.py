@@ -441,6 +441,8 @@ def test_inspect_of_ids_beyond_the_encoding_is_a_bad_line_not_a_traceback(tmp_pa
     (b'\x01\x00' * 10 + b'\x01', 'odd byte size 21'),
     (b'', 'empty file'),
     (np.array([5, 300, 7, 999, 300], '<u2').tobytes(), '3 ids >= vocab 256, the first at token 1 \\(id 300\\)'),
+    (np.arange(1, 200, dtype='<u4').tobytes(), 'not uint16 token ids \\(uint32 ids: every other uint16 is 0; or text'),  # exit 0 before
+    (b'The quick brown fox jumps over the lazy dog.\n' * 10, 'not uint16 token ids'),
 ])
 def test_inspect_calls_a_bad_file_bad_with_a_nonzero_exit(tmp_path, content, message):
     path = tmp_path / 'bad.bin'
