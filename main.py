@@ -17,7 +17,7 @@ def main(cfg):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt: a first run's corpus build removes its files
     try:
         job = HydraConfig.get().job  # the run's name: wandb.name or its config, and its overrides: colab/opt.peak_lr=0.004
-        last = train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(str(OmegaConf.select(cfg, 'wandb.name') or job.config_name), job.override_dirname))[1]
+        last = train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(str(OmegaConf.select(cfg, 'wandb.name') or job.config_name), OmegaConf.to_container(job)['override_dirname']))[1]
         last.get('signal') and sys.exit(128 + last['signal'])  # stopped by a signal, as if killed by it: a sweep ends too
     except (Exception, KeyboardInterrupt) as e:  # bad input, or XLA out of memory: one line; Ctrl-C before the loop, or twice
         'wandb' in sys.modules and sys.modules['wandb'].finish(exit_code=1)  # failed: a sweep's next run starts its own

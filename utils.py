@@ -25,7 +25,8 @@ oom_error = lambda e: re.search('RESOURCE_EXHAUSTED|out of memory', line := (str
 
 def run_name(config_name, overrides):
     """A run's directory name: the same command gets the same name (so it resumes); long override lists are hashed."""
-    overrides = overrides.replace('/', '_').replace('"', '').replace("'", '')  # ckpt.resume's path, quoted when it holds '='
+    # ckpt.resume's path, quoted when it holds '='; ${oc.env:SCRATCH}/x as typed (not its value: the same on any node)
+    overrides = re.sub('[$"\'{}]', '', overrides.replace('/', '_'))
     overrides = overrides if len(overrides) <= 100 else overrides[:80] + '-' + hashlib.sha1(overrides.encode()).hexdigest()[:10]
     return os.path.join(config_name, overrides) if overrides else config_name
 

@@ -101,6 +101,8 @@ def test_local_run_builds_its_data_and_trains(tmp_path):
     (['ckpt.dir=${oc.env:A}~${oc.env:B}'], "error: ckpt.dir: a value holding '=' or '~' needs quotes: "),  # ~ between two ${...}
     (['ckpt.resume="checkpoints/local/a=1,b=2"'], 'error: data file not found: '),  # quoted, Hydra takes it: the trainer's check
     (['model.remat=dot'], 'error: bad config value: model.remat=dot (one of none, dots, full)'),
+    (['data.train_path=${oc.env:PICODO_UNSET_VAR}/t.bin'], 'error: bad config value: data.train_path: KeyError raised while '
+     'resolving interpolation: "Environment variable \'PICODO_UNSET_VAR\' not found"\n'),  # was a traceback (the run name's)
     (['model=big'], "error: bad config value: model='big' (a group of keys: set one as model.KEY=VALUE)\n"),  # was 'model.vocab_size=None'
     (['batch_size=30'], 'error: batch_size 30 must split into grad_accum=1 micro-batches'),
     (['dist.num_processes=2', 'dist.process_id=1'], 'error: dist.* keys: cannot join the processes of the run: '),
