@@ -26,7 +26,7 @@ class CutOff(Exception):
     """A transfer that ended early; the .part file keeps what arrived, so the next try resumes."""
 
 
-def download(url, path, retries=3, force=False):
+def download(url, path, retries=5, force=False):
     """Fetch `url` to `path` through `path`.part, resuming with an HTTP Range request after a cut-off. A file already
     under its final name came complete from an earlier run: it is kept (so a rerun goes on with the other split).
     Processes sharing the directory (every worker of a TPU pod running the same command, say) fetch a file one at a
@@ -438,37 +438,45 @@ def at_least(n, kind=int, below=None):  # an argparse type: a number >= n (and <
     return parse
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """--help shows each option's default, where it has one (not None or off)."""
+    def _get_help_string(self, action):
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        return action.help and action.help + ' (default: %(default)s)' * shown
+
+
 def parser():
     p = argparse.ArgumentParser(prog='prepare.py', description='Get, make and check nanoGPT .bin files.')
     commands = p.add_subparsers(dest='command', required=True)
-    d = commands.add_parser('download', help='fetch the fineweb-edu GPT-2 sample (resumable)')
-    d.add_argument('--out', default='data', help='directory for the files (default: data)')
-    d.add_argument('--splits', nargs='+', default=['train', 'val'], choices=['train', 'val'])
+    command = lambda *a, **k: commands.add_parser(*a, **k, formatter_class=DefaultsHelp)
+    d = command('download', help='fetch the fineweb-edu GPT-2 sample (resumable)')
+    d.add_argument('--out', default='data', help='directory for the files')
+    d.add_argument('--splits', nargs='+', default=['train', 'val'], choices=['train', 'val'], help='which files')
     d.add_argument('--url', default=SAMPLE_URL, help='URL with a {split} placeholder')
     d.add_argument('--retries', type=at_least(0), default=5, help='resumes after a cut-off before giving up')
     d.add_argument('--force', action='store_true', help='replace existing files')
     d.set_defaults(run=run_download)
     for name, what in (('tokenize', 'GPT-2 BPE tokens (tiktoken)'), ('bytes', 'byte tokens (vocab 256)')):
-        t = commands.add_parser(name, help=f'text files, directories or a HF dataset -> train.bin, val.bin of {what}')
+        t = command(name, help=f'text files, directories or a HF dataset -> train.bin, val.bin of {what}')
         t.add_argument('inputs', nargs='*', help='text files or directories (each file is a document)')
         t.add_argument('--out', required=True, help='directory for train.bin and val.bin')
         t.add_argument('--doc-separator', help='split files into documents at this string, e.g. "<|endoftext|>"')
         t.add_argument('--hf-dataset', help='a Hugging Face dataset name instead of files (pip install datasets)')
         t.add_argument('--hf-config', help='the dataset configuration, if it has several')
-        t.add_argument('--hf-split', default='train')
-        t.add_argument('--text-field', default='text')
+        t.add_argument('--hf-split', default='train', help="the dataset's split")
+        t.add_argument('--text-field', default='text', help='the field holding the text')
         t.add_argument('--val-fraction', type=at_least(1e-9, float, 1), default=0.005, help='share of documents for val.bin')
         t.add_argument('--seed', type=int, default=0, help='seed of the document shuffle')
-        t.add_argument('--workers', type=at_least(1), default=os.cpu_count(), help='processes (default: all cores)')
+        t.add_argument('--workers', type=at_least(1), default=os.cpu_count(), help='processes (all cores)')
         t.add_argument('--force', action='store_true', help='replace existing train.bin / val.bin')
         if name == 'tokenize':
-            t.add_argument('--encoding', default='gpt2', help='tiktoken encoding name (default: gpt2)')
+            t.add_argument('--encoding', default='gpt2', help='tiktoken encoding name')
         t.set_defaults(run=run_tokenize)
-    i = commands.add_parser('inspect', help='token count, id range, vocab, windows, decoded start; exit 1 if bad')
+    i = command('inspect', help='token count, id range, vocab, windows, decoded start; exit 1 if bad')
     i.add_argument('path')
     i.add_argument('--vocab', type=at_least(1), help='fail if any id is >= this')
     i.add_argument('--seq-len', type=at_least(1), default=1024, help='T, for the count of windows of T+1 tokens')
-    i.add_argument('--decode', default='auto', choices=['auto', 'bytes', 'gpt2'])
+    i.add_argument('--decode', default='auto', choices=['auto', 'bytes', 'gpt2'], help='how to show the first tokens (auto: by the largest id)')
     i.add_argument('--show', type=at_least(0), default=200, help='how many tokens to decode')
     i.set_defaults(run=run_inspect)
     return p
@@ -477,7 +485,8 @@ def parser():
 def main(argv=None, tokenizer=None):
     """The command line; `tokenizer` replaces the named tiktoken encoding (tests build one locally)."""
     args = parser().parse_args(argv)
-    try:
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout`, a job's time limit: as Ctrl-C (it
+    try:  # killed the process, leaving its GB-sized .tmp file for good)
         return (run_tokenize(args, tokenizer) if args.run is run_tokenize else args.run(args)) or 0
     except (PrepareError, OSError, concurrent.futures.BrokenExecutor) as e:  # OSError: a full disk, a vanished file...
         print(f'error: {e}' if not isinstance(e, concurrent.futures.BrokenExecutor) else
@@ -486,6 +495,8 @@ def main(argv=None, tokenizer=None):
     except KeyboardInterrupt:
         print('interrupted: no .bin file was left half-written (a download resumes from its .part file)', file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == '__main__':

@@ -114,10 +114,12 @@ if __name__ == '__main__':
 '''
 
 
-def test_ctrl_c_with_workers_ends_promptly_and_leaves_no_file(corpus, tmp_path):
+@pytest.mark.parametrize('sig', ['SIGINT', 'SIGTERM'])
+def test_ctrl_c_with_workers_ends_promptly_and_leaves_no_file(corpus, tmp_path, sig):
     """Ctrl-C reaches the whole process group. Workers that died of it (holding the pool's queue lock) once hung the
     parent, and a second Ctrl-C then left the .tmp file behind (2 of 2 tries on a 574 MB corpus, 4 workers; this tiny
-    corpus did not hang the old code): now the workers ignore it, and the parent cleans up and exits with 130."""
+    corpus did not hang the old code): now the workers ignore it, and the parent cleans up and exits with 130.
+    SIGTERM to the parent (`timeout`, a job's time limit) does the same: it killed it, leaving its .tmp file."""
     import signal
     out, script = tmp_path / 'out', tmp_path / 'ctrl_c.py'
     script.write_text(CTRL_C.format(repo=REPO, src=corpus, out=str(out), tokenizer='SlowBytes'))
@@ -127,7 +129,7 @@ def test_ctrl_c_with_workers_ends_promptly_and_leaves_no_file(corpus, tmp_path):
     while not os.path.exists(f'{out}.busy'):  # a worker is encoding (and the parent writing its .tmp file)
         assert p.poll() is None and time.time() < end, p.communicate()[0]
         time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+    os.killpg(p.pid, signal.SIGINT) if sig == 'SIGINT' else os.kill(p.pid, signal.SIGTERM)  # a terminal's Ctrl-C; `timeout`
     output = p.communicate(timeout=60)[0]
     assert p.returncode == 130 and 'interrupted: no .bin file was left half-written' in output, output
     assert 'Traceback' not in output and os.listdir(out) == []
@@ -259,6 +261,14 @@ def test_the_trainers_first_run_corpus_build_on_a_full_disk_is_one_error(tmp_pat
     with pytest.raises(prepare.PrepareError, match=re.escape(f'cannot build the byte corpus {train}, {val}: [Errno 28] No space left on device') + '$'):
         prepare.build_stdlib_bytes(train, val)
     assert os.listdir(tmp_path) == []
+
+
+def test_help_shows_each_options_default(capsys):
+    with pytest.raises(SystemExit):
+        prepare.main(['tokenize', '--help'])
+    out = ' '.join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert '(default: 0.005)' in out and '(default: train)' in out and '(default: gpt2)' in out  # none shown before
+    assert '(default: None)' not in out and '(default: False)' not in out
 
 
 # ---------------------------------------------------------------------------------------------- download
