@@ -149,7 +149,7 @@ class TiktokenTokens:
                 encoding = tiktoken.get_encoding(encoding)
             except Exception as e:  # unknown name, or no network for the vocabulary download
                 raise PrepareError(f'cannot load tiktoken encoding {encoding!r} (its vocabulary needs the network once, or a copy '
-                                   f'in TIKTOKEN_CACHE_DIR): {(str(e).splitlines() or [type(e).__name__])[0]}') from None
+                                   f'in TIKTOKEN_CACHE_DIR): {(str(e).splitlines() or [type(e).__name__])[0].split(" (Caused by")[0]}') from None
         if encoding.n_vocab > 1 << 16:
             raise PrepareError(f'encoding {encoding.name} has {encoding.n_vocab} ids, more than uint16 holds')
         self.encoding, self.name, self.eot, self.n_vocab = encoding, encoding.name, encoding.eot_token, encoding.n_vocab
@@ -383,9 +383,10 @@ def inspect(path, vocab=None, seq_len=1024, decoder=None, show=200, chunk=1 << 2
     print(f'file:      {path}\ntokens:    {len(tokens):,} ({size:,} bytes)\nids:       min {lo}, max {hi}'
           f'\nvocab:     {implied}{f", checked against {vocab}" if vocab else ""}'
           f'\nwindows:   {max(0, (len(tokens) - 1) // seq_len):,} of T+1 = {seq_len + 1} tokens')
+    name, eot = ('gpt2', 50256) if decoder == 'gpt2' else (decoder.name, decoder.eot)  # known without GPT-2's vocabulary (offline)
+    print(f'documents: {counts[eot]:,} end-of-text tokens ({name} id {eot})')
     try:
         decoder = TiktokenTokens(decoder) if isinstance(decoder, str) else decoder
-        print(f'documents: {counts[decoder.eot]:,} end-of-text tokens ({decoder.name} id {decoder.eot})')
         print(f'first {min(show, len(tokens))} tokens, decoded with {decoder.name}:\n{decoder.decode(tokens[:show])!r}')
     except (PrepareError, KeyError, ValueError) as e:  # KeyError: an id the encoding does not have (the bad: line says)
         print(f'(not decoded: {e})')

@@ -441,6 +441,18 @@ def test_inspect_decodes_bpe_tokens_with_the_given_encoding(tmp_path, capsys, en
     assert 'vocab:     GPT-2 (50257)' in out
 
 
+def test_inspect_counts_gpt2_documents_without_its_vocabulary(tmp_path, capsys, monkeypatch):
+    """Offline (an HPC node), GPT-2's vocabulary cannot load: the document count, which needs only its end-of-text id,
+    went with the decoded text."""
+    def offline(name):
+        raise prepare.PrepareError("cannot load tiktoken encoding 'gpt2' (...)")
+    monkeypatch.setattr(prepare, 'TiktokenTokens', offline)
+    path = write_tokens(tmp_path / 'x.bin', [50256, 10, 20, 50256, 30] * 300)
+    assert prepare.inspect(path, vocab=50257, seq_len=2) == 0
+    out = capsys.readouterr().out
+    assert 'documents: 600 end-of-text tokens (gpt2 id 50256)' in out and "(not decoded: cannot load tiktoken encoding 'gpt2'" in out
+
+
 def test_inspect_of_ids_beyond_the_encoding_is_a_bad_line_not_a_traceback(tmp_path, capsys, encoding):
     path = write_tokens(tmp_path / 'x.bin', [259, 104, 300, 105])  # 300: no such id in the 260-id encoding
     assert prepare.inspect(path, vocab=260, seq_len=2, decoder=encoding) == 1
