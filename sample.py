@@ -15,15 +15,15 @@ from omegaconf import OmegaConf
 import train, utils
 
 
-def tokenizer(vocab_size):
-    """(encode, decode): raw UTF-8 bytes for a byte vocab (invalid sequences replaced), else GPT-2 BPE."""
+def tokenizer(vocab_size, encoding='gpt2'):
+    """(encode, decode): raw UTF-8 bytes for a byte vocab (invalid sequences replaced), else a tiktoken encoding (GPT-2 BPE)."""
     if vocab_size <= 256:
         return lambda text: list(text.encode()), lambda ids: bytes(ids).decode(errors='replace')
-    import tiktoken  # its gpt2 vocabulary is downloaded on first use
+    import tiktoken  # its vocabulary is downloaded on first use
     try:
-        bpe = tiktoken.get_encoding('gpt2')
-    except Exception as e:  # offline, no cached vocabulary
-        raise utils.PicodoError(f"cannot load tiktoken's gpt2 vocabulary ({type(e).__name__}); it needs the network "
+        bpe = tiktoken.get_encoding(encoding)
+    except Exception as e:  # offline, no cached vocabulary, or no such encoding
+        raise utils.PicodoError(f"cannot load tiktoken's {encoding} vocabulary ({type(e).__name__}); it needs the network "
                                 'once, or a copy in TIKTOKEN_CACHE_DIR') from None
     # a vocab_size past GPT-2's 50257 (nanoGPT's 50304) lets the model sample ids tiktoken cannot decode: dropped
     return lambda text: bpe.encode(text, allowed_special='all'), lambda ids: bpe.decode([i for i in ids if i < bpe.n_vocab])
@@ -129,12 +129,14 @@ def main(argv=None):
     p.add_argument('--top_k', type=int, default=0, help='sample among the k likeliest tokens; 0 = all')
     p.add_argument('--num_samples', type=int, default=1)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--encoding', default='gpt2', help="the tiktoken encoding the data was tokenized with (prepare.py tokenize "
+                   "--encoding); a vocab of 256 is bytes")
     p.add_argument('--dtype', choices=train.CHOICES['model.dtype'], help="compute dtype (default: the checkpoint's, if it runs here: "
                    'else float16 on a GPU without bfloat16 matmuls such as a T4, float32 below compute capability 7.0)')
     a = p.parse_args(argv)
     try:
         model, cfg, step = load(a.checkpoint, a.dtype)
-        encode, decode = tokenizer(cfg.model.vocab_size)
+        encode, decode = tokenizer(cfg.model.vocab_size, a.encoding)
         texts = sample(model, encode, decode, a.prompt, a.max_new_tokens, a.num_samples, a.temperature, a.top_k, a.seed)
     except utils.PicodoError as e:
         sys.exit(f'error: {e}')

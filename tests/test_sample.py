@@ -67,6 +67,8 @@ def test_larger_vocabularies_use_tiktoken_gpt2(monkeypatch):
     monkeypatch.setitem(sys.modules, 'tiktoken', fake)
     encode, decode = sample.tokenizer(50304)
     assert asked == ['gpt2'] and encode('abc') == [3] and decode([5, 10, 12, 9]) == '<[5, 9]>'
+    sample.tokenizer(50304, 'p50k_base')  # data tokenized with prepare.py tokenize --encoding p50k_base: sample.py --encoding
+    assert asked == ['gpt2', 'p50k_base']
 
 
 def test_missing_gpt2_vocabulary_is_one_clear_error_and_does_not_stop_training(monkeypatch, one_device_mesh):
@@ -102,11 +104,13 @@ def test_tiny_windows_sample_or_say_why_not(one_device_mesh, T):
     else:
         assert len(sample.sample(model, *sample.tokenizer(256), 'ab', 4)[0]) > 0
 
-def test_sample_py_from_a_trained_checkpoint(finished_run, capsys):
-    ckpt = finished_run[2]
-    sample.main([ckpt, '--prompt', 'def ', '--max_new_tokens', '20', '--num_samples', '2', '--top_k', '20'])
+def test_sample_py_from_a_trained_checkpoint(finished_run, capsys, monkeypatch):
+    ckpt, tokenizer, asked = finished_run[2], sample.tokenizer, []
+    monkeypatch.setattr(sample, 'tokenizer', lambda *args: asked.append(args) or tokenizer(*args))
+    sample.main([ckpt, '--prompt', 'def ', '--max_new_tokens', '20', '--num_samples', '2', '--top_k', '20', '--encoding', 'p50k_base'])
     out, err = capsys.readouterr()
     assert out.startswith('def ') and out.count('\n---------------\n') == 2 and 'from step 20 of' in err
+    assert asked == [(256, 'p50k_base')]  # the checkpoint's vocab (bytes: the encoding goes unused) and --encoding
     with pytest.raises(SystemExit, match='error: checkpoint not found: .*nope'):
         sample.main([ckpt + '/nope'])
     for args, message in [(['--top_k', '100000'], 'top_k 100000 is not in 0..256'), (['--top_k', '-3'], 'top_k -3 is not in'),
