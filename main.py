@@ -22,8 +22,8 @@ def main(cfg):
     except (Exception, KeyboardInterrupt) as e:  # bad input, or XLA out of memory: one line; Ctrl-C before the loop, or twice
         'wandb' in sys.modules and sys.modules['wandb'].finish(exit_code=1)  # failed: a sweep's next run starts its own
         isinstance(e, KeyboardInterrupt) and (sys.stdout.flush(), os._exit(130))  # no traceback; no teardown (crashed in XLA's threads)
-        if not (isinstance(e, utils.PicodoError) or utils.oom_error(e)): raise  # anything else keeps its traceback
-        print(f'error: {e}' if isinstance(e, utils.PicodoError) else utils.oom_error(e), file=sys.stderr)
+        if not (isinstance(e, (utils.PicodoError, OSError)) or utils.oom_error(e)): raise  # anything else keeps its traceback
+        print(f'error: {e}' if isinstance(e, (utils.PicodoError, OSError)) else utils.oom_error(e), file=sys.stderr)  # OSError: a full disk...
         FAILED.append(str(e))  # not e: its traceback would keep this run's arrays alive through the sweep
 
 
