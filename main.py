@@ -16,8 +16,9 @@ def main(cfg):
     os.chdir(hydra.utils.get_original_cwd())  # under hydra.job.chdir=true too, relative paths and checkpoints/ are the launch dir's
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt: a first run's corpus build removes its files
     try:
-        job = HydraConfig.get().job  # the run's name: wandb.name or its config, and its overrides: colab/opt.peak_lr=0.004
-        last = train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(str(OmegaConf.select(cfg, 'wandb.name') or job.config_name), OmegaConf.to_container(job)['override_dirname']))[1]
+        # the run's name: wandb.name (unresolvable: check_config says so) or its config, and its overrides as typed: colab/opt.peak_lr=0.004
+        job, name = HydraConfig.get().job, OmegaConf.select(cfg, 'wandb.name', throw_on_resolution_failure=False)
+        last = train.train(cfg, HydraConfig.get().runtime.output_dir, utils.run_name(str(name or job.config_name), OmegaConf.to_container(job)['override_dirname']))[1]
         last.get('signal') and sys.exit(128 + last['signal'])  # stopped by a signal, as if killed by it: a sweep ends too
     except (Exception, KeyboardInterrupt) as e:  # bad input, or XLA out of memory: one line; Ctrl-C before the loop, or twice
         'wandb' in sys.modules and sys.modules['wandb'].finish(exit_code=1)  # failed: a sweep's next run starts its own

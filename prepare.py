@@ -9,7 +9,7 @@
 Bad input (a missing path, no text, an existing train.bin without --force, a cut-off download...) is one
 line on stderr and exit code 1; a .bin file appears under its final name only once it is complete.
 """
-import argparse, collections, concurrent.futures, glob, http.client, multiprocessing, os, re, signal, sys, sysconfig, tempfile, urllib.error, urllib.request
+import argparse, collections, concurrent.futures, glob, http.client, multiprocessing, os, re, signal, sys, sysconfig, tempfile, threading, urllib.error, urllib.request
 import numpy as np
 import utils
 
@@ -370,8 +370,11 @@ def inspect(path, vocab=None, seq_len=1024, decoder=None, show=200, chunk=1 << 2
         return 1
     tokens = np.memmap(path, '<u2', mode='r')
     counts, first_over = np.zeros(1 << 16, np.int64), None  # how often each id occurs
-    for start in range(0, len(tokens), chunk):  # one pass in 128 MB pieces: flat memory for any size
+    odd_max, even_big = 0, 0  # as uint32 ids (pairs of uint16): the largest high half, how many low halves are >= 4
+    for start in range(0, len(tokens), chunk):  # one pass in 128 MB pieces (an even count): flat memory for any size
         part = np.bincount(tokens[start:start + chunk], minlength=1 << 16)
+        odd_max = max(odd_max, int(tokens[start + 1:start + chunk:2].max(initial=0)))
+        even_big += int((tokens[start:start + chunk:2] >= 4).sum())
         if vocab and first_over is None and part[vocab:].any():
             first_over = start + int(np.argmax(tokens[start:start + chunk] >= vocab))
         counts += part
@@ -390,9 +393,10 @@ def inspect(path, vocab=None, seq_len=1024, decoder=None, show=200, chunk=1 << 2
         print(f'first {min(show, len(tokens))} tokens, decoded with {decoder.name}:\n{decoder.decode(tokens[:show])!r}')
     except (PrepareError, KeyError, ValueError) as e:  # KeyError: an id the encoding does not have (the bad: line says)
         print(f'(not decoded: {e})')
-    byte = lambda shift: (((np.arange(1 << 16) >> shift) & 255) - 32) % 256 < 95  # per id: its low/high byte printable ASCII
-    if counts[0] >= len(tokens) / 2 or counts @ byte(0) + counts @ byte(8) > 0.9 * 2 * len(tokens):  # as the trainer checks (data.py)
-        print(f'bad: {path}: not uint16 token ids (uint32 ids: every other uint16 is 0; or text: its bytes printable)', file=sys.stderr)
+    text = np.isin(np.arange(256), [9, 10, 13, *range(32, 127)])  # printable ASCII bytes; per id, its low and high byte:
+    printable = counts @ text[np.arange(1 << 16) & 255] + counts @ text[np.arange(1 << 16) >> 8]
+    if odd_max < 4 and even_big > len(tokens) // 4 or printable > 0.9 * 2 * len(tokens):  # the trainer's checks (data.py)
+        print(f'bad: {path}: not uint16 token ids (uint32 ids: every other uint16 is 0 or tiny; or text: its bytes printable)', file=sys.stderr)
         return 1
     if over:
         print(f'bad: {path}: {over:,} ids >= vocab {vocab}, the first at token {first_over:,} (id {tokens[first_over]})',
@@ -486,8 +490,9 @@ def parser():
 def main(argv=None, tokenizer=None):
     """The command line; `tokenizer` replaces the named tiktoken encoding (tests build one locally)."""
     args = parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout`, a job's time limit: as Ctrl-C (it
-    try:  # killed the process, leaving its GB-sized .tmp file for good)
+    main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers can only be set there)
+    previous = main_thread and signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout`, a job's time limit: as
+    try:  # Ctrl-C (it killed the process, leaving its GB-sized .tmp file for good)
         return (run_tokenize(args, tokenizer) if args.run is run_tokenize else args.run(args)) or 0
     except (PrepareError, OSError, concurrent.futures.BrokenExecutor) as e:  # OSError: a full disk, a vanished file...
         print(f'error: {e}' if not isinstance(e, concurrent.futures.BrokenExecutor) else
@@ -497,7 +502,7 @@ def main(argv=None, tokenizer=None):
         print('interrupted: no .bin file was left half-written (a download resumes from its .part file)', file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        main_thread and signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == '__main__':

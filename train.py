@@ -38,7 +38,7 @@ def check_config(cfg):  # every key must exist in configs/default.yaml (catches 
     bad = [f'{k}={cfg[k]!r} (a group of keys: set one as {k}.KEY=VALUE)' for k, v in defaults.items() if OmegaConf.is_dict(v) and not OmegaConf.is_dict(cfg.get(k, v))]
     get, defaults = lambda key: OmegaConf.select(cfg, key), flatten(OmegaConf.to_container(defaults) | {'hydra': {}})
     kind = {k: NULL_DEFAULTS.get(k, str) if v is None else type(v) for k, v in defaults.items()}  # each key's type
-    bad += [f'{k} is missing (a config needs all the keys of default.yaml: begin it with defaults: [default, _self_])' for k in defaults if OmegaConf.select(cfg, k, default=KeyError) is KeyError]
+    bad += [f'{k} is missing (every key of default.yaml needs a value: a config file begins with defaults: [default, _self_])' for k in defaults if OmegaConf.select(cfg, k, default=KeyError) is KeyError]
     bad += [f'{k}={get(k)!r} (must be an integer >= {n})' for k, n in AT_LEAST.items() if not (isinstance(get(k), int) and get(k) >= n)]
     bad += [f'{k}={get(k)!r} (must be {t.__name__}{": quote a number" * (t is str and type(get(k)) in (int, float))})'  # 'ckpt.dir="7"'
             for k, t in kind.items()
@@ -209,8 +209,8 @@ def train(cfg, out_dir, name='run'):
     resume = cfg.ckpt.resume and os.path.abspath(cfg.ckpt.resume)  # a relaunch of a run begun from another dir's checkpoint
     own = not resume or saver.latest_step() and resume not in (ckpt_dir, os.path.join(ckpt_dir, str(saver.latest_step())))
     source, start = (saver, saver.latest_step() or 0) if own else find_checkpoint(resume)  # goes on from its own (ckpt.resume must match)
-    if (latest := saver.latest_step()) == 0 or (latest or 0) > start:  # orbax would silently skip saves up to its newest step
-        raise utils.PicodoError(f'{ckpt_dir} holds ' + (f'step {latest}, past step {start}' if latest else 'a dir 0, not from this trainer (it saves from step 1): orbax would delete it') + ': set ckpt.dir')
+    if 0 in saver.all_steps() or (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
+        raise utils.PicodoError(f'{ckpt_dir} holds ' + ('a dir 0, not from this trainer (it saves from step 1): orbax would delete it' if 0 in saver.all_steps() else f'step {saver.latest_step()}, past step {start}') + ': set ckpt.dir')
     if not own and start >= total_steps:  # it would train nothing and exit 0
         raise utils.PicodoError(f'ckpt.resume {resume} is at step {start}: train_tokens={cfg.train_tokens} ends at step {total_steps}')
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))

@@ -13,8 +13,8 @@ PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H
               ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5', 459e12), ('TPU v6', 918e12)]
 
 
-def peak_flops(device_kind, override=None):  # the config's override, else the table, else None (CPU, Apple...)
-    return float(override) if override else next((flops for name, flops in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
+# the config's override, else the table, else None (CPU, Apple...)
+peak_flops = lambda device_kind, override=None: float(override) if override else next((f for name, f in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
 
 
 mfu = lambda model_flops_per_sec, n_devices, peak: None if peak is None else model_flops_per_sec / (peak * n_devices)
@@ -26,7 +26,7 @@ oom_error = lambda e: re.search('RESOURCE_EXHAUSTED|out of memory', line := (str
 def run_name(config_name, overrides):
     """A run's directory name: the same command gets the same name (so it resumes); long override lists are hashed."""
     # ckpt.resume's path, quoted when it holds '='; ${oc.env:SCRATCH}/x as typed (not its value: the same on any node)
-    overrides = re.sub('[$"\'{}]', '', overrides.replace('/', '_'))
+    overrides = re.sub(r'\$\{([^}]*)\}', r'\1', overrides.replace('/', '_').replace('"', '').replace("'", ''))
     overrides = overrides if len(overrides) <= 100 else overrides[:80] + '-' + hashlib.sha1(overrides.encode()).hexdigest()[:10]
     return os.path.join(config_name, overrides) if overrides else config_name
 

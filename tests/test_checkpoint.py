@@ -386,6 +386,11 @@ def test_a_dir_0_in_ckpt_dir_is_refused_not_deleted(tiny_cfg, tmp_path):
                                                     'orbax would delete it: set ckpt.dir') + '$'):
         train.train(tiny_cfg('train_tokens=5120', 'ckpt.every=5', 'ckpt.keep=1', f'ckpt.dir={tmp_path / "ck"}'), str(tmp_path))
     assert (tmp_path / 'ck' / '0' / 'notes.txt').read_text() == 'mine' and sorted(os.listdir(tmp_path / 'ck')) == ['.lock.0', '0']
+    cfg = tiny_cfg('train_tokens=5120', 'ckpt.every=5', 'ckpt.keep=1', f'ckpt.dir={tmp_path / "ck2"}')
+    (fake_checkpoints(tmp_path / 'ck2', cfg, [5]), (tmp_path / 'ck2' / '0').mkdir())  # beside the run's own steps, too
+    with pytest.raises(PicodoError, match=re.escape(f'{tmp_path / "ck2"} holds a dir 0, not from this trainer')):
+        train.train(cfg, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / 'ck2')) == ['.lock.0', '0', '5']
 
 
 def test_a_second_launch_of_a_running_run_is_one_line_and_touches_nothing(finished_run, tiny_cfg, tmp_path):

@@ -111,6 +111,19 @@ def test_stdlib_corpus_is_byte_tokens(stdlib_data):
     assert b'def ' in train[:100_000].astype(np.uint8).tobytes()
 
 
+@pytest.mark.parametrize('case', ['vocab 2', 'all zeros', 'padded', 'zeros at the end', 'byte text'])
+def test_uint16_files_with_many_zeros_or_small_ids_are_token_files(tmp_path, case):
+    """The uint32/text check looks at the uint32 structure (every high half tiny, the low halves not), on a sample that
+    covers a small file evenly: a first version refused a binary task's random ids or a padded file (half its ids 0), and
+    weighted a small file's end up to 16 times."""
+    rng = np.random.default_rng(0)
+    tokens = {'vocab 2': rng.integers(0, 2, 100_000), 'all zeros': np.zeros(1000),
+              'padded': np.concatenate([np.pad(rng.integers(1, 50257, k), (0, 64 - k)) for k in rng.integers(8, 40, 2000)]),
+              'zeros at the end': np.r_[rng.integers(1, 256, 60_000), np.zeros(30_000)],
+              'byte text': np.frombuffer(b'def f(x):\n\treturn x + 1\n' * 4000, np.uint8)}[case]
+    assert len(data.open_tokens(write_tokens(tmp_path / 'x.bin', tokens), 50257, T, B)) == len(tokens)
+
+
 @pytest.mark.parametrize('case,message', [
     ('missing', 'data file not found'),
     ('odd', 'odd byte size'),
@@ -121,6 +134,7 @@ def test_stdlib_corpus_is_byte_tokens(stdlib_data):
     ('a dir', 'data file not found'),  # its size (4096) would pass the checks after: np.memmap's IsADirectoryError
     # once trained on, exit 0: uint32 ids are (id, 0) pairs, all < vocab; text's byte pairs are ids < 32639 < GPT-2's 50257
     ('uint32', r'not uint16 token ids \(uint32 ids, or text\?\): write .bin files with prepare.py'),
+    ('uint32 ids > 65535', r'not uint16 token ids \(uint32 ids, or text\?\)'),
     ('text', r'not uint16 token ids \(uint32 ids, or text\?\)'),  # nanoGPT's input.txt as data.train_path
 ])
 def test_bad_files_get_a_clear_error(tmp_path, case, message):
@@ -137,10 +151,12 @@ def test_bad_files_get_a_clear_error(tmp_path, case, message):
         path.mkdir()
     elif case == 'uint32':
         np.arange(1, 200, dtype='<u4').tofile(path)
+    elif case == 'uint32 ids > 65535':  # cl100k's: their high halves are 0 or 1
+        (np.arange(200, dtype='<u4') * 503 + 7).tofile(path)
     elif case == 'text':
         path.write_bytes(b'The quick brown fox jumps over the lazy dog.\n' * 10)
     with pytest.raises(PicodoError, match=message) as e:
-        data.open_tokens(str(path), 50257 if case == 'text' else 1000, T, B)
+        data.open_tokens(str(path), {'text': 50257, 'uint32 ids > 65535': 100277}.get(case, 1000), T, B)
     assert str(path) in str(e.value) and '\n' not in str(e.value)
 
 

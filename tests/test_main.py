@@ -103,6 +103,7 @@ def test_local_run_builds_its_data_and_trains(tmp_path):
     (['model.remat=dot'], 'error: bad config value: model.remat=dot (one of none, dots, full)'),
     (['data.train_path=${oc.env:PICODO_UNSET_VAR}/t.bin'], 'error: bad config value: data.train_path: KeyError raised while '
      'resolving interpolation: "Environment variable \'PICODO_UNSET_VAR\' not found"\n'),  # was a traceback (the run name's)
+    (['wandb.name=${oc.env:PICODO_UNSET_VAR}'], 'error: bad config value: wandb.name: KeyError raised while resolving'),  # so
     (['model=big'], "error: bad config value: model='big' (a group of keys: set one as model.KEY=VALUE)\n"),  # was 'model.vocab_size=None'
     (['batch_size=30'], 'error: batch_size 30 must split into grad_accum=1 micro-batches'),
     (['dist.num_processes=2', 'dist.process_id=1'], 'error: dist.* keys: cannot join the processes of the run: '),
@@ -119,8 +120,8 @@ def test_a_config_file_without_defaults_is_one_line(tmp_path):
     """A config of one's own that does not build on default.yaml: a traceback (main.py read cfg.wandb.name)."""
     (tmp_path / 'mine.yaml').write_text('batch_size: 16\n')
     r = run_main(tmp_path, '--config-dir', str(tmp_path), '-cn', 'mine')
-    assert r.returncode == 1 and r.stderr == ('error: bad config value: model.vocab_size is missing (a config needs all the keys of '
-                                              'default.yaml: begin it with defaults: [default, _self_])\n')
+    assert r.returncode == 1 and r.stderr == ('error: bad config value: model.vocab_size is missing (every key of default.yaml needs '
+                                              'a value: a config file begins with defaults: [default, _self_])\n')
 
 
 @pytest.mark.parametrize('mode', ['ofline', ''])

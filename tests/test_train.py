@@ -268,7 +268,7 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
     ('dist.process_id=x', "dist.process_id='x' (must be int)"),
     ('opt=3', 'opt=3 (a group of keys: set one as opt.KEY=VALUE)'),  # a whole group replaced: once 'opt.peak_lr=None'
     ('model=null', 'model=None (a group of keys: set one as model.KEY=VALUE)'),
-    ('~opt.b1', 'opt.b1 is missing (a config needs all the keys of default.yaml: begin it with defaults: [default, _self_])'),
+    ('~opt.b1', 'opt.b1 is missing (every key of default.yaml needs a value: a config file begins with defaults: [default, _self_])'),
     ('ckpt.dir=${oc.env:PICODO_UNSET}/ck', 'ckpt.dir: KeyError raised while resolving interpolation: "Environment variable '
                                            "'PICODO_UNSET' not found\""),  # once a traceback
     ('wandb.name=${wandb.nme}', "wandb.name: Interpolation key 'wandb.nme' not found"),

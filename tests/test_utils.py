@@ -167,6 +167,7 @@ def test_run_names_are_one_dir_and_long_override_lists_stay_apart():
     assert utils.run_name('local', 'data.train_path=/d/train.bin') == os.path.join('local', 'data.train_path=_d_train.bin')
     # as typed, not resolved (main.py passes the unresolved names): the same name where $SCRATCH differs (a requeue)
     assert utils.run_name('local', 'data.train_path=${oc.env:SCRATCH}/t.bin') == os.path.join('local', 'data.train_path=oc.env:SCRATCH_t.bin')
+    assert utils.run_name('local', 'model={d_model:64}') == os.path.join('local', 'model={d_model:64}')  # braces stay: its old name
     long = ','.join(f'data.train_path=/data/fineweb_{i}/train.bin' for i in range(3))
     a, b = (utils.run_name('local', f'{long},seed={seed}') for seed in (1, 2))
     assert a != b and a.count(os.sep) == 1 and len(os.path.basename(a)) <= 100
