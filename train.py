@@ -19,7 +19,7 @@ FREE_KEYS = ('ckpt.', 'wandb.', 'dist.', 'data.', 'log_every', 'eval_every', 'ev
              'grad_accum', 'model.remat', 'model.attn_impl', 'model.dtype')
 AT_LEAST = {'seed': 0, 'sample_tokens': 0} | dict.fromkeys(['model.vocab_size', 'model.seq_len', 'model.d_model', 'model.n_layers',
     'model.n_heads', 'batch_size', 'grad_accum', 'train_tokens', 'log_every', 'eval_every', 'eval_batches', 'ckpt.every', 'ckpt.keep'], 1)
-in_01, below_1 = ('in [0, 1]', lambda x: 0 <= x <= 1), ('in [0, 1)', lambda x: 0 <= x < 1)  # other opt.* and peak_flops: >= 0
+in_01, below_1 = ('in [0, 1]', lambda x: 0 <= x <= 1), ('in [0, 1)', lambda x: 0 <= x < 1)  # other opt.* and peak_flops: finite, >= 0
 BOUNDS = {'opt.b1': below_1, 'opt.b2': below_1, 'opt.warmup_frac': in_01, 'opt.min_lr_frac': in_01, 'opt.clip_norm': ('> 0', lambda x: x > 0)}
 NULL_DEFAULTS = {'peak_flops': float, 'dist.num_processes': int, 'dist.process_id': int}  # the other null defaults are text
 CHOICES = {'model.dtype': ['float32', 'bfloat16', 'float16'], 'model.remat': ['none', *gpt.REMAT_POLICIES], 'model.attn_impl': ['auto', 'xla', 'cudnn', 'chunked'],
@@ -44,7 +44,7 @@ def check_config(cfg):  # every key must exist in configs/default.yaml (catches 
             for k, t in kind.items()
             if not (get(k) is None is defaults[k]) and type(get(k)) not in ((int, float) if t is float else (t,))]  # null if its default is
     bad += [f'{k}={get(k)} (must be {b[0]})' for k in defaults if k.startswith(('opt.', 'peak_flops')) and type(get(k)) in (int, float)
-            and not (b := BOUNDS.get(k, ('>= 0', lambda x: x >= 0)))[1](get(k))]
+            and not (b := BOUNDS.get(k, ('finite and >= 0', lambda x: 0 <= x < float('inf'))))[1](get(k))]
     bad += [f'{k}={get(k)} (one of {", ".join(v)})' for k, v in CHOICES.items() if get(k) not in v]
     bad = bad or ([f'model.n_heads={cfg.model.n_heads} (must divide model.d_model={cfg.model.d_model})'] if cfg.model.d_model % cfg.model.n_heads else [])
     if bad:

@@ -253,18 +253,20 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
     ('sample_tokens=-5', 'sample_tokens=-5 (must be an integer >= 0)'),  # once a crash at the first eval
     ('opt.peak_lr=abc', "opt.peak_lr='abc' (must be float)"),
     ('opt.b1=true', 'opt.b1=True (must be float)'),
-    ('opt.peak_lr=-0.001', 'opt.peak_lr=-0.001 (must be >= 0)'),  # once accepted: gradient ascent
+    ('opt.peak_lr=-0.001', 'opt.peak_lr=-0.001 (must be finite and >= 0)'),  # once accepted: gradient ascent
+    ('opt.peak_lr=inf', 'opt.peak_lr=inf (must be finite and >= 0)'),  # once a non-finite loss at step 2
+    ('opt.weight_decay=nan', 'opt.weight_decay=nan (must be finite and >= 0)'),
     ('opt.clip_norm=0', 'opt.clip_norm=0 (must be > 0)'),  # once accepted: every update clipped to zero
     ('opt.b1=1.0', 'opt.b1=1.0 (must be in [0, 1))'),  # once a non-finite loss at step 2
     ('opt.b2=1.5', 'opt.b2=1.5 (must be in [0, 1))'),
     ('opt.warmup_frac=3.0', 'opt.warmup_frac=3.0 (must be in [0, 1])'),  # once a run that never reached its peak lr
     ('opt.min_lr_frac=-0.1', 'opt.min_lr_frac=-0.1 (must be in [0, 1])'),
-    ('opt.weight_decay=-1', 'opt.weight_decay=-1 (must be >= 0)'),
+    ('opt.weight_decay=-1', 'opt.weight_decay=-1 (must be finite and >= 0)'),
     ('model.scan=1', 'model.scan=1 (must be bool)'),
     ('data.train_path=null', 'data.train_path=None (must be str)'),  # keys whose default is text or null: once tracebacks
     ('ckpt.dir=[a]', "ckpt.dir=['a'] (must be str)"),
     ('peak_flops=abc', "peak_flops='abc' (must be float)"),
-    ('peak_flops=-1', 'peak_flops=-1 (must be >= 0)'),
+    ('peak_flops=-1', 'peak_flops=-1 (must be finite and >= 0)'),
     ('dist.process_id=x', "dist.process_id='x' (must be int)"),
     ('opt=3', 'opt=3 (a group of keys: set one as opt.KEY=VALUE)'),  # a whole group replaced: once 'opt.peak_lr=None'
     ('model=null', 'model=None (a group of keys: set one as model.KEY=VALUE)'),
