@@ -15,6 +15,8 @@ def main(cfg):
     utils.keep_freed_memory()  # before XLA starts its threads
     os.chdir(hydra.utils.get_original_cwd())  # under hydra.job.chdir=true too, relative paths and checkpoints/ are the launch dir's
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt: a first run's corpus build removes its files
+    # ... but one raised in a gc callback (JAX has one), Python only prints and drops, and the run went on: exit there as below
+    sys.unraisablehook = lambda u, hook=sys.unraisablehook: (sys.stdout.flush(), os._exit(130)) if u.exc_type is KeyboardInterrupt else hook(u)
     try:
         # the run's name: wandb.name (unresolvable: check_config says so) or its config, and its overrides as typed: colab/opt.peak_lr=0.004
         job, name = HydraConfig.get().job, OmegaConf.select(cfg, 'wandb.name', throw_on_resolution_failure=False)

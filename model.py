@@ -171,7 +171,5 @@ cross_entropy = jax.custom_vjp(lambda logits, labels: _ce_fwd(logits, labels)[0]
 cross_entropy.defvjp(_ce_fwd, _ce_bwd)
 
 
-def flops_per_token(c):
-    """Training FLOPs per token (PaLM appendix B): 6N + 12·L·D·T, N the matmul weights: tied embedding (unpadded) + 12·D²/block."""
-    D, L = c.d_model, c.n_layers
-    return 6 * (c.vocab_size * D + 12 * L * D * D) + 12 * L * D * c.seq_len
+# training FLOPs per token (PaLM appendix B): 6N + 12·L·D·T, N the matmul weights: tied embedding (unpadded) + 12·D²/block
+flops_per_token = lambda c: 6 * (c.vocab_size * c.d_model + 12 * c.n_layers * c.d_model ** 2) + 12 * c.n_layers * c.d_model * c.seq_len
