@@ -136,6 +136,9 @@ def test_uint16_files_with_many_zeros_or_small_ids_are_token_files(tmp_path, cas
     ('uint32', r'not uint16 token ids \(uint32 ids, or text\?\): write .bin files with prepare.py'),
     ('uint32 ids > 65535', r'not uint16 token ids \(uint32 ids, or text\?\)'),
     ('text', r'not uint16 token ids \(uint32 ids, or text\?\)'),  # nanoGPT's input.txt as data.train_path
+    ('uint32 ids < 4 << 16', r'not uint16 token ids \(uint32 ids, or text\?\)'),  # o200k's 200k ids: high halves up to 3
+    ('utf-8 text', r'not uint16 token ids \(uint32 ids, or text\?\)'),  # a few non-ASCII bytes: 94% printable
+    ('tabbed text', r'not uint16 token ids \(uint32 ids, or text\?\)'),  # tabs and newlines are text: 88% without them
 ])
 def test_bad_files_get_a_clear_error(tmp_path, case, message):
     path = tmp_path / 'bad.bin'
@@ -155,10 +158,41 @@ def test_bad_files_get_a_clear_error(tmp_path, case, message):
         (np.arange(200, dtype='<u4') * 503 + 7).tofile(path)
     elif case == 'text':
         path.write_bytes(b'The quick brown fox jumps over the lazy dog.\n' * 10)
+    elif case == 'uint32 ids < 4 << 16':
+        (np.arange(200, dtype='<u4') * 1000 + 7).tofile(path)
+    elif case == 'utf-8 text':
+        path.write_bytes('The quick brown fox jumps over the lazy dog \u2014 again!\n'.encode() * 10)
+    elif case == 'tabbed text':
+        path.write_bytes(b'def f(x):\n\treturn x + 1\n' * 10)
     with pytest.raises(PicodoError, match=message) as e:
-        data.open_tokens(str(path), {'text': 50257, 'uint32 ids > 65535': 100277}.get(case, 1000), T, B)
+        vocab = {'text': 50257, 'utf-8 text': 50257, 'tabbed text': 50257, 'uint32 ids > 65535': 100277, 'uint32 ids < 4 << 16': 200019}
+        data.open_tokens(str(path), vocab.get(case, 1000), T, B)
     assert str(path) in str(e.value) and '\n' not in str(e.value)
 
+
+def test_a_file_up_to_16m_tokens_is_checked_whole(tmp_path):
+    """Past 1M tokens too, with an odd count: its last token (out of the sampled chunks' reach) is checked."""
+    tokens = np.ones((1 << 20) + 2001, np.uint16)
+    tokens[-1] = 5000
+    with pytest.raises(PicodoError, match='token id 5000 >= model.vocab_size 1000'):
+        data.open_tokens(write_tokens(tmp_path / 'x.bin', tokens), 1000, T, B)
+
+
+@pytest.mark.parametrize('case', ['uint32 ids', 'a bad id near its end'])
+def test_a_file_past_16m_tokens_is_checked_in_even_chunks_that_reach_its_end(tmp_path, case):
+    """A file of more than 16M tokens is checked in 16 chunks of 1M: each starts at an even place (uint32 ids come
+    in pairs) and the last ends at the file's end."""
+    n = (17 << 20) + 2
+    if case == 'uint32 ids':
+        path = tmp_path / 'x.bin'
+        (np.arange(n // 2, dtype='<u4') % 900 + 4).tofile(path)
+        message = 'not uint16 token ids'
+    else:
+        tokens = np.ones(n, np.uint16)
+        tokens[n - 1000] = 5000
+        path, message = write_tokens(tmp_path / 'x.bin', tokens), 'token id 5000 >= model.vocab_size 1000'
+    with pytest.raises(PicodoError, match=message):
+        data.open_tokens(str(path), 1000, T, B)
 
 
 def test_a_file_of_exactly_one_batch_of_windows_is_enough(tmp_path):

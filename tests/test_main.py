@@ -185,6 +185,16 @@ def test_an_os_error_in_a_run_is_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr == 'error: [Errno 28] No space left on device\n', r.stderr[-3000:]
 
 
+def test_wandb_name_names_the_run_and_its_checkpoint_dir(tmp_path):
+    """wandb.name, if set, replaces the config's name in the run name (checkpoints/NAME/overrides)."""
+    code = (f'import runpy, sys; sys.path.insert(0, {REPO!r}); import train\n'
+            f'train.train = lambda cfg, out_dir, name: print("name:", name) or (None, {{}})\n'
+            f'sys.argv = ["main.py", "wandb.name=mine", "seed=3"]; runpy.run_path({os.path.join(REPO, "main.py")!r}, run_name="__main__")')
+    r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, WANDB_MODE='disabled', HYDRA_FULL_ERROR='0'), stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == f'name: {os.path.join("mine", "seed=3")}', r.stdout + r.stderr[-3000:]
+
+
 @pytest.mark.parametrize('when', ['import', 'start-up', 'gc'])
 def test_ctrl_c_before_the_first_step_exits_130_without_a_traceback(tmp_path, stdlib_data, when):
     """Ctrl-C while main.py imports its libraries or builds the model (a GPU compile can take a minute): exit code 130 at

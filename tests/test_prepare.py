@@ -271,6 +271,26 @@ def test_prepare_main_runs_off_the_main_thread(tmp_path):
     assert result == [0]
 
 
+def test_prepare_main_puts_the_sigterm_handler_back(tmp_path):
+    """SIGTERM is Ctrl-C only while prepare.main runs: a caller's own handler (or the default) is back after it."""
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+    assert prepare.main(['inspect', write_tokens(tmp_path / 'x.bin', np.arange(1, 300)), '--show', '0']) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_offline_encoding_is_one_short_line(monkeypatch):
+    """requests' ConnectionError holds urllib3's whole cause, ' (Caused by NameResolutionError(...))': left out."""
+    def offline(name):
+        raise ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net', port=443): Max retries exceeded "
+                              "with url: /encodings/p50k_base.tiktoken (Caused by NameResolutionError(\"<urllib3.connection."
+                              "HTTPSConnection object at 0x7f>: Failed to resolve 'openaipublic.blob.core.windows.net'\"))")
+    monkeypatch.setattr(tiktoken, 'get_encoding', offline)
+    with pytest.raises(prepare.PrepareError) as e:
+        prepare.TiktokenTokens('p50k_base')
+    assert str(e.value).endswith('Max retries exceeded with url: /encodings/p50k_base.tiktoken'), str(e.value)
+
+
 def test_help_shows_each_options_default(capsys):
     with pytest.raises(SystemExit):
         prepare.main(['tokenize', '--help'])
@@ -473,6 +493,10 @@ def test_inspect_of_ids_beyond_the_encoding_is_a_bad_line_not_a_traceback(tmp_pa
     (np.array([5, 300, 7, 999, 300], '<u2').tobytes(), '3 ids >= vocab 256, the first at token 1 \\(id 300\\)'),
     (np.arange(1, 200, dtype='<u4').tobytes(), 'not uint16 token ids \\(uint32 ids: every other uint16 is 0 or tiny; or text'),  # exit 0 before
     (b'The quick brown fox jumps over the lazy dog.\n' * 10, 'not uint16 token ids'),
+    ((np.arange(200, dtype='<u4') * 503 + 7).tobytes(), 'not uint16 token ids'),  # cl100k's ids as uint32: high halves 0 or 1
+    ((np.arange(200, dtype='<u4') * 1000 + 7).tobytes(), 'not uint16 token ids'),  # o200k's: high halves up to 3
+    ('The quick brown fox jumps over the lazy dog \u2014 again!\n'.encode() * 10, 'not uint16 token ids'),  # 94% printable
+    (b'def f(x):\n\treturn x + 1\n' * 10, 'not uint16 token ids'),  # tabs and newlines are text
 ])
 def test_inspect_calls_a_bad_file_bad_with_a_nonzero_exit(tmp_path, content, message):
     path = tmp_path / 'bad.bin'
@@ -480,6 +504,16 @@ def test_inspect_calls_a_bad_file_bad_with_a_nonzero_exit(tmp_path, content, mes
     result = subprocess.run([sys.executable, 'prepare.py', 'inspect', str(path), '--vocab', '256'],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1 and re.search(f'^bad: {re.escape(str(path))}: {message}', result.stderr, re.M)
+
+
+@pytest.mark.parametrize('case', ['vocab 2', 'all zeros', 'padded'])
+def test_inspect_takes_uint16_files_with_many_zeros_or_small_ids(tmp_path, capsys, case):
+    """The trainer's uint32 check (data.open_tokens), on the whole file: every high half tiny and most low halves not."""
+    rng = np.random.default_rng(0)
+    tokens = {'vocab 2': rng.integers(0, 2, 10_000), 'all zeros': np.zeros(1000),
+              'padded': np.concatenate([np.pad(rng.integers(1, 50257, k), (0, 64 - k)) for k in rng.integers(8, 40, 200)])}[case]
+    assert prepare.inspect(write_tokens(tmp_path / 'x.bin', tokens), seq_len=8, decoder=prepare.ByteTokens(), show=0) == 0
+    assert 'bad:' not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('args,message', [(['inspect', 'nope.bin'], 'file not found: nope.bin'),

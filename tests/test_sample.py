@@ -77,8 +77,19 @@ def test_missing_gpt2_vocabulary_is_one_clear_error_and_does_not_stop_training(m
     monkeypatch.setitem(sys.modules, 'tiktoken', SimpleNamespace(get_encoding=offline))
     with pytest.raises(sample.utils.PicodoError, match="cannot load tiktoken's gpt2 vocabulary"):
         sample.tokenizer(50257)
+    with pytest.raises(sample.utils.PicodoError, match="cannot load tiktoken's p50k_base vocabulary"):
+        sample.tokenizer(50257, 'p50k_base')  # sample.py --encoding p50k_base: the one it could not load
     text = sample.eval_sample(random_model(), np.arange(24) % 300, 4, 0)  # what the trainer prints at an eval
     assert text.startswith('token ids [') and 'gpt2 vocabulary' in text
+
+
+def test_sample_py_decodes_with_gpt2_unless_told_otherwise(monkeypatch, capsys):
+    asked = []
+    monkeypatch.setattr(sample, 'load', lambda checkpoint, dtype: (None, OmegaConf.create({'model': {'vocab_size': 50304}}), 7))
+    monkeypatch.setattr(sample, 'tokenizer', lambda *args: asked.append(args) or (None, None))
+    monkeypatch.setattr(sample, 'sample', lambda *args: ['x'])
+    sample.main(['ck'])
+    assert asked == [(50304, 'gpt2')] and capsys.readouterr().out == '\nx\n---------------\n'
 
 
 def test_long_prompt_is_cut_with_a_warning_and_generation_runs_past_the_window(one_device_mesh, capsys):
