@@ -330,11 +330,12 @@ def fake_checkpoints(path, cfg, steps):
 
 def test_restore_lets_free_keys_change_and_names_a_changed_parameter_tree(tiny_cfg, tmp_path):
     """The same run relaunched may move its data, change its attention kernel, remat, dtype (bf16 on an A100, then fp16
-    on a T4), grad_accum, dist.* or peak_flops;
+    on a T4), grad_accum, dist.*, peak_flops, how it evaluates, logs and saves (eval_batches, wandb.*, ckpt.every);
     a checkpoint of another parameter tree (model.scan stacks the layers) is one line naming the key, not orbax's error."""
     manager, step = train.find_checkpoint(fake_checkpoints(tmp_path / 'ckpt', tiny_cfg(), [5]))
     moved = tiny_cfg('data.train_path=/elsewhere/train.bin', 'data.val_path=/elsewhere/val.bin', 'model.attn_impl=xla',
-                     'model.remat=dots', 'grad_accum=2', 'peak_flops=1e12', 'dist.num_processes=1', 'sample_tokens=4', 'model.dtype=float16')
+                     'model.remat=dots', 'grad_accum=2', 'peak_flops=1e12', 'dist.num_processes=1', 'sample_tokens=4', 'model.dtype=float16',
+                     'eval_batches=3', 'log_every=7', 'eval_every=9', 'ckpt.every=3', 'ckpt.keep=5', 'wandb.mode=disabled', 'wandb.project=other')
     state, meta = train.restore(manager, step, moved, ({'w': np.zeros(2, np.float32)},), same_run=True)
     np.testing.assert_array_equal(state[0]['w'], [5, 5])
     assert meta['step'] == 5
@@ -436,3 +437,13 @@ def test_a_killed_saves_unfinished_step_goes_when_its_run_resumes(tiny_cfg, tmp_
     with pytest.raises(ZeroDivisionError):
         train.train(tiny_cfg('train_tokens=10240', f'ckpt.dir={ckpt}', 'ckpt.every=7'), str(tmp_path))
     assert sorted(os.listdir(ckpt)) == ['.lock.0', '5']
+
+
+@pytest.mark.parametrize('key,value,saved', [('model.n_heads', 2, 4), ('model.vocab_size', 300, 256)])
+def test_ckpt_resume_refuses_a_model_whose_weights_have_the_same_shapes_but_not_the_same_meaning(tiny_cfg, tmp_path, key, value, saved):
+    """n_heads (the same weights cut into other heads) and a vocab_size within the same 128-padding (256 and 300 both
+    pad to 384) leave the parameter tree as it was: orbax restores it, so only the key check stands between ckpt.resume
+    and a run that goes on with the saved weights read as another model."""
+    manager, step = train.find_checkpoint(fake_checkpoints(tmp_path / 'ckpt', tiny_cfg(), [5]))
+    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {tmp_path}/ckpt/5 has {key}={saved} but the config says {value}') + '$'):
+        train.restore(manager, step, tiny_cfg(f'{key}={value}'), ({'w': np.zeros(2, np.float32)},))

@@ -236,3 +236,52 @@ def test_chunked_attention_equals_xla(B, T, C, dtype, D):
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     assert all(x.dtype == dtype for x in got[1])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.float32(a), np.float32(b), **tol), got, want)
+
+
+def reference_gpt(params, tokens, n_heads, vocab_size):
+    """GPT-2's forward in float64 numpy, written out from the architecture: pre-LN blocks (causal attention over heads
+    cut from the packed q|k|v weight, GELU MLP), residuals around both, a final LayerNorm, the token table as the head."""
+    P = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    ln = lambda x, p: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * p['scale'] + p['bias']
+    gelu = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    B, T = tokens.shape
+    x = P['token_embed']['embedding'][tokens] + P['pos_embed']['embedding'][:T]
+    for blk in P['blocks'].values():
+        D = x.shape[-1]
+        q, k, v = np.split(ln(x, blk['ln1']) @ blk['qkv']['kernel'], 3, -1)
+        q, k, v = (a.reshape(B, T, n_heads, -1).transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, T, K]
+        s = np.where(np.tril(np.ones((T, T), bool)), q @ k.transpose(0, 1, 3, 2) / np.sqrt(D // n_heads), -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        y = ((p / p.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(B, T, D)
+        x = x + y @ blk['attn_out']['kernel']
+        x = x + gelu(ln(x, blk['ln2']) @ blk['mlp_in']['kernel']) @ blk['mlp_out']['kernel']
+    logits = ln(x, P['ln_f']) @ P['token_embed']['embedding'].T
+    return np.where(np.arange(logits.shape[-1]) < vocab_size, logits, -np.inf)
+
+
+@pytest.mark.parametrize('attn_impl', ['xla', 'chunked'])
+def test_logits_match_a_numpy_gpt2(attn_impl):
+    """The whole forward against a float64 numpy GPT-2 on random weights (LayerNorm scales and biases too): which third
+    of the packed weight is q, k or v, the residuals, the LayerNorms (eps 1e-6), tanh-GELU, the 1/sqrt(K) scale, the
+    positions and the tied head; a model with q and k swapped trains as well, but reads no checkpoint of this one."""
+    model = gpt.GPT(config(scan=False, attn_impl=attn_impl, n_layers=2), nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(1), 100))
+    nnx.update(model, jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), params))
+    x = tokens()
+    want = reference_gpt(nnx.to_pure_dict(nnx.state(model, nnx.Param)), np.asarray(x), 4, 300)
+    np.testing.assert_allclose(np.asarray(model(x), np.float64), want, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_start_at_gpt2s_init():
+    """Normal weights, std 0.02 (the residual projections attn_out and mlp_out 0.02/sqrt(2L)), the position table 0.01;
+    LayerNorms scale 1, bias 0."""
+    L = 3
+    model = gpt.GPT(config(seq_len=64, n_layers=L, scan=False), nnx.Rngs(0))
+    for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+        name, x = jax.tree_util.keystr(path), np.asarray(x)
+        if 'ln' in name:
+            np.testing.assert_array_equal(x, np.ones_like(x) if 'scale' in name else np.zeros_like(x), err_msg=name)
+            continue
+        std = 0.01 if 'pos_embed' in name else 0.02 / math.sqrt(2 * L) if ('attn_out' in name or 'mlp_out' in name) else 0.02
+        assert abs(x.mean()) < 0.1 * std and abs(x.std() / std - 1) < 0.05, (name, x.std(), std)

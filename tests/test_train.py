@@ -404,7 +404,7 @@ def test_building_the_default_corpus_never_overwrites_a_data_file(tiny_cfg, tmp_
 
 
 def test_step_time_counts_every_step_but_neither_the_compile_nor_evals(tiny_cfg, tmp_path, monkeypatch):
-    """A clock on which each training step takes 1 s, the compile, each eval batch and each checkpoint 1000 s: every
+    """A clock on which each training step takes 1 s (so tokens/s is B x T and MFU follows), the compile, each eval batch and each checkpoint 1000 s: every
     logged step time is 1 s, also for intervals with an eval or a checkpoint in them (eval_every=3, log_every=5, ckpt.every=4).
     The clock is only these jumps, not the machine's: no timing enters the test (a slow CI step took 1.8 s real time)."""
     jump = [0.0]
@@ -425,11 +425,16 @@ def test_step_time_counts_every_step_but_neither_the_compile_nor_evals(tiny_cfg,
         return SlowCompile(step), taking(1000, evaluate)
     monkeypatch.setattr(train, 'compile_steps', slow_steps)
     monkeypatch.setattr(train, 'save', taking(1000, train.save))
-    train.train(tiny_cfg('train_tokens=10240', 'eval_every=3', 'ckpt.every=4'), str(tmp_path))  # 20 steps, 7 evals of 2 batches
+    cfg = tiny_cfg('train_tokens=10240', 'eval_every=3', 'ckpt.every=4', 'peak_flops=1e12')
+    train.train(cfg, str(tmp_path))  # 20 steps, 7 evals of 2 batches
     records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
     times = [r['step_time'] for r in records if 'step_time' in r]  # logged at steps 4, 5, 8, 10, 12, 15, 16, 20
     assert len(times) == 8 and jump[0] == 1000 + 20 + 7 * 2 * 1000 + 5 * 1000
     assert times == [pytest.approx(1.0)] * 8, times
+    # and so 16 x 32 tokens a second, each of flops_per_token FLOPs, over 8 devices of 1e12 FLOP/s
+    assert [r['tokens_per_sec'] for r in records if 'step_time' in r] == [pytest.approx(16 * 32)] * 8
+    mfu = train.gpt.flops_per_token(train.model_config(cfg.model)) * 16 * 32 / (8 * 1e12)
+    assert [r['mfu'] for r in records if 'step_time' in r] == [pytest.approx(mfu)] * 8
 
 
 def test_a_wandb_that_fails_mid_run_stops_neither_training_nor_checkpoints(tiny_cfg, tmp_path, monkeypatch):
@@ -509,3 +514,45 @@ def test_a_ckpt_resume_starting_with_a_tilde_is_in_the_home_dir(tiny_cfg, tmp_pa
     monkeypatch.setenv('HOME', str(tmp_path / 'home'))
     with pytest.raises(PicodoError, match=re.escape(f'checkpoint not found: {tmp_path}/home/ck/20') + '$'):
         train.train(tiny_cfg('ckpt.resume="~/ck/20"', f'ckpt.dir={tmp_path}/new'), str(tmp_path))
+
+
+def test_the_optimizer_is_adamw_with_clipping_and_the_configs_values(tiny_cfg):
+    """Two steps of make_optimizer against AdamW written out in numpy: gradients clipped to opt.clip_norm (global norm),
+    moments with opt.b1 and opt.b2, bias-corrected, eps 1e-8, decay opt.weight_decay x the weight (kernels and embeddings
+    only), times the schedule at the optimizer's step count (0 first). The two gradients' norms, 5 and 50, differ: Adam
+    is blind to one scale for all steps, not to a clip that rescales each step by its own factor."""
+    c = tiny_cfg('opt.b1=0.8', 'opt.b2=0.9', 'opt.weight_decay=0.5', 'opt.clip_norm=1.0').opt
+    rng = np.random.default_rng(0)
+    params = {'kernel': rng.normal(size=(4, 3)).astype(np.float32), 'scale': rng.normal(size=3).astype(np.float32)}
+    grads = []
+    for norm in (5, 50):
+        g = {k: rng.normal(size=v.shape) for k, v in params.items()}
+        total = np.sqrt(sum((x ** 2).sum() for x in g.values()))
+        grads.append({k: (x * norm / total).astype(np.float32) for k, x in g.items()})
+    lr = lambda count: 0.1 * (count + 1)
+    tx = train.make_optimizer(c, lr)
+    p, state = params, tx.init(params)
+    for g in grads:
+        updates, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+    want, m, v = dict(params), {k: 0. for k in params}, {k: 0. for k in params}
+    for t, g in enumerate(grads, 1):
+        g = {k: np.float64(x) * min(1, 1.0 / np.sqrt(sum((y.astype(np.float64) ** 2).sum() for y in g.values()))) for k, x in g.items()}
+        for k in params:
+            m[k], v[k] = 0.8 * m[k] + 0.2 * g[k], 0.9 * v[k] + 0.1 * g[k] ** 2
+            u = (m[k] / (1 - 0.8 ** t)) / (np.sqrt(v[k] / (1 - 0.9 ** t)) + 1e-8) + 0.5 * want[k] * (k == 'kernel')
+            want[k] = want[k] - lr(t - 1) * u
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p, want)
+
+
+def test_grad_norm_is_the_norm_of_the_step_gradient(tiny_cfg):
+    """The logged grad_norm is the global norm of the gradient the optimizer is given (before clipping), with and
+    without micro-batches."""
+    for accum in (1, 2):
+        keep = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p), lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+        mesh = mesh_of(1)
+        graphdef, state = train.create_state(tiny_cfg(), mesh, keep)
+        state, metrics = in_mesh(mesh, train.compile_steps(graphdef, state)[0])(state, first_batch(tiny_cfg(), mesh, accum))
+        grads = jax.tree.leaves(nnx.merge(graphdef, state)[1].opt_state)
+        norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads))
+        assert len(grads) > 10 and float(metrics['grad_norm']) == pytest.approx(norm, rel=1e-5)

@@ -102,9 +102,10 @@ def test_a_broken_wandb_install_is_one_line_and_the_run_goes_on(tmp_path, monkey
 def test_peak_flops_first_match_wins_and_unknown_chips_have_none():
     assert utils.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
     assert utils.peak_flops('NVIDIA H100 PCIe') == 756e12  # the PCIe card's dense bf16 peak, not the SXM's
+    assert utils.peak_flops('NVIDIA H100 NVL') == 835e12
     assert utils.peak_flops('NVIDIA L4') == 121e12
     assert utils.peak_flops('NVIDIA L40S') == 362e12 and utils.peak_flops('NVIDIA L40') == 181e12  # not the L4's
-    assert utils.peak_flops('TPU v5 lite') == 197e12 and utils.peak_flops('TPU v5p') == 459e12
+    assert utils.peak_flops('TPU v5 lite') == utils.peak_flops('TPU v5e') == 197e12 and utils.peak_flops('TPU v5p') == 459e12
     assert utils.peak_flops('cpu') is None and utils.peak_flops('cpu', 1e12) == 1e12
 
 
