@@ -91,7 +91,7 @@ def run(args):
             state, metrics = picodo(state, picodo_batch)
         jax.block_until_ready(metrics)
         return (t1 - t0) / n, (time.perf_counter() - t1) / n, float(loss)
-    steps(args.warmup)
+    args.warmup and steps(args.warmup)  # --warmup 0: none (steps(0) has no loss to return)
     matmul_time, matmul_flops = bench.matmul_roofline(mesh, 128 if args.tiny else 2048, jnp.float32)
     rounds = [(matmul_time(), *steps(args.steps)) for _ in range(args.rounds)]  # interleaved: all three see the same load
     matmul_s, ref_s, picodo_s = (statistics.median(r[i] for r in rounds) for i in range(3))

@@ -1,5 +1,5 @@
 """The benchmark runs end to end in its tiny mode; no assertion on speed."""
-import json, os, re, sys
+import json, os, re, sys, types
 import jax
 import numpy as np
 import pytest
@@ -135,3 +135,104 @@ def test_synthetic_ids_follow_zipfs_law_in_the_vocabulary_the_same_each_call():
     np.testing.assert_array_equal(ids, bench.zipf_tokens((4, 8, 513), 256))
     p = 1 / np.arange(1, 257)
     np.testing.assert_allclose(np.bincount(ids.ravel(), minlength=256)[:8] / ids.size, p[:8] / p.sum(), atol=0.01)
+
+
+class FakeClock:  # time.perf_counter for the benchmark scripts: it moves only when a fake step says so
+    def __init__(self): self.t = 0.0
+    def perf_counter(self): return self.t
+
+
+def fake_step(clock, durations, calls=None):
+    """A compiled step's stand-in: each call takes the next of `durations` seconds on `clock` (a step's real cost is
+    not what these tests check: the arithmetic from the rounds' times to the reported figures is)."""
+    class Step:
+        def __call__(self, state, batch):
+            clock.t += next(durations)
+            return state, jax.numpy.zeros(())
+        def memory_analysis(self):
+            return types.SimpleNamespace(argument_size_in_bytes=100, output_size_in_bytes=50, alias_size_in_bytes=30, temp_size_in_bytes=7)
+        def as_text(self):
+            return 'HloModule jit_train_step, entry_computation_layout={}'
+    return Step()
+
+
+def test_the_roofline_timer_divides_by_its_repetitions(monkeypatch):
+    ticks = iter(range(1000))  # each clock read one second later: the first matmul took 1 s, so 3 repetitions per timing
+    monkeypatch.setattr(bench, 'time', types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    mesh = jax.make_mesh((1,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    timer, flops = bench.matmul_roofline(mesh, 8, jax.numpy.float32)
+    assert timer() == 1 / 3 and flops == 2 * 8 ** 3
+
+
+def test_the_json_figures_follow_from_the_timed_rounds(monkeypatch, capsys):
+    """Known times per round (a fake clock, fake steps and matmul) in, exact figures out: medians of the rounds, not
+    means; each round's roofline fraction against its own matmul; MFU over all the mesh's devices; the variant's
+    speedup the median of the rounds' ratios; the depth sweep's compile times with the layer scan on."""
+    clock = FakeClock()
+    monkeypatch.setattr(bench, 'time', clock)
+    base = [9, 1, 3, 4, 4, 1, 1]  # 1 warm-up step, then 2 steps per round: rounds of 2, 4 and 1 s per step
+    variant = [5, 3, 3, 2, 2, 9, 9]  # rounds of 3, 2, 9 s per step, at twice the batch
+    durations, built = [iter(base), iter(variant)], []
+    def build(cfg, mesh):
+        built.append((cfg.model.n_layers, bool(cfg.model.scan)))
+        step = fake_step(clock, durations.pop(0) if durations else iter(()))
+        return step, (jax.numpy.zeros(7),), None, cfg.model.n_layers + 0.5 * bool(cfg.model.scan)  # compile s: 2 unscanned
+    matmul_s = iter([0.5, 0.25, 2.0])
+    monkeypatch.setattr(bench, 'build', build)
+    monkeypatch.setattr(bench, 'matmul_roofline', lambda mesh, n, dtype: (lambda: next(matmul_s), 1e9))
+    r = bench.main(['peak_flops=1e6', '--tiny', '--devices', '2', '--rounds', '3', '--steps', '2', '--depths', '1,2,4',
+                    '--vs', 'batch_size=16'])
+    F = bench.gpt.flops_per_token(bench.train.model_config(bench.compose_config('bench_cpu', bench.TINY).model))
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert built[:2] == [(2, False), (2, False)] and sorted(built[2:]) == [(1, True), (2, True), (4, True)]
+    close(r['step_ms_rounds'], [2000, 4000, 1000])
+    close([r['step_ms'], r['tokens_per_sec'], r['model_flops_per_sec']], [2000, 256 / 2, F * 256 / 2])  # medians
+    close([r['roofline_flops_per_sec'], r['roofline_fraction']], [1e9 / 0.5, F * 256 / 2 / (1e9 / 0.5)])
+    close(r['roofline_rounds'], [2e9, 4e9, 0.5e9])
+    close(r['roofline_fraction_rounds'], [F * 256 / 2 / 2e9, F * 256 / 4 / 4e9, F * 256 / 1 / 0.5e9])
+    close(r['mfu'], F * 256 / 2 / (1e6 * 2))  # peak_flops is per device: 2 devices
+    assert r['xla_mem_bytes'] == 100 + 50 - 30 + 7 and r['compile_s'] == 2
+    assert r['compile_s_by_depth'] == {1: 1.5, 2: 2.5, 4: 4.5} and r['compile_ratio_deep_to_shallow'] == 3
+    v = r['vs']
+    close(v['step_ms_rounds'], [3000, 2000, 9000])
+    close([v['step_ms'], v['tokens_per_sec']], [3000, 512 / 3])
+    close([v['roofline_fraction'], v['mfu']], [F * 512 / 3 / 2e9, F * 512 / 3 / (1e6 * 2)])
+    close(v['speedup_rounds'], [(512 / 3) / (256 / 2), (512 / 2) / (256 / 4), (512 / 9) / (256 / 1)])
+    close(v['speedup'], (512 / 3) / (256 / 2))  # the median ratio, not their mean (1.85) nor the medians' ratio
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['vs']['speedup'] == v['speedup']
+
+
+def test_the_reference_figures_follow_from_the_timed_rounds(monkeypatch):
+    """reference.py on a fake clock: the reference's and Picodo's medians, each round's fractions against that round's
+    matmul, and speedup = the median over rounds of Picodo's tokens/s over the reference's."""
+    import reference
+    clock = FakeClock()
+    monkeypatch.setattr(reference, 'time', clock)
+    ref = iter([7, 1, 3, 3, 6, 6, 3, 3])  # the first call (compile) 7 s, 1 warm-up step, then rounds of 3, 6, 3 s per step
+    picodo = fake_step(clock, iter([1, 1, 1, 3, 3, 2, 2]))  # 1 warm-up step, then rounds of 1, 3, 2 s
+    monkeypatch.setattr(reference, 'train_step', lambda model, optimizer, batch: (setattr(clock, 't', clock.t + next(ref)), jax.numpy.float32(2.5))[1])
+    monkeypatch.setattr(bench, 'build', lambda cfg, mesh: (picodo, (), None, 1.0))
+    matmul_s = iter([0.5, 0.25, 2.0])
+    monkeypatch.setattr(bench, 'matmul_roofline', lambda mesh, n, dtype: (lambda: next(matmul_s), 1e9))
+    r = reference.run(reference.parse(['--tiny', '--rounds', '3', '--steps', '2', '--warmup', '1']))
+    F, tokens = bench.gpt.flops_per_token(types.SimpleNamespace(**reference.TINY)) * 256, 256
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12)
+    close([r['compile_s'], r['step_ms'], r['tokens_per_sec'], r['model_flops_per_sec']], [7, 3000, tokens / 3, F / 3])
+    close([r['picodo_step_ms'], r['picodo_tokens_per_sec'], r['roofline_flops_per_sec']], [2000, tokens / 2, 1e9 / 0.5])
+    close([r['roofline_fraction'], r['picodo_roofline_fraction']], [F / 3 / 2e9, F / 2 / 2e9])
+    close(r['roofline_fraction_rounds'], [F / 3 / 2e9, F / 6 / 4e9, F / 3 / 0.5e9])
+    close(r['picodo_roofline_fraction_rounds'], [F / 1 / 2e9, F / 3 / 4e9, F / 2 / 0.5e9])
+    close(r['speedup'], 2)  # rounds' ratios 3, 2, 1.5: not their mean, nor the medians' ratio 3/2
+    assert r['loss'] == 2.5
+
+
+def test_the_reference_runs_without_warm_up_steps(monkeypatch):
+    """--warmup 0 (the option takes it): once an UnboundLocalError on the warm-up's loss."""
+    import itertools, reference
+    clock = FakeClock()
+    monkeypatch.setattr(reference, 'time', clock)
+    monkeypatch.setattr(reference, 'train_step', lambda model, optimizer, batch: (setattr(clock, 't', clock.t + 1), jax.numpy.float32(2.5))[1])
+    monkeypatch.setattr(bench, 'build', lambda cfg, mesh: (fake_step(clock, itertools.repeat(1)), (), None, 1.0))
+    monkeypatch.setattr(bench, 'matmul_roofline', lambda mesh, n, dtype: (lambda: 1.0, 1e9))
+    r = reference.run(reference.parse(['--tiny', '--rounds', '1', '--steps', '1', '--warmup', '0']))
+    assert r['step_ms'] == r['picodo_step_ms'] == 1000 and r['speedup'] == 1

@@ -95,3 +95,67 @@ def test_bad_arguments_are_one_usage_line(capsys, args, message):
     with pytest.raises(SystemExit):
         profile_step.parse(args)
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_the_attribution_arithmetic_from_known_ops_and_times(monkeypatch, capsys):
+    """profile_step.run with its trace, HLO and clock replaced by known ones: per-step times (2 steps traced) by kind
+    and by group, counts and FLOPs per step, the matmul rate against the per-device roofline, and the table's shares."""
+    import contextlib, types
+    import jax.numpy as jnp
+    import bench
+    clock = types.SimpleNamespace(t=0.0)
+    monkeypatch.setattr(profile_step, 'time', types.SimpleNamespace(perf_counter=lambda: clock.t))
+    class Step:  # each call 10 s on the fake clock
+        def __call__(self, state, batch):
+            clock.t += 10
+            return state, jnp.zeros(())
+        def as_text(self): return 'HloModule jit_train_step, entry_computation_layout={}'
+    monkeypatch.setattr(bench, 'build', lambda cfg, mesh: (Step(), (), None, 1.5))
+    matmul_s = iter([1.0, 2.0, 4.0])
+    monkeypatch.setattr(bench, 'matmul_roofline', lambda mesh, n, dtype: (lambda: next(matmul_s), 8e9))
+    ops = {'dot.1': ('dot', 'f32[8,8]', 'model.py:1 f', 'dot_general', 'fwd', 1000),
+           'dot.2': ('dot', 'f32[8,8]', 'model.py:1 f', 'dot_general', 'fwd', 1000),  # the same group as dot.1
+           'add.3': ('add', 'f32[8]', '', 'add', '-', 0), 'ag.4': ('all-gather', 'f32[8]', '', 'all-gather', '-', 0),
+           'while.5': ('while', '()', '', 'while', '-', 0)}
+    kinds = {'dot.1': 'matmul', 'dot.2': 'matmul', 'add.3': 'elementwise', 'ag.4': 'collective', 'while.5': 'control'}
+    monkeypatch.setattr(profile_step, 'hlo_ops', lambda text: (ops, kinds))
+    events = [('while.5', 0, 10000), ('dot.1', 0, 4000), ('dot.2', 4000, 6000), ('add.3', 6000, 7000), ('ag.4', 6500, 9000)]  # µs, 2 steps
+    monkeypatch.setattr(profile_step, 'op_events', lambda trace_dir, module, ops: (events, {name: 2 for name in ops}))
+    monkeypatch.setattr(profile_step.jax.profiler, 'trace', lambda d: contextlib.nullcontext())
+    r = profile_step.main(['--tiny', '--devices', '2', '--steps', '2'])
+    assert r['step_ms'] == r['traced_step_ms'] == 10000 and r['op_ms_per_step'] == 4.5
+    assert r['by_kind'] == {'matmul': 3.0, 'collective': 1.0, 'elementwise': 0.5}  # the all-gather: only its exposed 2 ms
+    assert r['roofline_flops_per_sec'] == 8e9 / 2 / 2.0  # per device, the median matmul
+    assert r['matmul_flops_per_step'] == 2000 and r['matmul_flops_per_sec'] == 2000 / 3.0 * 1e3
+    F = profile_step.gpt.flops_per_token(profile_step.train.model_config(bench.compose_config('bench_cpu', bench.TINY).model))
+    assert r['model_flops_per_step'] == F * 8 * 32 / 2  # device 0's share
+    assert [(t['kind'], t['ms'], t['n'], t['flops_per_sec']) for t in r['top']] == [
+        ('matmul', 3.0, 2, 2000 / 3.0 * 1e3), ('collective', 1.0, 1, None), ('elementwise', 0.5, 1, None)]
+    out = capsys.readouterr().out
+    assert '      3.0  66.7%  matmul\n' in out and '      0.5  11.1%  elementwise' in out and r['too_fast'] == []
+
+
+HLO = """HloModule m, entry_computation_layout={(f32[8,16]{1,0})->f32[16,8]{1,0}}
+
+%moves (p: f32[8,16]) -> f32[16,8] {
+  %p = f32[8,16]{1,0} parameter(0)
+  ROOT %t = f32[16,8]{1,0} transpose(f32[8,16]{1,0} %p), dimensions={1,0}
+}
+
+%math (q: f32[16,8]) -> f32[16,8] {
+  %q = f32[16,8]{1,0} parameter(0)
+  ROOT %e = f32[16,8]{1,0} exponential(f32[16,8]{1,0} %q)
+}
+
+ENTRY %main (x: f32[8,16]) -> f32[16,8] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %fusion.1 = f32[16,8]{1,0} fusion(f32[8,16]{1,0} %x), kind=kLoop, calls=%moves
+  ROOT %fusion.2 = f32[16,8]{1,0} fusion(f32[16,8]{1,0} %fusion.1), kind=kLoop, calls=%math
+}
+"""
+
+
+def test_fusions_of_copies_and_transposes_are_data_movement_and_overlaps_count_once():
+    _, kinds = profile_step.hlo_ops(HLO)
+    assert (kinds['fusion.1'], kinds['fusion.2']) == ('data movement', 'elementwise')
+    assert profile_step.union([(0, 10), (5, 15), (20, 21), (2, 3)]) == 16  # the busy time the coverage warning divides by

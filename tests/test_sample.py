@@ -217,3 +217,31 @@ def test_generate_refuses_to_run_past_the_window(one_device_mesh):
     assert sample.generate(model, prompt, jax.random.key(0), n_new=19).shape == (1, 24)
     with pytest.raises(ValueError, match="^a prompt of 5 tokens and 20 new ones exceed the model's seq_len 24($|\n)"):
         sample.generate(model, prompt, jax.random.key(0), n_new=20)
+
+
+def test_top_k_samples_among_all_k_likeliest_and_nothing_else():
+    """top_k 2 of logits 5, 4.9, 4.8, ...: the two likeliest both come out (about half each), the third never."""
+    logits = jnp.tile(jnp.array([5., 4.9, 4.8] + [-10.] * 7), (64, 1))  # 64 independent draws in one call
+    drawn = set(np.asarray(sample.sample_token(logits, jax.random.key(0), 1.0, 2)).tolist())
+    assert drawn == {0, 1}
+
+
+def test_the_seed_chooses_the_sample(one_device_mesh, monkeypatch):
+    """sample.py --seed and the trainer's eval samples (seeded with the step): another seed, another continuation."""
+    model, ids = random_model(), lambda text: [1, 2]
+    assert sample.sample(model, ids, str, 'ab', 8, seed=3) != sample.sample(model, ids, str, 'ab', 8, seed=4)
+    monkeypatch.setitem(sys.modules, 'tiktoken', SimpleNamespace(get_encoding=lambda name: 1 / 0))  # offline: the ids shown
+    assert sample.eval_sample(model, np.arange(24) % 300, 8, 5) != sample.eval_sample(model, np.arange(24) % 300, 8, 6)
+
+
+def test_a_long_prompt_keeps_its_end_and_past_the_window_decoding_goes_on_from_the_newest_half(one_device_mesh, capsys):
+    """seq_len 24, a prompt of 30 distinct-ish ids: cut to its last 23; one new token fills the window; the next 12
+    continue from its newest 12 tokens (greedy: each equals generate on that context)."""
+    model = random_model()
+    prompt = np.asarray(jax.random.randint(jax.random.key(1), (30,), 0, 256)).tolist()
+    out = sample.sample(model, lambda text: prompt, lambda ids: ids, 'p', 13, temperature=0)[0]
+    assert 'prompt of 30 tokens cut to its last 23' in capsys.readouterr().err
+    first = sample.generate(model, np.array([prompt[-23:]], np.int32), jax.random.key(0), 1, temperature=0)[0, -1]
+    window = np.array([prompt[-23:] + out[:1]], np.int32)[:, 12:]
+    assert out[0] == first
+    np.testing.assert_array_equal(out[1:], sample.generate(model, window, jax.random.key(0), 12, temperature=0)[0, 12:])
