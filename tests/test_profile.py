@@ -100,17 +100,12 @@ def test_bad_arguments_are_one_usage_line(capsys, args, message):
 def test_the_attribution_arithmetic_from_known_ops_and_times(monkeypatch, capsys):
     """profile_step.run with its trace, HLO and clock replaced by known ones: per-step times (2 steps traced) by kind
     and by group, counts and FLOPs per step, the matmul rate against the per-device roofline, and the table's shares."""
-    import contextlib, types
-    import jax.numpy as jnp
+    import contextlib, itertools
     import bench
-    clock = types.SimpleNamespace(t=0.0)
-    monkeypatch.setattr(profile_step, 'time', types.SimpleNamespace(perf_counter=lambda: clock.t))
-    class Step:  # each call 10 s on the fake clock
-        def __call__(self, state, batch):
-            clock.t += 10
-            return state, jnp.zeros(())
-        def as_text(self): return 'HloModule jit_train_step, entry_computation_layout={}'
-    monkeypatch.setattr(bench, 'build', lambda cfg, mesh: (Step(), (), None, 1.5))
+    from test_bench import FakeClock, fake_step  # the benchmark tests' fake clock and step
+    clock = FakeClock()
+    monkeypatch.setattr(profile_step, 'time', clock)
+    monkeypatch.setattr(bench, 'build', lambda cfg, mesh: (fake_step(clock, itertools.repeat(10)), (), None, 1.5))  # 10 s a step
     matmul_s = iter([1.0, 2.0, 4.0])
     monkeypatch.setattr(bench, 'matmul_roofline', lambda mesh, n, dtype: (lambda: next(matmul_s), 8e9))
     ops = {'dot.1': ('dot', 'f32[8,8]', 'model.py:1 f', 'dot_general', 'fwd', 1000),
