@@ -1,8 +1,9 @@
 """Tests run on the CPU with 8 simulated devices; nothing needs the network or a wandb account."""
 import atexit, logging, os, shutil, subprocess, sys, tempfile
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-# One compiled-program cache for the session (JAX's persistent cache, in a fresh dir): tests, and the `python main.py`
-# runs they start, that build the same program load it instead of compiling it again (about a fifth of the suite's time)
+# One compiled-program cache for the session (JAX's persistent cache, in a fresh dir, made by the first process that
+# loads this file: pytest-xdist's workers inherit it): tests, and the `python main.py` runs they start, that build
+# the same program load it instead of compiling it again (about a fifth of the suite's time)
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='picodo-test-jax-cache-')
     atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)
