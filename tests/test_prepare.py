@@ -1,6 +1,6 @@
 """prepare.py, the data tool: download, tokenize, bytes, inspect. Offline: a local HTTP server on 127.0.0.1 and a
 tiktoken Encoding built here stand in for the internet and GPT-2's vocabulary."""
-import http.server, os, re, subprocess, sys, threading, time
+import concurrent.futures, http.server, os, re, shutil, signal, socket, struct, subprocess, sys, threading, time
 import numpy as np
 import pytest
 import tiktoken
@@ -53,6 +53,39 @@ def test_tokens_are_tiktokens_encode_ordinary_special_tokens_in_the_text_include
     text = 'the end <|endoftext|> is text here'
     assert encoding.encode([text.encode()])[0].tolist() == encoding.encoding.encode_ordinary(text)
     assert 259 not in encoding.encode([text])[0]
+
+
+def test_an_encoding_with_more_ids_than_uint16_holds_is_refused():
+    """cl100k_base and o200k_base have more ids than a uint16 .bin file holds: written anyway, their large ids would
+    wrap around without a word. An encoding of exactly 65536 ids (0 to 65535) fits."""
+    def encoding(n_vocab):  # the 256 bytes, and the end-of-text token as the last id
+        return tiktoken.Encoding(f'ids-{n_vocab}', pat_str=GPT2_PATTERN, mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={'<|endoftext|>': n_vocab - 1})
+    with pytest.raises(prepare.PrepareError, match='^encoding ids-65537 has 65537 ids, more than uint16 holds$'):
+        prepare.TiktokenTokens(encoding(65537))
+    assert prepare.TiktokenTokens(encoding(65536)).eot == 65535
+
+
+def test_documents_are_the_visible_text_files_each_once_in_an_order_the_filesystem_does_not_choose(corpus, tmp_path, monkeypatch):
+    """A file reached twice (through a symlink, or another spelling of its path) is one document, so it cannot land in
+    both splits; a hidden directory (.git) and download leftovers (.part, .etag) are not text; and the order of the
+    documents, which the seeded shuffle permutes, is the same whatever order the filesystem lists a directory in
+    (else one corpus and seed would give other splits on another machine)."""
+    os.symlink(os.path.join(corpus, 'part1', 'doc01.txt'), tmp_path / 'link.txt')
+    os.mkdir(os.path.join(corpus, '.git'))
+    open(os.path.join(corpus, '.git', 'HEAD'), 'w').write('ref: refs/heads/main\n')
+    open(os.path.join(corpus, 'part0', 'x.bin.part'), 'wb').write(b'\x01\x02')
+    open(os.path.join(corpus, 'part0', 'x.bin.part.etag'), 'w').write('"v1"')
+    inputs = [corpus, str(tmp_path / 'link.txt'), os.path.join(corpus, 'part0', '..', 'part0', 'doc00.txt')]
+    docs = prepare.FileDocs(inputs)
+    assert sorted(d.decode() for d in docs.read(range(len(docs)))) == sorted(DOCS)
+    walk = os.walk
+    def walk_listing_backwards(root):
+        for d, dirs, names in walk(root):
+            dirs.reverse(), names.reverse()
+            yield d, dirs, names  # the same lists: a caller that prunes dirs prunes the walk
+    monkeypatch.setattr(os, 'walk', walk_listing_backwards)
+    assert prepare.FileDocs(inputs).files == docs.files
 
 
 def test_the_shuffle_depends_on_the_seed_only_not_on_the_workers(corpus, tmp_path, encoding):
@@ -197,10 +230,12 @@ def test_an_offline_tokenize_says_where_the_vocabulary_could_come_from(corpus, t
     ('empty_files', 'no text in'),
     ('one_document', 'only one document'),
     ('exists', 'train.bin already exists \\(--force replaces it\\)'),
+    ('val_exists', 'val.bin already exists \\(--force replaces it\\)'),
     ('unwritable', 'cannot write to output directory'),
 ])
 def test_bad_input_is_one_line_and_leaves_no_bin_file(tmp_path, corpus, capsys, case, message):
     out, source = tmp_path / 'out', tmp_path / 'in'
+    kept = {'exists': 'train.bin', 'val_exists': 'val.bin'}.get(case)  # a file from before, which must stay as it is
     source.mkdir()
     if case == 'missing':
         source = tmp_path / 'nowhere'
@@ -209,10 +244,10 @@ def test_bad_input_is_one_line_and_leaves_no_bin_file(tmp_path, corpus, capsys, 
         (source / 'b.txt').write_text('')
     elif case == 'one_document':
         (source / 'a.txt').write_text('just me')
-    elif case == 'exists':
+    elif case in ('exists', 'val_exists'):
         source = corpus
         out.mkdir()
-        (out / 'train.bin').write_bytes(b'keep')
+        (out / kept).write_bytes(b'keep')
     elif case == 'unwritable':
         source = corpus
         (tmp_path / 'file').write_text('')
@@ -221,15 +256,16 @@ def test_bad_input_is_one_line_and_leaves_no_bin_file(tmp_path, corpus, capsys, 
     err = capsys.readouterr().err
     assert re.fullmatch(f'error: .*{message}.*\n', err), err
     leftovers = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    assert leftovers == (['train.bin'] if case == 'exists' else [])
-    if case == 'exists':
-        assert (out / 'train.bin').read_bytes() == b'keep'
+    assert leftovers == ([kept] if kept else [])
+    if kept:
+        assert (out / kept).read_bytes() == b'keep'
         assert prepare.main(['bytes', str(source), '--out', str(out), '--force']) == 0
 
 
 @pytest.mark.parametrize('args,message', [
     (['bytes', 'x', '--out', 'o', '--workers', '0'], 'argument --workers: 0 is not >= 1'),
     (['bytes', 'x', '--out', 'o', '--val-fraction', '1.5'], 'argument --val-fraction: 1.5 is not in [1e-09, 1)'),
+    (['bytes', 'x', '--out', 'o', '--val-fraction', '1'], 'argument --val-fraction: 1 is not in [1e-09, 1)'),  # val only
     (['inspect', 'f.bin', '--seq-len', '0'], 'argument --seq-len: 0 is not >= 1'),
     (['inspect', 'f.bin', '--vocab', '0'], 'argument --vocab: 0 is not >= 1'),
     (['inspect', 'f.bin', '--show', '-5'], 'argument --show: -5 is not >= 0'),
@@ -239,6 +275,77 @@ def test_bad_numbers_are_a_usage_error_before_anything_is_made(tmp_path, capsys,
     with pytest.raises(SystemExit) as e:
         prepare.main(args)
     assert e.value.code == 2 and message in capsys.readouterr().err and not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('n_docs,fraction,sizes', [(20, '1e-9', [19, 1]), (3, '0.99', [1, 2])])
+def test_train_and_val_each_get_at_least_one_document_whatever_the_fraction(tmp_path, n_docs, fraction, sizes):
+    """An empty val.bin or train.bin is of no use to the trainer: a fraction that rounds to no documents, or to all
+    of them, still leaves one on each side."""
+    (tmp_path / 'src').mkdir()
+    for i in range(n_docs):
+        (tmp_path / 'src' / f'{i:02}.txt').write_text(DOCS[i])
+    out = tmp_path / 'out'
+    assert prepare.main(['bytes', str(tmp_path / 'src'), '--out', str(out), '--val-fraction', fraction, '--workers', '1']) == 0
+    assert [len(split_documents(out / f, prepare.ByteTokens())) for f in ('train.bin', 'val.bin')] == sizes
+
+
+def test_output_paths_without_a_directory_are_written_in_the_current_one(corpus):
+    """`python main.py data.train_path=train.bin data.val_path=val.bin` builds its first-run corpus under those bare
+    names: their directory is '', the current one."""
+    assert prepare.write_splits(prepare.FileDocs([corpus]), prepare.ByteTokens(), 'train.bin', 'val.bin', progress=False)
+    assert sorted(os.listdir('.')) == ['corpus', 'train.bin', 'val.bin'] and os.path.getsize('val.bin') > 0
+
+
+def test_at_most_depth_chunks_are_in_flight_at_once():
+    """Memory stays flat whatever the corpus size: the workers get a chunk only while fewer than `depth` wait to be
+    written, not the whole corpus at once; the chunks come back in order."""
+    class Pool:  # hands each chunk back as its own result at once, and counts the chunks it was given
+        submitted = 0
+        def submit(self, fn, ids):
+            Pool.submitted += 1
+            future = concurrent.futures.Future()
+            future.set_result(ids)
+            return future
+    chunks = [[i] for i in range(10)]
+    for written, tokens in enumerate(prepare.token_chunks(Pool(), chunks, 3)):
+        assert tokens == chunks[written] and Pool.submitted - written <= 3
+    assert Pool.submitted == 10
+
+
+def test_a_full_disk_while_tokenizing_is_one_line_and_leaves_no_file(corpus, tmp_path, capsys):
+    """The OSError of a full disk (or a vanished input file) from `prepare.py tokenize`: one line and exit code 1, not a
+    traceback, and no half-written file."""
+    class Full(prepare.ByteTokens):
+        def encode(self, docs):
+            raise OSError(28, 'No space left on device')
+    out = tmp_path / 'out'
+    assert prepare.main(['bytes', corpus, '--out', str(out), '--workers', '1'], Full()) == 1
+    assert capsys.readouterr().err.endswith('\nerror: [Errno 28] No space left on device\n')  # after the progress bar
+    assert os.listdir(out) == []
+
+
+def test_worker_processes_leave_ctrl_c_to_the_parent():
+    """Ctrl-C reaches the whole process group: a worker killed by it could hang the pool (2 of 2 tries on a 574 MB
+    corpus), so each worker ignores SIGINT as it starts; the parent keeps its handler and cleans up."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        prepare._start_worker(None, None)  # the parent, which encodes itself when there is one worker
+        assert signal.getsignal(signal.SIGINT) is before
+        prepare._start_worker(None, None, worker=True)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+        prepare._job = None
+
+
+def test_the_first_run_corpus_build_replaces_files_another_process_just_finished(stdlib_data, tmp_path):
+    """The processes of a multi-process first run each check that neither data file exists, then build: one that
+    checked just before another finished must build too (the same bytes, renamed over them), not stop with
+    'already exists'."""
+    train, val = tmp_path / 'train.bin', tmp_path / 'val.bin'
+    shutil.copy(stdlib_data[0], train), shutil.copy(stdlib_data[1], val)
+    prepare.build_stdlib_bytes(str(train), str(val))
+    assert [train.read_bytes(), val.read_bytes()] == [open(p, 'rb').read() for p in stdlib_data]
 
 
 def test_a_failure_midway_leaves_neither_bin_nor_tmp(corpus, tmp_path):
@@ -272,11 +379,17 @@ def test_prepare_main_runs_off_the_main_thread(tmp_path):
 
 
 def test_prepare_main_puts_the_sigterm_handler_back(tmp_path):
-    """SIGTERM is Ctrl-C only while prepare.main runs: a caller's own handler (or the default) is back after it."""
-    import signal
-    before = signal.getsignal(signal.SIGTERM)
-    assert prepare.main(['inspect', write_tokens(tmp_path / 'x.bin', np.arange(1, 300)), '--show', '0']) == 0
-    assert signal.getsignal(signal.SIGTERM) is before
+    """SIGTERM is Ctrl-C only while prepare.main runs: a caller's own handler (or the default) is back after it. The
+    caller's handler here is one of its own, so a handler left behind by an earlier prepare.main in this process
+    cannot pass for it."""
+    def callers_handler(*args):
+        pass
+    previous = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        assert prepare.main(['inspect', write_tokens(tmp_path / 'x.bin', np.arange(1, 300)), '--show', '0']) == 0
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_an_offline_encoding_is_one_short_line(monkeypatch):
@@ -306,35 +419,49 @@ CONTENT = np.arange(50_000, dtype='<u2').tobytes()  # 100 kB
 
 class Server(http.server.BaseHTTPRequestHandler):
     """Serves CONTENT at any path; honours `Range: bytes=N-`. Test knobs (class attributes): `cut_after`
-    bytes for the next response only, `ignore_range`, `extra_length` claimed but never sent, `status`, the `content`
-    served and its `etag` (an If-Range naming another one gets the whole content)."""
+    bytes for the next response only (`reset`: cut by a connection reset, not a clean close), `ignore_range`,
+    `extra_length` claimed but never sent, `status`, the `content` served, its `etag` and `last_modified` (an If-Range
+    naming neither gets the whole content; a weak ETag never matches, RFC 9110), `length` (False: no Content-Length),
+    `answer` (a broken server's reply to a Range request: the start its Content-Range claims, the start of what it
+    sends). `ranges` records each request's Range, `served` counts the body bytes sent."""
     cut_after, ignore_range, extra_length, status, ranges, content, etag, delay = None, False, 0, 200, [], CONTENT, None, 0
+    last_modified, length, answer, reset, served = None, True, None, False, 0
 
     def do_GET(self):
         if self.status != 200:
             return self.send_error(self.status)
         m = re.fullmatch(r'bytes=(\d+)-', self.headers.get('Range') or '')
         Server.ranges.append(self.headers.get('Range'))
-        changed = self.headers.get('If-Range') not in (None, self.etag)  # RFC 9110: then the whole (new) file
+        strong = [v for v in (self.etag, self.last_modified) if v and not v.startswith('W/')]
+        changed = self.headers.get('If-Range') not in (None, *strong)  # RFC 9110: then the whole (new) file
         start = int(m[1]) if m and not self.ignore_range and not changed else 0
         if start >= len(self.content) and m and not self.ignore_range:
             self.send_response(416)
             self.send_header('Content-Range', f'bytes */{len(self.content)}')
             self.end_headers()
             return
-        body = self.content[start:]
+        claimed, sent = self.answer if start and self.answer else (start, start)
+        body = self.content[sent:]
         self.send_response(206 if start else 200)
         if start:
-            self.send_header('Content-Range', f'bytes {start}-{len(self.content) - 1}/{len(self.content) + self.extra_length}')
-        self.send_header('Content-Length', str(len(body) + self.extra_length))
+            self.send_header('Content-Range', f'bytes {claimed}-{len(self.content) - 1}/{len(self.content) + self.extra_length}')
+        if self.length:
+            self.send_header('Content-Length', str(len(body) + self.extra_length))
         if self.etag:
             self.send_header('ETag', self.etag)
+        if self.last_modified:
+            self.send_header('Last-Modified', self.last_modified)
         self.end_headers()
         time.sleep(self.delay)
         if Server.cut_after is not None:
             body, Server.cut_after = body[:Server.cut_after], None
         self.wfile.write(body)
+        Server.served += len(body)
         self.close_connection = True
+        if Server.reset:  # close at once, discarding what is unsent: the client reads a reset, not the end of the body
+            Server.reset = False
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+            self.connection.close()
 
     def log_message(self, *args):
         pass
@@ -343,7 +470,7 @@ class Server(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server(monkeypatch):
     for knob, value in dict(cut_after=None, ignore_range=False, extra_length=0, status=200, ranges=[], content=CONTENT,
-                            etag=None, delay=0).items():
+                            etag=None, delay=0, last_modified=None, length=True, answer=None, reset=False, served=0).items():
         monkeypatch.setattr(Server, knob, value)
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Server)
     threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
@@ -356,7 +483,9 @@ def test_download_fetches_both_splits_and_checks_their_size(server, tmp_path, ca
     assert prepare.main(['download', '--url', server, '--out', str(tmp_path)]) == 0
     assert sorted(os.listdir(tmp_path)) == ['fineweb_edu_gpt2_train.bin', 'fineweb_edu_gpt2_val.bin']
     assert (tmp_path / 'fineweb_edu_gpt2_val.bin').read_bytes() == CONTENT
-    assert '100k' in capsys.readouterr().err  # the tqdm bar counts bytes
+    captured = capsys.readouterr()
+    assert '100k' in captured.err  # the tqdm bar counts bytes
+    assert f'{tmp_path}/fineweb_edu_gpt2_val.bin: 100000 bytes, 50000 tokens\n' in captured.out
 
 
 def test_an_interrupted_download_resumes_where_it_stopped(server, tmp_path, capsys):
@@ -408,20 +537,35 @@ def test_a_complete_part_file_is_finished_without_refetching(server, tmp_path):
     ('odd', '100001 bytes, an odd size: not a uint16 .bin file'),
     ('missing', 'HTTP 404'),
     ('no-split', '--url .*: needs one placeholder, {split}, and no other braces'),
+    ('other-braces', '--url .*: needs one placeholder, {split}, and no other braces'),  # unchecked: a KeyError traceback
     ('not-a-url', "unknown url type: 'nothing/fineweb_edu_gpt2_val.bin'"),
+    ('no-length', 'the server does not say how big the file is, so it cannot be checked'),
+    ('shifted', "bad Content-Range 'bytes 40000-99999/100000'"),  # asked for the bytes from 30000
+    ('too-long', 'got 130000 bytes, the server said 100000; removed .*fineweb_edu_gpt2_val.bin.part'),
 ])
 def test_a_bad_download_is_one_line_and_no_bin_file(server, tmp_path, capsys, case, message):
-    final = tmp_path / 'fineweb_edu_gpt2_val.bin'
+    """Whatever goes wrong, no file under the final name; a .part file stays only where it holds the head of the file
+    to resume from (a cut-off; a resume answered with a range that was not asked for adds nothing to it)."""
+    final, part = tmp_path / 'fineweb_edu_gpt2_val.bin', tmp_path / 'fineweb_edu_gpt2_val.bin.part'
     if case == 'short':
         Server.extra_length = 2  # the server promises 2 bytes more than it ever sends
     elif case == 'odd':
         Server.extra_length = 1
     elif case == 'missing':
         Server.status = 404
-    url = {'no-split': server.replace('{split}', 'val'), 'not-a-url': 'nothing/fineweb_edu_gpt2_{split}.bin'}.get(case, server)
+    elif case == 'no-length':
+        Server.length = False
+    elif case in ('shifted', 'too-long'):  # a resume after 30000 bytes, which a broken server answers (206) with
+        part.write_bytes(CONTENT[:30_000])
+        Server.answer = (40_000, 40_000) if case == 'shifted' else (30_000, 0)  # another range; the whole file as the rest
+    url = {'no-split': server.replace('{split}', 'val'), 'not-a-url': 'nothing/fineweb_edu_gpt2_{split}.bin',
+           'other-braces': server.replace('{split}', '{size}_{split}')}.get(case, server)
     assert prepare.main(['download', '--url', url, '--out', str(tmp_path), '--splits', 'val', '--retries', '0']) == 1
     assert re.search(rf'^error: .*{message}.*\n\Z', capsys.readouterr().err, re.M)
     assert not final.exists()
+    assert part.exists() == (case in ('short', 'shifted')), case
+    if case == 'shifted':
+        assert part.read_bytes() == CONTENT[:30_000]
 
 
 def test_a_rerun_after_a_cut_off_second_split_keeps_the_first_and_resumes_the_second(server, tmp_path, capsys):
@@ -447,6 +591,44 @@ def test_a_file_changed_on_the_server_since_the_part_began_is_fetched_whole(serv
     Server.content, Server.etag, Server.cut_after = CONTENT, '"v1"', 30_000  # unchanged: resumed, not refetched
     assert prepare.main([*args, '--force']) == 1 and prepare.main([*args, '--force']) == 0
     assert (tmp_path / 'fineweb_edu_gpt2_val.bin').read_bytes() == CONTENT and Server.ranges[-1] == 'bytes=30000-'
+
+
+def test_a_weak_etag_does_not_validate_a_resume_last_modified_does(server, tmp_path):
+    """If-Range takes a strong validator only (RFC 9110): a server sends the whole file again for an If-Range naming a
+    weak ETag (W/..., which some CDNs send). The .part keeps the Last-Modified date instead, so the resume fetches just
+    the rest: every byte of the file crosses the network once."""
+    args = ['download', '--url', server, '--out', str(tmp_path), '--splits', 'val', '--retries', '0']
+    Server.cut_after, Server.etag, Server.last_modified = 30_000, 'W/"v1"', 'Tue, 01 Apr 2025 10:00:00 GMT'
+    assert prepare.main(args) == 1 and prepare.main(args) == 0
+    assert (tmp_path / 'fineweb_edu_gpt2_val.bin').read_bytes() == CONTENT
+    assert Server.ranges == [None, 'bytes=30000-'] and Server.served == len(CONTENT)
+
+
+def test_a_part_file_longer_than_the_servers_file_is_removed_and_the_file_fetched_whole(server, tmp_path, capsys):
+    """A .part that cannot be the head of the server's file (the file was replaced by a shorter one, with no validator
+    to say so): the server answers the resume with 416 and the file's real size. The .part goes and the file comes
+    whole; the .part is never renamed to the final name as it is."""
+    (tmp_path / 'fineweb_edu_gpt2_val.bin.part').write_bytes(CONTENT + bytes(20_000))
+    assert prepare.main(['download', '--url', server, '--out', str(tmp_path), '--splits', 'val', '--retries', '1']) == 0
+    assert (tmp_path / 'fineweb_edu_gpt2_val.bin').read_bytes() == CONTENT and Server.ranges == ['bytes=120000-', None]
+    assert 'stale partial file' in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ['fineweb_edu_gpt2_val.bin']
+
+
+def test_a_connection_reset_mid_transfer_is_a_cut_off_that_resumes(server, tmp_path, capsys):
+    """A flaky network resets the connection (ECONNRESET) instead of closing it: a cut-off like any other, retried
+    from what the .part file holds, not an error that ends the download."""
+    Server.cut_after, Server.reset = 30_000, True
+    assert prepare.main(['download', '--url', server, '--out', str(tmp_path), '--splits', 'val']) == 0
+    assert (tmp_path / 'fineweb_edu_gpt2_val.bin').read_bytes() == CONTENT
+    assert re.search(r'cut off after \d+ of 100000 bytes; resuming', capsys.readouterr().err)
+
+
+def test_download_makes_its_out_directory(server, tmp_path):
+    """`python prepare.py download --out data` in a fresh checkout, where data/ does not exist yet."""
+    out = tmp_path / 'data' / 'fineweb'
+    assert prepare.main(['download', '--url', server, '--out', str(out), '--splits', 'val']) == 0
+    assert (out / 'fineweb_edu_gpt2_val.bin').read_bytes() == CONTENT
 
 
 # ---------------------------------------------------------------------------------------------- inspect
@@ -486,6 +668,18 @@ def test_inspect_of_ids_beyond_the_encoding_is_a_bad_line_not_a_traceback(tmp_pa
     assert prepare.inspect(path, vocab=260, seq_len=2, decoder=encoding) == 1
     captured = capsys.readouterr()
     assert '(not decoded: ' in captured.out and 'bad: ' in captured.err and 'id 300' in captured.err
+
+
+def test_inspect_counts_an_id_equal_to_vocab_as_out_of_range_and_finds_the_first_across_pieces(tmp_path, capsys):
+    """Ids run from 0 to vocab - 1: an id equal to vocab is already out of range (the embedding has no row for it).
+    inspect reads a big file in pieces (128 MB each; 4 tokens here): the first bad id it names is the first in the
+    file, not the first of the last piece that has one. The largest id, 256, is past the byte vocabulary."""
+    path = write_tokens(tmp_path / 'x.bin', [5, 256, 7, 9, 11, 256, 3, 2])
+    assert prepare.inspect(path, vocab=256, seq_len=2, decoder=prepare.ByteTokens(), show=0, chunk=4) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f'bad: {path}: 2 ids >= vocab 256, the first at token 1 (id 256)\n'
+    assert 'vocab:     GPT-2 (50257), checked against 256\n' in captured.out
+
 
 @pytest.mark.parametrize('content,message', [
     (b'\x01\x00' * 10 + b'\x01', 'odd byte size 21'),
