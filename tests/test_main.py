@@ -200,9 +200,12 @@ def test_ctrl_c_before_the_first_step_exits_130_without_a_traceback(tmp_path, st
     """Ctrl-C while main.py imports its libraries or builds the model (a GPU compile can take a minute): exit code 130 at
     once, nothing saved, no traceback (it printed a KeyboardInterrupt traceback, and once crashed in XLA's threads).
     gc: the Ctrl-C lands while a garbage collection runs JAX's gc callback, where Python drops the KeyboardInterrupt
-    (it printed 'Exception ignored ... KeyboardInterrupt' and the run trained to its end, exit 0; seen once unforced)."""
-    interrupt = 'os.kill(os.getpid(), signal.SIGINT); time.sleep(60)'
-    in_gc = 'gc.callbacks.insert(0, lambda phase, info: phase == "stop" and gc.callbacks.pop(0) and os.kill(os.getpid(), signal.SIGINT)); gc.collect()'
+    (it printed 'Exception ignored ... KeyboardInterrupt' and the run trained to its end, exit 0; seen once unforced).
+    What the run printed before the Ctrl-C reaches its log (stdout a file or a pipe, so buffered, unless PYTHONUNBUFFERED
+    is set): the exit skips Python's teardown, which would have written it out."""
+    said = 'print("said before the Ctrl-C")'
+    interrupt = f'{said}; os.kill(os.getpid(), signal.SIGINT); time.sleep(60)'
+    in_gc = f'{said}; gc.callbacks.insert(0, lambda phase, info: phase == "stop" and gc.callbacks.pop(0) and os.kill(os.getpid(), signal.SIGINT)); gc.collect()'
     hook = {'start-up': f'import train\ndef create_state(*args):\n    {interrupt}\ntrain.create_state = create_state\n',
             'gc': f'import gc, train\nreal = train.create_state\ndef create_state(*args):\n    {in_gc}\n    return real(*args)\n'
                   'train.create_state = create_state\n',
@@ -210,9 +213,11 @@ def test_ctrl_c_before_the_first_step_exits_130_without_a_traceback(tmp_path, st
     code = (f'import os, runpy, signal, sys, time; sys.path.insert(0, {REPO!r})\n{hook}'
             f'sys.argv = ["main.py", *{TINY!r}, "data.train_path={stdlib_data[0]}", "data.val_path={stdlib_data[1]}", "train_tokens=2560"]\n'
             f'runpy.run_path({os.path.join(REPO, "main.py")!r}, run_name="__main__")')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'} | {'WANDB_MODE': 'disabled'}  # stdout buffered
     r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=50,
-                       env=dict(os.environ, WANDB_MODE='disabled'), stdin=subprocess.DEVNULL)
+                       env=env, stdin=subprocess.DEVNULL)
     assert r.returncode == 130 and 'Traceback' not in r.stdout + r.stderr, r.stderr[-2000:]
+    assert 'said before the Ctrl-C\n' in r.stdout, r.stdout[-2000:]
     assert not os.path.exists(tmp_path / 'checkpoints') or not glob.glob(f'{tmp_path}/checkpoints/*/*/[0-9]*')
 
 
@@ -297,10 +302,12 @@ def test_big_buffers_reuse_their_pages_instead_of_faulting_every_step():
 
 
 @pytest.mark.parametrize('arg', ["ckpt.resume='checkpoints/local/a=1,b=2'", 'hydra.job.chdir=true', '+hydra.verbose=true',
-                                 'ckpt.dir=${oc.env:SCRATCH,"~/ck"}', 'ckpt.dir=${oc.env:SCRATCH,~/ck}', 'ckpt.dir=a,"~/b"'])
+                                 'ckpt.dir=${oc.env:SCRATCH,"~/ck"}', 'ckpt.dir=${oc.env:SCRATCH,~/ck}', 'ckpt.dir=a,"~/b"',
+                                 '--config-name=colab', '--config-dir=/some/where'])
 def test_overrides_that_hydra_takes_get_past_the_command_line_check(monkeypatch, arg):
-    """main.py's own check of `key=value` arguments (before Hydra's) lets through a value in single quotes and Hydra's
-    own keys, which configs/default.yaml does not list. Hydra itself is stubbed out: only the check runs."""
+    """main.py's own check of `key=value` arguments (before Hydra's) lets through a value in single quotes, Hydra's
+    own keys, which configs/default.yaml does not list, and Hydra's options in their --name=value form. Hydra itself
+    is stubbed out: only the check runs."""
     import hydra, runpy, signal
     monkeypatch.setattr(hydra, 'main', lambda **kwargs: lambda f: lambda: None)
     monkeypatch.setattr(sys, 'argv', ['main.py', arg])
