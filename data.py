@@ -1,7 +1,7 @@
 """Token windows from nanoGPT .bin files (raw little-endian uint16 ids, no header), read via np.memmap.
 
 A training example is a window of T+1 consecutive tokens: inputs w[:-1], targets w[1:].
-The file is cut into non-overlapping windows; each epoch visits them in a fresh permutation, so
+Windows start every T tokens (each shares its last token with the next); each epoch visits them in a fresh permutation, so
 the batch at any step is a pure function of (seed, step) — what makes resume exact."""
 import concurrent.futures, functools, itertools, os
 import jax, numpy as np
@@ -16,9 +16,11 @@ def open_tokens(path, vocab_size, seq_len, batch_size):
         raise PicodoError(f'{path}: odd byte size {size}, not a uint16 .bin file')
     if (n_windows := max(size // 2 - 1, 0) // seq_len) < batch_size:  # checked before np.memmap, which fails on empty files
         raise PicodoError(f'{path}: {size // 2} tokens give {n_windows} windows of {seq_len + 1}, fewer than one batch of {batch_size}')
-    tokens = np.memmap(path, dtype='<u2', mode='r')  # checked whole up to 16M tokens, else 16 evenly spaced 1M-token chunks (cheap
+    tokens = np.memmap(path, dtype='<u2', mode='r')
+    # checked whole up to 16M tokens, else 16 evenly spaced 1M-token chunks (cheap even for a 5 GB file), each starting at
+    # an even index, so that `pairs` lines up with the 4-byte ids of a uint32 file
     sample = tokens if len(tokens) <= 16 << 20 else np.concatenate([tokens[i:i + (1 << 20)] for i in np.linspace(0, len(tokens) - (1 << 20), 16, dtype=np.int64) // 2 * 2])
-    pairs = sample[:len(sample) // 2 * 2].reshape(-1, 2)  # even starts, so in pairs as uint32 ids would be (even for a 5 GB file)
+    pairs = sample[:len(sample) // 2 * 2].reshape(-1, 2)
     # uint32 ids read as uint16: high halves (ids >> 16) all tiny, most low halves not; text: its bytes printable ASCII
     if (pairs[:, 1] < 4).all() and (pairs[:, 0] >= 4).mean() > 0.5 or np.isin(pairs[::8].view(np.uint8), [9, 10, 13, *range(32, 127)], kind='table').mean() > 0.9:
         raise PicodoError(f'{path}: not uint16 token ids (uint32 ids, or text?): write .bin files with prepare.py')
@@ -40,8 +42,10 @@ def get_batch(tokens, seq_len, seed, step, batch_size, rows=slice(None)):
     return np.stack([tokens[s:s + seq_len + 1] for s in windows[rows] * seq_len]).astype(np.int32)
 
 
-def load_batch(tokens, seq_len, seed, step, batch_size, accum, sharding):  # global [A, B/A, T+1]: each process loads only its rows,
-    n, i = jax.process_count(), jax.process_index()  # its share of each micro-batch: a micro-batch is the same rows on any process count
+def load_batch(tokens, seq_len, seed, step, batch_size, accum, sharding):
+    # the global batch [A, B/A, T+1], of which each process loads only its rows: its share of each micro-batch (so a
+    # micro-batch holds the same rows on any process count)
+    n, i = jax.process_count(), jax.process_index()
     rows = get_batch(tokens, seq_len, seed, step, batch_size, np.arange(batch_size).reshape(accum, n, -1)[:, i].ravel())
     return jax.make_array_from_process_local_data(sharding, rows.reshape(accum, -1, seq_len + 1))
 

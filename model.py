@@ -4,8 +4,7 @@ Dims: B batch, T sequence, D model width, H heads, K head width (D/H), V vocab, 
 Parameters are fp32; activations, matmuls and logits run in `dtype`; cross_entropy computes the loss in fp32.
 Every weight carries an FSDP sharding annotation over the mesh axis 'data'."""
 import functools, math
-import jax
-import jax.numpy as jnp
+import jax, jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -31,12 +30,12 @@ def chunked_attention(q, k, v, C=128):
 
 
 def per_sequence(f, *xs):  # f on one sequence ([T, H, K] arrays given as [H, T, K]), 2 per device at a time
-    B, D = xs[0].shape[0], max(1, jax.sharding.get_abstract_mesh().size)  # D devices split the batch
-    n, D = (B // (2 * D), D) if B % (2 * D) == 0 else (1, 1)  # loop step j: each device's sequences 2j, 2j+1
+    B, n_dev = xs[0].shape[0], max(1, jax.sharding.get_abstract_mesh().size)  # n_dev devices split the batch
+    n, n_dev = (B // (2 * n_dev), n_dev) if B % (2 * n_dev) == 0 else (1, 1)  # loop step j: each device's sequences 2j, 2j+1
     one = jax.vmap(lambda *x: f(*(a.swapaxes(0, 1) if a.ndim == 3 else a for a in x)))
-    split = lambda x: x.reshape(D, n, -1, *x.shape[1:]).swapaxes(0, 1).reshape(n, B // n, *x.shape[1:])  # a bitcast
+    split = lambda x: x.reshape(n_dev, n, -1, *x.shape[1:]).swapaxes(0, 1).reshape(n, B // n, *x.shape[1:])  # a bitcast
     out = jax.lax.map(lambda x: one(*x), [split(x) for x in xs])
-    return jax.tree.map(lambda y: y.reshape(n, D, -1, *y.shape[2:]).swapaxes(0, 1).reshape(B, *y.shape[2:]), out)
+    return jax.tree.map(lambda y: y.reshape(n, n_dev, -1, *y.shape[2:]).swapaxes(0, 1).reshape(B, *y.shape[2:]), out)
 
 
 def chunked_fwd(q, k, v, C):  # [B, T, H, K] each
@@ -94,12 +93,14 @@ class Block(nnx.Module):
         self.mlp_in, self.mlp_out = dense(D, 4 * D, std), dense(4 * D, D, proj_std)
         self.n_heads, self.attn_impl = c.n_heads, c.attn_impl
 
-    def __call__(self, x, cache=None, pos=0):  # x [B, T, D]; cache: this layer's (keys, values) [B, C, H, K] when decoding
-        B, T, D = x.shape  # the block works on tokens flattened to [B·T, D]: on [B, T, D] a weight gradient xᵀg contracts
-        x = x.reshape(B * T, D)  # 2 dims, which XLA CPU canonicalizes with a transposed copy of g; on [B·T, D] it reads g in place
+    def __call__(self, x, cache=None, pos=0):  # x [B, T, D] -> (x, cache); cache: this layer's (keys, values) [B, C, H, K] when decoding
+        # the block works on tokens flattened to [B·T, D]: on [B, T, D] a weight gradient xᵀg contracts 2 dims, which
+        # XLA CPU canonicalizes with a transposed copy of g; on [B·T, D] it reads g in place
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)
         # [B·T, ...] split over 'data': XLA then gathers the weights (FSDP) instead of splitting heads
         x = x if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec('data'))
-        # q, k, v from thirds of the packed weight (one nnx.Linear, so parameters and checkpoints are as before): no split copies
+        # q, k, v from thirds of the packed qkv weight, no split copies (one nnx.Linear: one kernel in parameters and checkpoints)
         h, w = self.ln1(x), self.qkv.kernel[...].astype(x.dtype)
         q, k, v = ((h @ w[:, i * D:(i + 1) * D]).reshape(B, T, self.n_heads, -1) for i in range(3))  # [B, T, H, K]
         if cache is None:
@@ -112,7 +113,7 @@ class Block(nnx.Module):
             y = jax.nn.dot_product_attention(*(a.astype(jnp.float32) if a.dtype == jnp.float16 else a for a in (q, *cache)), mask=visible).astype(q.dtype)
         x = x + self.attn_out(y.reshape(B * T, D))
         x = (x + self.mlp_out(gelu(self.mlp_in(self.ln2(x))))).reshape(B, T, D)
-        return x if cache is None else (x, cache)
+        return x, cache
 
 
 class GPT(nnx.Module):
@@ -136,18 +137,13 @@ class GPT(nnx.Module):
         # gathered in fp32, then cast: the gradient's scatter-add is then fp32 atomics; in bf16 (CAS loops) repeated ids of
         # real text made an H100 step 54% slower (95.5 against 62 ms on byte text; random ids hid it)
         x = (jnp.take(self.token_embed.embedding[...], tokens, axis=0) + positions).astype(self.token_embed.dtype)
-        block_fn = Block.__call__ if self.remat == 'none' else nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat])
-        if cache is not None and self.scan:
-            x, cache = nnx.scan(lambda x, block, kv: block(x, kv, pos), in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(x, self.blocks, cache)
-        elif cache is not None:  # layer by layer, each reading and updating its slice of the cache
+        block_fn = Block.__call__ if self.remat == 'none' or cache is not None else nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat])
+        if self.scan:  # without a cache (training), each layer's is None
+            x, cache = nnx.scan(lambda x, block, kv: block_fn(block, x, kv, pos), in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(x, self.blocks, cache)
+        else:  # layer by layer, each reading and updating its slice of the cache, if any
             for i, block in enumerate(self.blocks):
-                x, kv = block(x, (cache[0][i], cache[1][i]), pos)
-                cache = tuple(c.at[i].set(new) for c, new in zip(cache, kv))
-        elif self.scan:
-            x = nnx.scan(lambda x, block: block_fn(block, x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
-        else:
-            for block in self.blocks:
-                x = block_fn(block, x)
+                x, kv = block_fn(block, x, cache and (cache[0][i], cache[1][i]), pos)
+                cache = cache and tuple(c.at[i].set(new) for c, new in zip(cache, kv))
         x = self.ln_f(x)
         # weight tying: the head is the token embedding. Logits in x's dtype (bf16: 2 bytes each, 3.3 GB for GPT-2 small
         # at B=32, written once and read twice), so the backward's matmuls run on x's dtype too

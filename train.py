@@ -1,10 +1,6 @@
 """The training loop: config in, sharded model and optimizer built, one jitted step, metrics out."""
 import contextlib, functools, glob, io, json, logging, os, shutil, signal, sys, time, types, warnings
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import orbax.checkpoint as ocp
+import jax, jax.numpy as jnp, numpy as np, optax, orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 from jax.experimental.multihost_utils import process_allgather
 from omegaconf import OmegaConf
@@ -14,7 +10,7 @@ import data, model as gpt, utils
 DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.yaml')
 # the parameter tree, and what a step counts: a checkpoint is restored only under the same values, even by ckpt.resume
 FIXED_KEYS = ['model.vocab_size', 'model.seq_len', 'model.d_model', 'model.n_layers', 'model.n_heads', 'model.scan', 'batch_size']
-# keys that may change between launches of one run (how it runs, logs and saves, where its data is): the others may not
+# keys that may change between launches of one run (how it runs, logs and saves, where its data is): the others, and ckpt.resume, may not
 FREE_KEYS = ('ckpt.', 'wandb.', 'dist.', 'data.', 'log_every', 'eval_every', 'eval_batches', 'sample_tokens', 'peak_flops',
              'grad_accum', 'model.remat', 'model.attn_impl', 'model.dtype')
 AT_LEAST = {'seed': 0, 'sample_tokens': 0} | dict.fromkeys(['model.vocab_size', 'model.seq_len', 'model.d_model', 'model.n_layers',
@@ -27,23 +23,26 @@ CHOICES = {'model.dtype': ['float32', 'bfloat16', 'float16'], 'model.remat': ['n
 flatten = functools.partial(traverse_util.flatten_dict, sep='.')  # {'opt': {'peak_lr': 1}} -> {'opt.peak_lr': 1}
 
 
-def check_config(cfg):  # every key must exist in configs/default.yaml (catches typos in config files, not just overrides)
+def check_config(cfg):
+    # every key must exist in configs/default.yaml (a typo in a config file too, not just in an override), and every
+    # ${...} interpolation must resolve (${oc.env:VAR} with VAR unset, a misspelt key)
     OmegaConf.set_struct(defaults := OmegaConf.load(DEFAULTS), True)
-    try:  # ... and every ${...} interpolation resolve (${oc.env:VAR} with VAR unset, a misspelt key)
+    try:
         OmegaConf.merge(defaults, cfg)
         OmegaConf.to_container(cfg, resolve=True)  # the user's config only: not default.yaml's hydra: node (${now:...})
     except Exception as e:  # omegaconf's errors name the key: ConfigKeyError, InterpolationResolutionError and its subclasses
         raise utils.PicodoError(f'bad config value: {e.full_key}: {str(e).splitlines()[0]}' if 'Interpolation' in type(e).__name__
                                 else f'unknown config key: {getattr(e, "full_key", e)}') from None
     bad = [f'{k}={cfg[k]!r} (a group of keys: set one as {k}.KEY=VALUE)' for k, v in defaults.items() if OmegaConf.is_dict(v) and not OmegaConf.is_dict(cfg.get(k, v))]
-    get, defaults = lambda key: OmegaConf.select(cfg, key), flatten(OmegaConf.to_container(defaults) | {'hydra': {}})
-    kind = {k: NULL_DEFAULTS.get(k, str) if v is None else type(v) for k, v in defaults.items()}  # each key's type
-    bad += [f'{k} is missing (every key of default.yaml needs a value: a config file begins with defaults: [default, _self_])' for k in defaults if OmegaConf.select(cfg, k, default=KeyError) is KeyError]
+    # from here on, default.yaml flat ({'opt.peak_lr': 0.0006, ...}); its hydra: node dropped (flatten drops an empty dict)
+    get, default_of = lambda key: OmegaConf.select(cfg, key), flatten(OmegaConf.to_container(defaults) | {'hydra': {}})
+    kind = {k: NULL_DEFAULTS.get(k, str) if v is None else type(v) for k, v in default_of.items()}  # each key's type
+    bad += [f'{k} is missing (every key of default.yaml needs a value: a config file begins with defaults: [default, _self_])' for k in default_of if OmegaConf.select(cfg, k, default=KeyError) is KeyError]
     bad += [f'{k}={get(k)!r} (must be an integer >= {n})' for k, n in AT_LEAST.items() if not (isinstance(get(k), int) and get(k) >= n)]
-    bad += [f'{k}={get(k)!r} (must be {t.__name__}{": quote a number" * (t is str and type(get(k)) in (int, float))})'  # 'ckpt.dir="7"'
-            for k, t in kind.items()
-            if not (get(k) is None is defaults[k]) and type(get(k)) not in ((int, float) if t is float else (t,))]  # null if its default is
-    bad += [f'{k}={get(k)} (must be {b[0]})' for k in defaults if k.startswith(('opt.', 'peak_flops')) and type(get(k)) in (int, float)
+    # each key of its default's type (null where the default is null); a number for a text key: quote it, as ckpt.dir="7"
+    bad += [f'{k}={get(k)!r} (must be {t.__name__}{": quote a number" * (t is str and type(get(k)) in (int, float))})' for k, t in kind.items()
+            if not (get(k) is None and default_of[k] is None) and type(get(k)) not in ((int, float) if t is float else (t,))]
+    bad += [f'{k}={get(k)} (must be {b[0]})' for k in default_of if k.startswith(('opt.', 'peak_flops')) and type(get(k)) in (int, float)
             and not (b := BOUNDS.get(k, ('finite and >= 0', lambda x: 0 <= x < float('inf'))))[1](get(k))]
     bad += [f'{k}={get(k)} (one of {", ".join(v)})' for k, v in CHOICES.items() if get(k) not in v]
     bad = bad or ([f'model.n_heads={cfg.model.n_heads} (must divide model.d_model={cfg.model.d_model})'] if cfg.model.d_model % cfg.model.n_heads else [])
@@ -56,12 +55,15 @@ def model_config(c):
     # cuDNN trains on compute capability 8.0+ (not a T4 or V100) in bf16 or fp16, with an even seq_len and a head width K that is a
     # multiple of 8, up to 128 (256 from Hopper, 9.0); JAX raises NotImplementedError for the rest
     cc, K = str(getattr(jax.devices()[0], 'compute_capability', '')), c.d_model // c.n_heads
-    c.cudnn_ok = (jax.default_backend() == 'gpu' and c.dtype != jnp.float32 and cc[:1].isdigit() and float(cc) >= 8
-                  and c.seq_len % 2 == 0 and K % 8 == 0 and K <= (256 if float(cc) >= 9 else 128))
+    cudnn_ok = (jax.default_backend() == 'gpu' and c.dtype != jnp.float32 and cc[:1].isdigit() and float(cc) >= 8
+                and c.seq_len % 2 == 0 and K % 8 == 0 and K <= (256 if float(cc) >= 9 else 128))
     if c.dtype == jnp.bfloat16 and cc[:1].isdigit() and float(cc) < 8:  # XLA's bf16 attention does not compile there: UNIMPLEMENTED
         raise utils.PicodoError(f'model.dtype=bfloat16 needs compute capability 8.0+ (here {jax.devices()[0].device_kind}, {cc}): set model.dtype=float16 (float32 below 7.0)')
+    if c.attn_impl == 'cudnn' and not cudnn_ok:  # else JAX's traceback at the first compile
+        raise utils.PicodoError(f'model.attn_impl=cudnn needs an NVIDIA GPU of compute capability 8.0+ and model.dtype=bfloat16 or float16 (here {jax.devices()[0].device_kind}, '
+                                f'{c.dtype}), an even seq_len and a head width d_model/n_heads that is a multiple of 8 up to 128, 256 from 9.0 (here {c.seq_len} and {K})')
     if c.attn_impl == 'auto':  # cuDNN flash attention on NVIDIA GPUs where it can train, model.chunked_attention on CPUs, else XLA
-        c.attn_impl = 'cudnn' if c.cudnn_ok else {'cpu': 'chunked'}.get(jax.default_backend(), 'xla')
+        c.attn_impl = 'cudnn' if cudnn_ok else {'cpu': 'chunked'}.get(jax.default_backend(), 'xla')
     if c.dtype == jnp.float16 and c.attn_impl == 'xla' and jax.default_backend() != 'gpu':  # its F16_F16_F32 dot: GPUs only
         raise utils.PicodoError(f'model.dtype=float16 with XLA attention needs an NVIDIA GPU (here {jax.default_backend()}): use bfloat16 or float32' + ', or model.attn_impl=chunked' * (jax.default_backend() == 'cpu'))
     return c
@@ -104,28 +106,34 @@ def find_checkpoint(path):
 
 def restore(manager, step, cfg, state, same_run=False):
     """The saved state laid out like `state` (so onto the current mesh, whatever mesh saved it), and its metadata.
-    The config must match the saved one in FIXED_KEYS or, to go on with the same run, in all but FREE_KEYS."""
+    The config must match the saved one in FIXED_KEYS or, to go on with the same run, in all but FREE_KEYS (ckpt.resume too)."""
     where = os.path.join(manager.directory, str(step))
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
         saved, now = (flatten(c) for c in (meta['config'], OmegaConf.to_container(cfg, resolve=True)))
-        keys = FIXED_KEYS + [k for k in now if not k.startswith(FREE_KEYS) or k == 'ckpt.resume'] if same_run else FIXED_KEYS  # fixed first
+        # the fixed keys first; to go on with the same run, also every key but the free ones (ckpt.resume is not free)
+        keys = FIXED_KEYS + [k for k in now if not k.startswith(FREE_KEYS) or k == 'ckpt.resume'] if same_run else FIXED_KEYS
         differ = [f'{k}={saved.get(k)} but the config says {now[k]}' for k in keys if saved.get(k) != now[k]]
-        if not differ:  # a failed read: orbax closes its event loop with other reads in flight, and as they end (within ms)
-            with contextlib.redirect_stderr(io.StringIO()):  # TensorStore's threads print tracebacks (event loop is closed)
-                # ... here, into nothing; the failed reads' tasks log a traceback each through asyncio's logger (which writes
-                logging.getLogger('asyncio').setLevel(logging.CRITICAL + 1)  # to the console, not stderr) when freed, even within the
-                # restore; a level, not .disabled, which Hydra's logging set-up for a sweep's next run turns back on
+        if not differ:
+            # A failed read is noisy after the fact: orbax closes its event loop with other reads still in flight. As those
+            # end (within ms), TensorStore's threads print tracebacks to stderr ("event loop is closed"): sent into nothing
+            # here. Their asyncio tasks, freed (even within the restore), log a traceback each through asyncio's logger,
+            # which writes to the console, not stderr: silenced by its level (Hydra's logging set-up for a sweep's next run
+            # turns .disabled back off). Their coroutines print one each when freed, at exit or in a sweep's next run.
+            with contextlib.redirect_stderr(io.StringIO()):
+                logging.getLogger('asyncio').setLevel(logging.CRITICAL + 1)
                 try:
                     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
-                except Exception:  # and their coroutines print one each when freed (at exit, or during a sweep's next run)
-                    sys.unraisablehook = warnings.filterwarnings('ignore', 'coroutine .* was never awaited') or (lambda *_: None)
+                except Exception:
+                    warnings.filterwarnings('ignore', 'coroutine .* was never awaited')
+                    sys.unraisablehook = lambda *_: None
                     time.sleep(0.5)  # for the reads still in flight to end while stderr goes nowhere
                     raise
-    except Exception as e:  # truncated or missing files, garbled metadata, ...: TensorStore's errors name the file (the cause
-        raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(c := e.__cause__ or e).__name__}: {(str(c).splitlines() or [""])[0].split(" [tensorstore_spec")[0]}') from None  # of orbax's)
-    raise utils.PicodoError(f'checkpoint {where} has {differ[0]}' + (': another run (set ckpt.dir)' + ', or ckpt.resume to go on from '
-                            'it with this config' * (not differ[0].startswith(tuple(FIXED_KEYS))) if same_run else ''))
+    except Exception as e:  # truncated or missing files, garbled metadata, ...: orbax's error wraps TensorStore's, which names the file
+        cause = e.__cause__ or e
+        raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(cause).__name__}: {utils.first_line(cause).split(" [tensorstore_spec")[0]}') from None
+    hint = ', or ckpt.resume to go on from it with this config' * (not differ[0].startswith(tuple(FIXED_KEYS)))
+    raise utils.PicodoError(f'checkpoint {where} has {differ[0]}' + (f': another run (set ckpt.dir){hint}' if same_run else ''))
 
 
 def save(manager, step, state, meta):  # asynchronous: the arrays are copied off the devices, then written in the background
@@ -168,74 +176,88 @@ def init_distributed(coordinator, num_processes, process_id):
         jax.distributed.initialize(coordinator, num_processes, process_id)
     except (ValueError, RuntimeError) as e:  # no cluster found (fine if no dist.* key asked for one), or JAX already running
         if coordinator or num_processes is not None or process_id is not None or not any(m in str(e) for m in ('coordinator_address', 'must be called before')):
-            raise utils.PicodoError(f'dist.* keys: cannot join the processes of the run: {(str(e).splitlines() or [""])[0]}') from None
+            raise utils.PicodoError(f'dist.* keys: cannot join the processes of the run: {utils.first_line(e)}') from None
+
+
+# true on every process if true on any (an all-gather when there are several), so that all processes stop, or none
+any_process = lambda flag: bool(flag) if jax.process_count() == 1 else bool(process_allgather(np.int32(bool(flag))).any())
+
+
+def open_checkpoints(cfg, ckpt_dir, total_steps):
+    # ckpt_dir, made if missing and locked while this run trains and saves: a second launch of the same run would delete its
+    # unfinished checkpoint (see train) and save steps over its own. A POSIX lock: released when the process ends, however it ends.
+    with contextlib.suppress(OSError): os.makedirs(ckpt_dir, exist_ok=True)  # a file in the way, or no write access: said below
+    if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
+        raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
+    lock = open(os.path.join(ckpt_dir, f'.lock.{jax.process_index()}'), 'a')
+    try:
+        refused = os.lockf(lock.fileno(), os.F_TLOCK, 0)
+    except (OSError, AttributeError) as e:  # held by another process; else no locks on this filesystem (or no os.lockf): no check
+        refused = isinstance(e, (BlockingIOError, PermissionError))
+    if any_process(refused):
+        raise utils.PicodoError(f'{ckpt_dir} is in use by another process: the same run launched twice?')
+    # where to start: the run's own newest checkpoint (its config must match, ckpt.resume included); else ckpt.resume's (a first
+    # launch, or ckpt.resume naming this run's own dir or newest step: go on with a changed config); else step 0
+    saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep))
+    latest, resume = saver.latest_step(), cfg.ckpt.resume and os.path.abspath(cfg.ckpt.resume)
+    own = not resume or latest and resume not in (ckpt_dir, os.path.join(ckpt_dir, str(latest)))
+    source, start = (saver, latest or 0) if own else find_checkpoint(resume)
+    if 0 in saver.all_steps():
+        raise utils.PicodoError(f'{ckpt_dir} holds a dir 0, not from this trainer (it saves from step 1): orbax would delete it: set ckpt.dir')
+    if (latest or 0) > start:  # orbax would silently skip saves up to its newest step
+        raise utils.PicodoError(f'{ckpt_dir} holds step {latest}, past step {start}: set ckpt.dir')
+    if not own and start >= total_steps:  # it would train nothing and exit 0
+        raise utils.PicodoError(f'ckpt.resume {resume} is at step {start}: train_tokens={cfg.train_tokens} ends at step {total_steps}')
+    return lock, saver, source, start
 
 
 def train(cfg, out_dir, name='run'):
     check_config(cfg)
-    for key in ('data.train_path', 'data.val_path', 'ckpt.dir', 'ckpt.resume'):  # '~/x' quoted, or in a config file: the home dir's
-        OmegaConf.select(cfg, key) and OmegaConf.update(cfg, key, os.path.expanduser(OmegaConf.select(cfg, key)))  # x, not ./~/x
+    # '~/x' quoted, or in a config file: the home dir's x, not ./~/x
+    for key in ('data.train_path', 'data.val_path', 'ckpt.dir', 'ckpt.resume'):
+        if OmegaConf.select(cfg, key): OmegaConf.update(cfg, key, os.path.expanduser(OmegaConf.select(cfg, key)))
     init_distributed(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-    B, A, T = cfg.batch_size, cfg.grad_accum, cfg.model.seq_len
-    if not model_config(cfg.model).cudnn_ok and cfg.model.attn_impl == 'cudnn':  # else JAX's traceback at the first compile
-        raise utils.PicodoError(f'model.attn_impl=cudnn needs an NVIDIA GPU of compute capability 8.0+ and model.dtype=bfloat16 or float16 (here {jax.devices()[0].device_kind}, '
-                                f'{cfg.model.dtype}), an even seq_len and a head width d_model/n_heads that is a multiple of 8 up to 128, 256 from 9.0 '
-                                f'(here {T} and {cfg.model.d_model // cfg.model.n_heads})')
+    batch_sharding = jax.NamedSharding(mesh, jax.P(None, 'data'))  # batches [A, B/A, T+1]: each micro-batch split over devices
+    B, A, T = cfg.batch_size, cfg.grad_accum, cfg.model.seq_len  # windows per step, micro-batches per step, tokens per window
+    model_cfg = model_config(cfg.model)  # refuses what this device cannot train before any data is read
     if B % A or (B // A) % jax.device_count():
         raise utils.PicodoError(f'batch_size {B} must split into grad_accum={A} micro-batches, each divisible over {jax.device_count()} devices')
+
     if cfg.data.build_if_missing and not any(os.path.exists(p) for p in (cfg.data.train_path, cfg.data.val_path)):  # it writes both
         import prepare  # the data tool beside the trainer, needed only on a first run
         prepare.build_stdlib_bytes(cfg.data.train_path, cfg.data.val_path)
     train_tokens, val_tokens = (data.open_tokens(path, cfg.model.vocab_size, T, B) for path in (cfg.data.train_path, cfg.data.val_path))
-
     total_steps = cfg.train_tokens // (B * T)
     if total_steps < 1:  # a run that trains nothing would otherwise end with exit code 0
         raise utils.PicodoError(f'train_tokens={cfg.train_tokens} is less than one step: batch_size x seq_len = {B * T} tokens')
     schedule = lr_schedule(cfg.opt, total_steps)
+
     # checkpoints live under the launch directory, not in Hydra's per-run outputs/, so a re-launch finds them
     ckpt_dir = os.path.abspath(cfg.ckpt.dir or os.path.join('checkpoints', name))
-    with contextlib.suppress(OSError): os.makedirs(ckpt_dir, exist_ok=True)  # a file in the way, or no write access: said below
-    if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
-        raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
-    lock = open(os.path.join(ckpt_dir, f'.lock.{jax.process_index()}'), 'a')  # held while this run trains and saves: a second
-    try:  # launch of it would delete its unfinished checkpoint (below) and save steps over its own
-        refused = os.lockf(lock.fileno(), os.F_TLOCK, 0)  # a POSIX lock: released when the process ends, however it ends
-    except (OSError, AttributeError) as e:  # held by another process; else no locks on this filesystem (or no os.lockf): no check
-        refused = isinstance(e, (BlockingIOError, PermissionError))
-    if refused if jax.process_count() == 1 else process_allgather(np.int32(bool(refused))).any():  # all processes stop, or none
-        raise utils.PicodoError(f'{ckpt_dir} is in use by another process: the same run launched twice?')
-    saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep))
-    resume = cfg.ckpt.resume and os.path.abspath(cfg.ckpt.resume)  # a relaunch of a run begun from another dir's checkpoint
-    own = not resume or saver.latest_step() and resume not in (ckpt_dir, os.path.join(ckpt_dir, str(saver.latest_step())))
-    source, start = (saver, saver.latest_step() or 0) if own else find_checkpoint(resume)  # goes on from its own (ckpt.resume must match)
-    if 0 in saver.all_steps() or (saver.latest_step() or 0) > start:  # orbax would silently skip saves up to its newest step
-        raise utils.PicodoError(f'{ckpt_dir} holds ' + ('a dir 0, not from this trainer (it saves from step 1): orbax would delete it' if 0 in saver.all_steps() else f'step {saver.latest_step()}, past step {start}') + ': set ckpt.dir')
-    if not own and start >= total_steps:  # it would train nothing and exit 0
-        raise utils.PicodoError(f'ckpt.resume {resume} is at step {start}: train_tokens={cfg.train_tokens} ends at step {total_steps}')
+    lock, saver, source, start = open_checkpoints(cfg, ckpt_dir, total_steps)
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
-    n_params, whole = map(sum, zip(*[(x.size, x.size * (jax.device_count() > 1 and x.sharding.is_fully_replicated)) for x in jax.tree.leaves(state[0])]))
     state, meta = restore(source, start, cfg, state, same_run=source is saver) if start else (state, {})
-    for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):  # a killed save's unfinished step, once the
-        shutil.rmtree(tmp, ignore_errors=True)  # dir is this run's; here, not in orbax's thread (it fails at exit after a start-up error)
-    start and print(f'resuming at step {start} of {total_steps} from {source.directory}' + ': the run is finished, nothing to train (more tokens: ckpt.resume=that dir, a larger train_tokens)' * (start >= total_steps))
+    # the dir is this run's now: remove a killed save's unfinished step (here, not in orbax's thread: it fails at exit after a start-up error)
+    for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if start: print(f'resuming at step {start} of {total_steps} from {source.directory}' + (': the run is finished, nothing to train (more tokens: ckpt.resume=that dir, a larger train_tokens)' if start >= total_steps else ''))
     if start >= total_steps: return saver.close() or (state, {})  # finished: no compile, no wandb run; the lock goes with `lock`
     train_step_fn, eval_step_fn = compile_steps(graphdef, state)
-    batch_sharding = jax.NamedSharding(mesh, jax.P(None, 'data'))  # [A, B/A, T+1]; validation: fixed (seed 0), in the same micro-batches
+    # validation: fixed windows (seed 0), in the training step's micro-batches, no window twice
     val_batches = [data.load_batch(val_tokens, T, 0, i, B, A, batch_sharding)
-                   for i in range(min(cfg.eval_batches, (len(val_tokens) - 1) // T // B))]  # no window twice
+                   for i in range(min(cfg.eval_batches, (len(val_tokens) - 1) // T // B))]
 
-    flops_per_token, peak = gpt.flops_per_token(model_config(cfg.model)), utils.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
     config, main = OmegaConf.to_container(cfg, resolve=True), jax.process_index() == 0  # only process 0 prints, logs and writes metrics
+    flops_per_token, peak = gpt.flops_per_token(model_cfg), utils.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
+    n_params = sum(x.size for x in jax.tree.leaves(state[0]))  # state[0]: the model's; state[1]: the optimizer's
     run = utils.init_wandb(cfg.wandb, flatten(config) | {'n_params': n_params, 'flops_per_token': flops_per_token},
                            out_dir, meta.get('wandb_id') if source is saver else None, main)  # a resumed run continues its wandb run
-    main and whole and print(f'warning: {whole / 1e6:.2f}M params and their Adam moments are whole on each device (the dimension FSDP splits them on does not divide over {jax.device_count()} devices)')
-    main and print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} {jax.devices()[0].device_kind}, '
-          f'eval on {len(val_batches)}x{B} windows{" (all of val)" * (len(val_batches) < cfg.eval_batches)}; logging to {out_dir}, checkpoints in {ckpt_dir}')
-
-    def log(record):  # metrics.jsonl first: a wandb that fails mid-run (its service killed, ...) must not stop training
-        print(json.dumps(record), file=log_file, flush=True)
-        with contextlib.suppress(Exception): run.log(record, step=record['step'])
+    # weights FSDP could not split: no dimension of theirs divides over the devices
+    whole = sum(x.size for x in jax.tree.leaves(state[0]) if x.sharding.is_fully_replicated) * (jax.device_count() > 1)
+    if main and whole: print(f'warning: {whole / 1e6:.2f}M params and their Adam moments are whole on each device (the dimension FSDP splits them on does not divide over {jax.device_count()} devices)')
+    if main: print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} {jax.devices()[0].device_kind}, '
+                   f'eval on {len(val_batches)}x{B} windows{" (all of val)" * (len(val_batches) < cfg.eval_batches)}; logging to {out_dir}, checkpoints in {ckpt_dir}')
 
     pending, t0, last, stopping = [], time.perf_counter(), {}, False
     bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not main)
@@ -243,20 +265,25 @@ def train(cfg, out_dir, name='run'):
     # left in reverse: the loader's thread (it starts here, so it always stops), metrics.jsonl, the last save, then the lock
     with (jax.set_mesh(mesh), utils.stop_signals() as stop, lock, saver, open(os.path.join(out_dir, 'metrics.jsonl') if main else os.devnull, 'a') as log_file,
           contextlib.closing(data.batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)) as batches):
+
+        def log(record):  # metrics.jsonl first: a wandb that fails mid-run (its service killed, ...) must not stop training
+            print(json.dumps(record), file=log_file, flush=True)
+            with contextlib.suppress(Exception): run.log(record, step=record['step'])
+
         train_step_fn = train_step_fn.lower(state, jax.ShapeDtypeStruct((A, B // A, T + 1), jnp.int32, sharding=batch_sharding)).compile()
         say(f'compiled the training step in {time.perf_counter() - t0:.1f} s')
         t0 = time.perf_counter()  # tokens/s counts training steps only: not the compile, not evals
         for done in bar:  # the step number once this step is done
             state, metrics = train_step_fn(state, next(batches))
             pending.append(metrics)
-            # several processes agree to stop at a log step (until then `stopping` stays False: it breaks the loop)
-            stopping = bool(stop) if jax.process_count() == 1 else done % cfg.log_every == 0 and process_allgather(np.int32(len(stop))).any()
+            # a stop signal ends the loop after this step; several processes agree on it at log steps only (an all-gather each)
+            stopping = (jax.process_count() == 1 or done % cfg.log_every == 0) and any_process(stop)
             save_now = done % cfg.ckpt.every == 0 or done == total_steps or stopping
             if done % cfg.log_every == 0 or save_now:  # so a saved state has always passed the non-finite check
-                values = np.array([[m['train_loss'], m['grad_norm']] for m in jax.device_get(pending)])  # [steps, 2]: the only host sync between evals
+                values = np.array([[m['train_loss'], m['grad_norm']] for m in jax.device_get(pending)])  # [steps, 2]: one host sync per log
                 if not np.isfinite(values).all():  # a NaN gradient would poison the state saved at this step
-                    i, j = np.argwhere(~np.isfinite(values))[0] + (done - len(values) + 1, 0)  # i: the step
-                    raise utils.PicodoError(f'non-finite {("loss", "gradient")[j]} at step {i} (diverged, or token ids >= model.vocab_size?)')
+                    row, col = np.argwhere(~np.isfinite(values))[0]  # row 0 is step done - len(values) + 1
+                    raise utils.PicodoError(f'non-finite {("loss", "gradient")[col]} at step {done - len(values) + 1 + row} (diverged, or token ids >= model.vocab_size?)')
                 dt = (time.perf_counter() - t0) / len(values)
                 last = dict(step=done, train_loss=float(values[:, 0].mean()), grad_norm=float(values[-1, 1]),
                             lr=float(schedule(done - 1)), tokens_seen=done * B * T, tokens_per_sec=B * T / dt, step_time=dt,
@@ -269,7 +296,7 @@ def train(cfg, out_dir, name='run'):
                 jax.block_until_ready(state)  # the steps queued before it count as training time, the eval does not
                 t_pause = time.perf_counter()
                 last['eval_loss'] = float(np.mean(jax.device_get([eval_step_fn(state, b) for b in val_batches])))
-                if not np.isfinite(last['eval_loss']):  # steps since the last log step are not checked yet: either may be the cause
+                if not np.isfinite(last['eval_loss']):  # diverged (training steps since the last log step are unchecked), or bad val ids
                     raise utils.PicodoError(f'non-finite eval loss at step {done} (diverged, or token ids >= model.vocab_size in {cfg.data.val_path}?)')
                 log(dict(step=done, eval_loss=last['eval_loss']))
                 say(f'step {done}: eval_loss {last["eval_loss"]:.4f}')
@@ -282,6 +309,7 @@ def train(cfg, out_dir, name='run'):
             if stopping:
                 say(f'signal {stop[0] if stop else "on another process"}: stopped after step {done}, checkpoint in {ckpt_dir}')
                 break
-    last['signal'] = int(stop[0] if stop else signal.SIGTERM) if stop or stopping else None  # even during the last eval/save
+    # the signal that stopped the run, even one that came during the last eval or save (another process's: SIGTERM)
+    last['signal'] = int(stop[0]) if stop else int(signal.SIGTERM) if stopping else None
     with contextlib.suppress(Exception): run.finish()
     return state, last

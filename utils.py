@@ -17,10 +17,13 @@ PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H
 peak_flops = lambda device_kind, override=None: float(override) if override else next((f for name, f in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
 
 
+first_line = lambda e: (str(e).splitlines() or [''])[0]  # of an exception's message: error lines stay one line
 mfu = lambda model_flops_per_sec, n_devices, peak: None if peak is None else model_flops_per_sec / (peak * n_devices)
-# XLA running out of memory (its first line names it): one error line saying what to change, else None
-oom_error = lambda e: re.search('RESOURCE_EXHAUSTED|out of memory', line := (str(e).splitlines() or [''])[0], re.I) and \
-    f'error: {line} (lower batch_size, raise grad_accum or set model.remat=dots)'
+
+
+def oom_error(e):  # XLA running out of memory (its first line names it): one error line saying what to change, else None
+    if re.search('RESOURCE_EXHAUSTED|out of memory', line := first_line(e), re.I):
+        return f'error: {line} (lower batch_size, raise grad_accum or set model.remat=dots)'
 
 
 def run_name(config_name, overrides):
@@ -59,7 +62,7 @@ def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
         import wandb  # here, so that the data tools can use this module without loading wandb
         url = urllib.parse.urlparse(os.environ.get('WANDB_BASE_URL') or wandb.Settings().base_url)
     except Exception as e:  # a broken install (say, protobuf or pydantic versions it cannot use): the run goes on without it
-        enabled = enabled and print(f'wandb: unusable ({type(e).__name__}: {(str(e).splitlines() or [""])[0]}): not logging to wandb')
+        enabled = enabled and print(f'wandb: unusable ({type(e).__name__}: {first_line(e)}): not logging to wandb')  # None: disabled
     mode = (os.environ.get('WANDB_MODE') or cfg.mode) if enabled else 'disabled'
     if mode not in ('offline', 'dryrun', 'disabled') and not online_ok(url):
         mode = print(f'wandb: no API key for {url.netloc} or no connection to it: logging offline (upload later with `wandb sync`)') or 'offline'
@@ -67,7 +70,7 @@ def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
         try:
             return wandb.init(project=cfg.project, name=cfg.name, config=config, dir=out_dir, mode=mode, id=run_id, resume='allow')
         except Exception as e:  # a bad WANDB_MODE, a rejected key, ...
-            print(f'wandb: could not start {mode} ({type(e).__name__}: {(str(e).splitlines() or [""])[0]})')
+            print(f'wandb: could not start {mode} ({type(e).__name__}: {first_line(e)})')
     return types.SimpleNamespace(id=None, log=lambda *args, **kwargs: None, finish=lambda: None)
 
 
