@@ -126,7 +126,7 @@ def restore(manager, step, cfg, state, same_run=False):
                     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))['state'], meta
                 except Exception:
                     warnings.filterwarnings('ignore', 'coroutine .* was never awaited')
-                    sys.unraisablehook = lambda *_: None
+                    sys.unraisablehook = lambda *_: None  # for the rest of the process (main.py's next run wraps it, Ctrl-C first)
                     time.sleep(0.5)  # for the reads still in flight to end while stderr goes nowhere
                     raise
     except Exception as e:  # truncated or missing files, garbled metadata, ...: orbax's error wraps TensorStore's, which names the file
