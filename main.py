@@ -1,6 +1,7 @@
 """Entry point: `python main.py` (configs/local.yaml) or `python main.py -cn colab opt.peak_lr=0.004`."""
 import os, re, signal, sys
-# Ctrl-C outside the training loop: no traceback, and no teardown (it crashes in XLA's threads)
+# how Ctrl-C ends the process while loading, before the loop, or a second time in it: no traceback, and no teardown (it
+# crashes in XLA's threads)
 exit_now = lambda *_: (sys.stdout.flush(), os._exit(130))
 signal.signal(signal.SIGINT, exit_now)  # while the libraries load (in main(), Ctrl-C unwinds; in the loop, it checkpoints)
 import hydra

@@ -137,6 +137,7 @@ class GPT(nnx.Module):
         # gathered in fp32, then cast: the gradient's scatter-add is then fp32 atomics; in bf16 (CAS loops) repeated ids of
         # real text made an H100 step 54% slower (95.5 against 62 ms on byte text; random ids hid it)
         x = (jnp.take(self.token_embed.embedding[...], tokens, axis=0) + positions).astype(self.token_embed.dtype)
+        # remat only without a cache: decoding has no backward pass
         block_fn = Block.__call__ if self.remat == 'none' or cache is not None else nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat])
         if self.scan:  # without a cache (training), each layer's is None
             x, cache = nnx.scan(lambda x, block, kv: block_fn(block, x, kv, pos), in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(x, self.blocks, cache)

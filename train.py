@@ -34,7 +34,7 @@ def check_config(cfg):
         raise utils.PicodoError(f'bad config value: {e.full_key}: {str(e).splitlines()[0]}' if 'Interpolation' in type(e).__name__
                                 else f'unknown config key: {getattr(e, "full_key", e)}') from None
     bad = [f'{k}={cfg[k]!r} (a group of keys: set one as {k}.KEY=VALUE)' for k, v in defaults.items() if OmegaConf.is_dict(v) and not OmegaConf.is_dict(cfg.get(k, v))]
-    # from here on, default.yaml flat ({'opt.peak_lr': 0.0006, ...}); its hydra: node dropped (flatten drops an empty dict)
+    # default_of: default.yaml flat ({'opt.peak_lr': 0.0006, ...}), its hydra: node dropped (flatten drops an empty dict)
     get, default_of = lambda key: OmegaConf.select(cfg, key), flatten(OmegaConf.to_container(defaults) | {'hydra': {}})
     kind = {k: NULL_DEFAULTS.get(k, str) if v is None else type(v) for k, v in default_of.items()}  # each key's type
     bad += [f'{k} is missing (every key of default.yaml needs a value: a config file begins with defaults: [default, _self_])' for k in default_of if OmegaConf.select(cfg, k, default=KeyError) is KeyError]
@@ -119,7 +119,8 @@ def restore(manager, step, cfg, state, same_run=False):
             # end (within ms), TensorStore's threads print tracebacks to stderr ("event loop is closed"): sent into nothing
             # here. Their asyncio tasks, freed (even within the restore), log a traceback each through asyncio's logger,
             # which writes to the console, not stderr: silenced by its level (Hydra's logging set-up for a sweep's next run
-            # turns .disabled back off). Their coroutines print one each when freed, at exit or in a sweep's next run.
+            # turns .disabled back off). Their coroutines print one each when freed, at exit or in a sweep's next run: the except
+            # below silences those (a warnings filter, then a no-op unraisablehook).
             with contextlib.redirect_stderr(io.StringIO()):
                 logging.getLogger('asyncio').setLevel(logging.CRITICAL + 1)
                 try:
@@ -219,7 +220,7 @@ def train(cfg, out_dir, name='run'):
     init_distributed(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     batch_sharding = jax.NamedSharding(mesh, jax.P(None, 'data'))  # batches [A, B/A, T+1]: each micro-batch split over devices
-    B, A, T = cfg.batch_size, cfg.grad_accum, cfg.model.seq_len  # windows per step, micro-batches per step, tokens per window
+    B, A, T = cfg.batch_size, cfg.grad_accum, cfg.model.seq_len  # windows per step, micro-batches per step, tokens per sequence (a window holds T+1)
     model_cfg = model_config(cfg.model)  # refuses what this device cannot train before any data is read
     if B % A or (B // A) % jax.device_count():
         raise utils.PicodoError(f'batch_size {B} must split into grad_accum={A} micro-batches, each divisible over {jax.device_count()} devices')
@@ -237,6 +238,7 @@ def train(cfg, out_dir, name='run'):
     ckpt_dir = os.path.abspath(cfg.ckpt.dir or os.path.join('checkpoints', name))
     lock, saver, source, start = open_checkpoints(cfg, ckpt_dir, total_steps)
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
+    # source is saver: this run's own checkpoint (the config must match but for FREE_KEYS; its wandb run goes on)
     state, meta = restore(source, start, cfg, state, same_run=source is saver) if start else (state, {})
     # the dir is this run's now: remove a killed save's unfinished step (here, not in orbax's thread: it fails at exit after a start-up error)
     for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):
@@ -291,7 +293,8 @@ def train(cfg, out_dir, name='run'):
                 log(last)
                 bar.set_postfix(loss=f'{last["train_loss"]:.3f}', tok_s=f'{last["tokens_per_sec"]:.3g}')
                 pending, t0 = [], time.perf_counter()
-            t_pause = time.perf_counter()  # evals and saves are not training time
+            # evals and saves are not training time: t0 moves forward by their length (from t_pause, once queued steps are done)
+            t_pause = time.perf_counter()
             if done % cfg.eval_every == 0 or done == total_steps:
                 jax.block_until_ready(state)  # the steps queued before it count as training time, the eval does not
                 t_pause = time.perf_counter()

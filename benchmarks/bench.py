@@ -63,7 +63,7 @@ def compose_config(name, overrides):
         with initialize_config_dir(os.path.join(REPO, 'configs'), version_base=None):
             cfg = compose(name, overrides=list(overrides))
     except Exception as e:  # Hydra: a misspelt key, an unknown config name, a malformed override; said as main.py says it
-        line, key = (str(e).splitlines() or [''])[0], re.match(r"Could not override '([^']+)'", str(e))
+        line, key = utils.first_line(e), re.match(r"Could not override '([^']+)'", str(e))
         raise utils.PicodoError(f'unknown config key: {key[1]}' if key else f'{type(e).__name__}: {line}' + (
             " (a value holding '=' or '~' needs quotes: 'key=\"value\"')" * (type(e).__name__ == 'OverrideParseException' and any(set('=~') & set(o.partition('=')[2]) for o in overrides)))) from None
     train.check_config(cfg)
@@ -137,7 +137,9 @@ def run(args):
     B, T = cfg.batch_size, cfg.model.seq_len
     try:  # a bad variant: one line that names --vs, before the first step is compiled
         vs_cfg = args.vs is not None and compose_config(args.config_name, args.overrides + args.vs)
-        vs_cfg and check_batch(vs_cfg, mesh)
+        if vs_cfg:
+            check_batch(vs_cfg, mesh)
+            train.model_config(vs_cfg.model)  # its device refusals (cuDNN, fp16, bf16)
     except utils.PicodoError as e:
         raise utils.PicodoError(f'--vs {shlex.join(args.vs)!r}: {e}') from None
     runs = [[*build(cfg, mesh), []]] + ([[*build(vs_cfg, mesh), []]] if vs_cfg else [])  # [step, state, batch, compile_s, times]

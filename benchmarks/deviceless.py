@@ -214,7 +214,7 @@ def target_mesh(target):
         topology = (topologies.get_topology_desc(platform='cuda', topology='1x1x1', target_config=target_config(target)) if gpu else
                     topologies.get_topology_desc(TPUS[target][0], 'tpu', **TPUS[target][1]))
     except Exception as e:  # no CUDA plugin, or no libtpu, in this environment
-        raise utils.PicodoError(f'no {"CUDA" if gpu else "TPU"} compiler here ({type(e).__name__}: {(str(e).splitlines() or [""])[0]}): install '
+        raise utils.PicodoError(f'no {"CUDA" if gpu else "TPU"} compiler here ({type(e).__name__}: {utils.first_line(e)}): install '
                                 + ('jax-cuda12-plugin and jax-cuda12-pjrt of the same version as jaxlib' if gpu else
                                    "the libtpu that jax[tpu] pins for this jax") + ' (see the top of this file)') from None
     return topologies.make_mesh(topology, (len(topology.devices),), ('data',))
@@ -231,7 +231,7 @@ def target_model_config(cfg, target):
 
 
 def compile_error(target, e):  # XLA's first line: a TPU batch that does not fit (libtpu says by how much), an algorithm the GPU lacks, ...
-    return utils.PicodoError(f'cannot compile for {target}: {type(e).__name__}: {(str(e).splitlines() or [""])[0]}'
+    return utils.PicodoError(f'cannot compile for {target}: {type(e).__name__}: {utils.first_line(e)}'
                              + ' (pip install nvidia-cudnn-cu12, or model.attn_impl=xla)' * ('cuDNN' in str(e)))
 
 

@@ -123,6 +123,11 @@ def test_a_variant_runs_in_the_same_rounds_and_gets_its_speedup(capsys, monkeypa
     assert 'vs' not in bench.main(['--tiny', '--depths', ''])
     with pytest.raises(utils.PicodoError, match=r"^--vs 'model.d_modl=3': unknown config key: model.d_modl$"):
         bench.main(['--tiny', '--vs', 'model.d_modl=3'])
+    # a device refusal (model_config's) is one line too, before anything compiles: it was JAX's cuDNN traceback
+    with pytest.raises(utils.PicodoError, match=r"^model.attn_impl=cudnn needs an NVIDIA GPU of compute capability 8.0\+"):
+        bench.main(['--tiny', 'model.attn_impl=cudnn'])
+    with pytest.raises(utils.PicodoError, match=r"^--vs 'model.attn_impl=cudnn': model.attn_impl=cudnn needs an NVIDIA GPU"):
+        bench.main(['--tiny', '--vs', 'model.attn_impl=cudnn'])
 
 
 
