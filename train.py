@@ -133,7 +133,8 @@ def restore(manager, step, cfg, state, same_run=False):
     except Exception as e:  # truncated or missing files, garbled metadata, ...: orbax's error wraps TensorStore's, which names the file
         cause = e.__cause__ or e
         raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(cause).__name__}: {utils.first_line(cause).split(" [tensorstore_spec")[0]}') from None
-    hint = ', or ckpt.resume to go on from it with this config' * (not differ[0].startswith(tuple(FIXED_KEYS)))
+    # no hint where ckpt.resume cannot help: a fixed key, or ckpt.resume itself (an older step of this dir: it would save over the newer)
+    hint = ', or ckpt.resume to go on from it with this config' * (not differ[0].startswith((*FIXED_KEYS, 'ckpt.resume=')))
     raise utils.PicodoError(f'checkpoint {where} has {differ[0]}' + (f': another run (set ckpt.dir){hint}' if same_run else ''))
 
 
@@ -250,22 +251,22 @@ def train(cfg, out_dir, name='run'):
     val_batches = [data.load_batch(val_tokens, T, 0, i, B, A, batch_sharding)
                    for i in range(min(cfg.eval_batches, (len(val_tokens) - 1) // T // B))]
 
-    config, main = OmegaConf.to_container(cfg, resolve=True), jax.process_index() == 0  # only process 0 prints, logs and writes metrics
+    config, is_main = OmegaConf.to_container(cfg, resolve=True), jax.process_index() == 0  # only process 0 prints, logs and writes metrics
     flops_per_token, peak = gpt.flops_per_token(model_cfg), utils.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
     n_params = sum(x.size for x in jax.tree.leaves(state[0]))  # state[0]: the model's; state[1]: the optimizer's
     run = utils.init_wandb(cfg.wandb, flatten(config) | {'n_params': n_params, 'flops_per_token': flops_per_token},
-                           out_dir, meta.get('wandb_id') if source is saver else None, main)  # a resumed run continues its wandb run
+                           out_dir, meta.get('wandb_id') if source is saver else None, is_main)  # a resumed run continues its wandb run
     # weights FSDP could not split: no dimension of theirs divides over the devices
     whole = sum(x.size for x in jax.tree.leaves(state[0]) if x.sharding.is_fully_replicated) * (jax.device_count() > 1)
-    if main and whole: print(f'warning: {whole / 1e6:.2f}M params and their Adam moments are whole on each device (the dimension FSDP splits them on does not divide over {jax.device_count()} devices)')
-    if main: print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} {jax.devices()[0].device_kind}, '
-                   f'eval on {len(val_batches)}x{B} windows{" (all of val)" * (len(val_batches) < cfg.eval_batches)}; logging to {out_dir}, checkpoints in {ckpt_dir}')
+    if is_main and whole: print(f'warning: {whole / 1e6:.2f}M params and their Adam moments are whole on each device (the dimension FSDP splits them on does not divide over {jax.device_count()} devices)')
+    if is_main: print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} {jax.devices()[0].device_kind}, '
+                      f'eval on {len(val_batches)}x{B} windows{" (all of val)" * (len(val_batches) < cfg.eval_batches)}; logging to {out_dir}, checkpoints in {ckpt_dir}')
 
     pending, t0, last, stopping = [], time.perf_counter(), {}, False
-    bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not main)
-    say = bar.write if main else lambda line: None
+    bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not is_main)
+    say = bar.write if is_main else lambda line: None
     # left in reverse: the loader's thread (it starts here, so it always stops), metrics.jsonl, the last save, then the lock
-    with (jax.set_mesh(mesh), utils.stop_signals() as stop, lock, saver, open(os.path.join(out_dir, 'metrics.jsonl') if main else os.devnull, 'a') as log_file,
+    with (jax.set_mesh(mesh), utils.stop_signals() as stop, lock, saver, open(os.path.join(out_dir, 'metrics.jsonl') if is_main else os.devnull, 'a') as log_file,
           contextlib.closing(data.batches(train_tokens, T, cfg.seed, start, B, A, batch_sharding)) as batches):
 
         def log(record):  # metrics.jsonl first: a wandb that fails mid-run (its service killed, ...) must not stop training
