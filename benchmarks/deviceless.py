@@ -4,7 +4,8 @@ non-matmul kernels move (at the GPU's bandwidth, a floor on their time). Nothing
 
     python -m venv --system-site-packages .venv-gpu      # the CUDA plugin of the installed jaxlib's version, apart
     .venv-gpu/bin/pip install --no-deps jax-cuda12-plugin==$(python -c 'import jaxlib; print(jaxlib.__version__)') \\
-        jax-cuda12-pjrt==$(python -c 'import jaxlib; print(jaxlib.__version__)') nvidia-cudnn-cu12   # cuDNN: attention
+        jax-cuda12-pjrt==$(python -c 'import jaxlib; print(jaxlib.__version__)') nvidia-cudnn-cu12 nvidia-cuda-runtime-cu12
+        # cuDNN: attention; the CUDA runtime: without it the plugin logs 'Could not find cuda drivers' at every start
     .venv-gpu/bin/python benchmarks/deviceless.py -cn default batch_size=32              # GPT-2 small on an H100
     .venv-gpu/bin/python benchmarks/deviceless.py -cn default batch_size=128 --target h200 --hlo /tmp/step.hlo
     .venv-gpu/bin/python benchmarks/deviceless.py -cn colab model.dtype=float16 --target t4 --decode   # sampling's
