@@ -2,15 +2,15 @@
 fits in its memory and, for NVIDIA H100/H200/T4, which kernels XLA makes (matmuls by operand type) and the bytes its
 non-matmul kernels move (at the GPU's bandwidth, a floor on their time). Nothing runs: these are the compiler's figures.
 
-    python -m venv --system-site-packages .venv-gpu      # the CUDA plugin of the installed jaxlib's version, apart
+    python -m venv .venv-gpu && .venv-gpu/bin/pip install -r requirements.txt   # the CUDA plugin of jaxlib's version, apart
     .venv-gpu/bin/pip install --no-deps jax-cuda12-plugin==$(python -c 'import jaxlib; print(jaxlib.__version__)') \\
         jax-cuda12-pjrt==$(python -c 'import jaxlib; print(jaxlib.__version__)') nvidia-cudnn-cu12 nvidia-cuda-runtime-cu12
         # cuDNN: attention; the CUDA runtime: without it the plugin logs 'Could not find cuda drivers' at every start
     .venv-gpu/bin/python benchmarks/deviceless.py -cn default batch_size=32              # GPT-2 small on an H100
     .venv-gpu/bin/python benchmarks/deviceless.py -cn default batch_size=128 --target h200 --hlo /tmp/step.hlo
     .venv-gpu/bin/python benchmarks/deviceless.py -cn colab model.dtype=float16 --target t4 --decode   # sampling's
-    python -m venv --system-site-packages .venv-tpu      # TPUs: the libtpu that jax[tpu] pins for this jax (203 MB)
-    .venv-tpu/bin/pip install "libtpu==0.0.42.*"         # (jax 0.10.2's)
+    python -m venv .venv-tpu && .venv-tpu/bin/pip install -r requirements.txt   # TPUs: the libtpu that jax[tpu] pins
+    .venv-tpu/bin/pip install "libtpu==0.0.42.*"         # for this jax (jax 0.10.2's; 203 MB)
     .venv-tpu/bin/python benchmarks/deviceless.py -cn colab --target v5e-1               # Colab's TPU, one v5e chip
 
 Prints a summary and, as its last line, one JSON object. The memory is what XLA allocates per device for the step
