@@ -121,7 +121,7 @@ def source_lines(hlo, root):
         path = files.get(int(loc.get('file_name_id', -1)), '')
         if path.startswith(root):
             return f'{os.path.relpath(path, root)}:{loc["line"]}'
-        return where(int(frames[frame].get('parent_frame_id', 0)), (*seen, frame))
+        return where(int(frames[frame].get('parent_frame_id', 1)) - 1, (*seen, frame))  # the text gives the caller's number + 1
     return {f: where(f) for f in frames}
 
 

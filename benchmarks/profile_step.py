@@ -43,14 +43,24 @@ def parse(argv):
 
 def hlo_ops(text):
     """{instruction: (opcode, shape, source line, JAX op, fwd|bwd|-, matmul FLOPs)} from the compiled HLO, and {instruction: kind}.
-    The source is the training path's line that made the op ('' for others; ops of a custom_vjp's backward carry
-    the line that called the function)."""
+    The source is the training path's line that made the op, or that called the library code that did (nnx.Linear,
+    jax.nn.gelu, optax: '' where none did; ops of a custom_vjp's backward carry the line that called the function)."""
     files = dict(re.findall(r'^(\d+) "(.*)"$', text.split('FunctionNames')[0].split('FileNames')[-1], re.M))
     funcs = dict(re.findall(r'^(\d+) "(.*)"$', text.split('FileLocations')[0].split('FunctionNames')[-1], re.M))
     short = lambda f: '.'.join(f.replace('.<locals>', '').split('.')[-2:])  # Block.__init__.<locals>.<lambda> -> __init__.<lambda>
     locs = {i: f'{os.path.basename(files.get(f, "?"))}:{line} {short(funcs.get(fn, "?"))}' for i, f, fn, line in re.findall(
         r'^(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)', text, re.M)}
-    frames = dict(re.findall(r'^(\d+) \{file_location_id=(\d+)', text.split('StackFrames')[-1], re.M))
+    # each stack frame: its location and its caller's frame, which the text gives as that frame's number + 1 (1: none)
+    frames = {i: (loc, str(int(caller) - 1)) for i, loc, caller in re.findall(
+        r'^(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)', text.split('StackFrames')[-1], re.M)}
+    def source(frame):  # the innermost of the frame's callers in the training path: nnx.Linear's matmul is model.py's
+        seen = set()
+        while frame in frames and frame not in seen:
+            seen.add(frame)
+            loc, frame = frames[frame]
+            if locs.get(loc, '').startswith(TRAINING_PATH):
+                return locs[loc]
+        return ''
     ops, members, computation = {}, collections.defaultdict(list), None
     for line in text.splitlines():
         if m := re.match(r'^(?:ENTRY )?%([\w.\-]+) .*\{$', line):
@@ -97,11 +107,11 @@ def hlo_ops(text):
         # a fusion without metadata takes its matmul's, else its first op's that has some
         meta = [op] + sorted((ops[n] for n in within if ops[n]['op_name']), key=lambda o: o['opcode'] not in ('dot', 'convolution'))
         meta = next((o for o in meta if o['op_name']), op)
-        op_name, source = meta['op_name'] or '', locs.get(frames.get(meta['frame']), '')
+        op_name = meta['op_name'] or ''
         spec = re.findall(r'\(([\w,]+->\w+)\)', op_name)  # an einsum's subscripts
         what = next((o for o in sorted(codes) if COLLECTIVE.match(o)), '') if kinds[name] == 'collective' else (
             ' '.join([re.sub(r'\)+$', '', op_name.split('/')[-1])] + spec[-1:]) if op_name else meta['opcode'])
-        result[name] = (op['opcode'], op['shape'], source if source.startswith(TRAINING_PATH) else '', what,
+        result[name] = (op['opcode'], op['shape'], source(meta['frame']), what,
                         'bwd' if 'transpose(' in op_name else 'fwd' if 'jvp(' in op_name else '-',  # '-': the optimizer, ...
                         0 if op['opcode'] in CONTROL else flops(op) + sum(flops(ops[n]) for n in within))
     return result, kinds

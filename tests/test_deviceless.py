@@ -8,7 +8,8 @@ import deviceless
 
 # A loop of 5 trips whose body gathers 8 rows of an fp32 [4096, 256] table cast to bf16 and writes them in place into a
 # [5, 8, 256] buffer, its condition one kernel a trip (and one more); a scatter-add of 8 rows into the table, in place; a
-# cuBLAS matmul; a reduction; a conditional whose two branches are one kernel each.
+# cuBLAS matmul; a reduction; a conditional whose two branches are one kernel each. Its stack frames as XLA prints them,
+# each naming its caller as the caller's number + 1 (1: none): frame 2 (jax's line 99) is called from frame 1 (model.py:7).
 HLO = """HloModule m
 
 FileNames
@@ -23,8 +24,8 @@ FileLocations
 2 {file_name_id=2 function_name_id=1 line=99 end_line=99 column=1 end_column=2}
 
 StackFrames
-1 {file_location_id=1}
-2 {file_location_id=2 parent_frame_id=1}
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=2}
 
 %fused_gather (param_0: f32[4096,256], param_1: s32[8,1]) -> bf16[8,256] {
   %param_0 = f32[4096,256]{1,0} parameter(0)
@@ -180,6 +181,8 @@ def test_a_tiny_gpt_compiles_for_an_h100(tmp_path, monkeypatch):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert (out['device_kind'], out['devices']) == ('NVIDIA H100 80GB HBM3', 1) and out['fits'] and 0 < out['memory_bytes'] < 2**30
     assert out['matmuls'] > 0 and out['attention'] == 0 and 0 < out['mfu_ceiling'] < 1
+    # bytes by the repo's line that made them or called the library that did (LayerNorm, GELU, optax): none without one
+    assert '?' not in out['other_bytes_top_lines'] and any(k.startswith('train.py') for k in out['other_bytes_top_lines'])
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason='needs libtpu (see benchmarks/deviceless.py)')

@@ -27,6 +27,11 @@ def test_tiny_profile_on_8_devices_attributes_the_step(capsys):
     assert not any('while' in t['hlo'] for t in r['top'])  # loops are timed op by op, not as a whole
     sources = {t['source'].split(':')[0] for t in r['top']}
     assert {'model.py', 'train.py'} <= sources  # ops traced back to the lines that made them
+    # every matmul to its model.py line, those made inside nnx.Linear too (flax's line is the innermost stack frame)
+    assert all(t['source'].startswith('model.py') for t in r['top'] if t['kind'] == 'matmul')
+    lines = open(os.path.join(REPO, 'model.py')).read().splitlines()
+    linear = {f'model.py:{i + 1}' for i, line in enumerate(lines) if 'self.attn_out(' in line or 'self.mlp_out(' in line}
+    assert len(linear) == 2 and linear <= {t['source'].split(' ')[0] for t in r['top'] if t['kind'] == 'matmul'}
     scores = [t for t in r['top'] if 'hak,hbk->hab' in t['op']]  # the scores (model._scores), inside the attention's loop
     assert scores and all(t['kind'] == 'matmul' and t['source'].startswith('model.py') for t in scores)
     # XLA's matmuls are the model's FLOPs (6N + 12·L·D·T per token), plus the attention scores recomputed in
