@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py                                   # the CPU benchmark model (configs/bench_cpu.yaml)
     python benchmarks/bench.py -cn default batch_size=32         # GPT-2 small, any Hydra override
-    python benchmarks/bench.py --tiny                            # a few-second smoke run
+    python benchmarks/bench.py --tiny                            # a smoke run (about 20 s on 2 cores)
     python benchmarks/bench.py -cn default --vs 'model.remat=dots'   # and a variant, timed in the same rounds
 
 Prints a summary table and, as its last line, one JSON object. Besides MFU against the vendor peak
@@ -11,7 +11,7 @@ matmul in the model's dtype, measured on the same devices in the same run, inter
 rounds so both see the same machine noise. A depth sweep reports compile time at 2, 12 and 24 layers
 with the layer scan on (the configs turn it off: unrolled layers step faster on CPUs and on an H200).
 With --vs, a second step (the same overrides plus the variant's) runs in the same rounds, so the two are compared
-under the same machine noise: its figures and `speedup` (its tokens/s over the first's, the median of the rounds' ratios).
+under the same machine noise: its figures and `speedup` under the JSON's `vs` (its tokens/s over the first's, the median of the rounds' ratios).
 """
 import argparse, json, os, platform, re, shlex, statistics, sys, time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,7 @@ shape (a Python loop over layers, `nnx.MultiHeadAttention` with a causal mask, o
 same rounds, each round also timing bench.py's 2048² matmul, so that all three see the same machine load.
 
     python benchmarks/reference.py            # width 384, 6 layers, 6 heads, T=512, batch 8, vocab 256, fp32
-    python benchmarks/reference.py --tiny     # a few-second smoke run
+    python benchmarks/reference.py --tiny     # a smoke run (about 15 s on 2 cores)
 
 Prints a summary table and, as its last line, one JSON object: the reference's figures under bench.py's names,
 Picodo's under `picodo_*`, and `speedup`, the median over rounds of Picodo's tokens/s over the reference's.
