@@ -86,7 +86,7 @@ def timed(fn):
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
     at_least = prepare.at_least
-    p.add_argument('--gb', type=at_least(1e-6, float), default=1.0, help='size in GiB of the random .bin file for the loader')
+    p.add_argument('--gb', type=at_least(1e-6, float), default=1.0, help='size in GiB of the random .bin file for the loader (rounded up to 64 MiB pieces)')
     p.add_argument('--steps', type=at_least(1), default=300)
     p.add_argument('--workers', type=at_least(1), default=os.cpu_count())
     p.add_argument('--copies', type=at_least(1), default=3, help='times the stdlib sources appear in the text corpus')
