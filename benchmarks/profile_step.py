@@ -51,8 +51,8 @@ def hlo_ops(text):
     locs = {i: f'{os.path.basename(files.get(f, "?"))}:{line} {short(funcs.get(fn, "?"))}' for i, f, fn, line in re.findall(
         r'^(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)', text, re.M)}
     # each stack frame: its location and its caller's frame, which the text gives as that frame's number + 1 (1: none)
-    frames = {i: (loc, str(int(caller) - 1)) for i, loc, caller in re.findall(
-        r'^(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)', text.split('StackFrames')[-1], re.M)}
+    frames = {i: (loc, str(int(caller or 1) - 1)) for i, loc, caller in re.findall(
+        r'^(\d+) \{file_location_id=(\d+)(?: parent_frame_id=(\d+))?', text.split('StackFrames')[-1], re.M)}
     def source(frame):  # the innermost of the frame's callers in the training path: nnx.Linear's matmul is model.py's
         seen = set()
         while frame in frames and frame not in seen:
