@@ -18,8 +18,8 @@ Prints a summary and, as its last line, one JSON object. The memory is what XLA 
 that does not fit fails to compile, with libtpu's figures. On a TPU slice the state is split over its devices as the
 model's FSDP annotations say. `mfu_ceiling` (GPUs) is the MFU the step would reach with every matmul and attention FLOP
 (as MFU counts them) at the vendor's peak and every other kernel moving its bytes at the full memory bandwidth.
-Matmuls are cuBLAS's, as train.compile_steps asks on GPUs, and attention what train.model_config would pick on the
-target (both choices are repeated here). GPUs: one only (collectives between GPUs are not modelled). Without the
+Matmuls are cuBLAS's and XLA's dot merger is off, as train.compile_steps asks on GPUs, and attention what
+train.model_config would pick on the target (both choices are repeated here). GPUs: one only (collectives between GPUs are not modelled). Without the
 device XLA cannot autotune, and the compiler is the installed jaxlib's (or libtpu's), not necessarily the target's.
 """
 import argparse, collections, json, math, os, re, sys
@@ -42,6 +42,8 @@ SM90 = dict(threads_per_block_limit=1024, threads_per_warp=32, shared_memory_per
             registers_per_core_limit=65536, registers_per_block_limit=65536)  # an H100/H200 SXM (compute capability 9.0)
 SM75 = SM90 | dict(shared_memory_per_core=65536, threads_per_core_limit=1024, core_count=40, fpus_per_core=64, l2_cache_size=4194304,
                    clock_rate_ghz=1.59, shared_memory_per_block_optin=65536)  # a T4 (7.5): Colab's free GPU
+# the XLA options train.compile_steps passes on GPUs (repeated: it needs the state's arrays; a test checks they are the same)
+GPU_OPTIONS = {'xla_gpu_enable_triton_gemm': False, 'xla_disable_hlo_passes': 'dot-merger'}
 GPUS = {'h100': ('NVIDIA H100 80GB HBM3', 3.35e12, 79.1 * 2**30, '9.0', SM90), 'h200': ('NVIDIA H200', 4.8e12, 139.8 * 2**30, '9.0', SM90),
         't4': ('Tesla T4', 320e9, 15 * 2**30, '7.5', SM75)}  # device kind, bandwidth, memory, compute capability
 TPUS = {  # name: topology, libtpu's topology arguments (one chip: a host of one; v4, v5p: one device per chip)
@@ -266,7 +268,7 @@ def compile_step(cfg, target):
                                  is_leaf=lambda x: isinstance(x, jax.P) or x is None)
         state = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state, shardings)
         step = jax.jit(lambda s, b: train.train_step(graphdef, s, b), donate_argnums=0, out_shardings=(shardings, None),
-                       compiler_options={'xla_gpu_enable_triton_gemm': False} if gpu else None)  # as train.compile_steps
+                       compiler_options=GPU_OPTIONS if gpu else None)
         try:
             compiled = step.lower(state, batch).compile()
         except Exception as e:

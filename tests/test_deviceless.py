@@ -5,6 +5,7 @@ import pytest
 from conftest import REPO
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import deviceless
+import jax, train
 
 # A loop of 5 trips whose body gathers 8 rows of an fp32 [4096, 256] table cast to bf16 and writes them in place into a
 # [5, 8, 256] buffer, its condition one kernel a trip (and one more); a scatter-add of 8 rows into the table, in place; a
@@ -217,3 +218,14 @@ def test_sampling_compiles_for_a_t4_in_float16():
         assert json.loads(r.stdout.strip().splitlines()[-1])['decode'] is True
     r = run(*TINY, '--target', 't4', '--decode')
     assert r.returncode == 1 and 'ALG_DOT_BF16_BF16_F32' in r.stderr and r.stderr.strip().count('\n') == 0
+
+
+def test_it_compiles_with_the_xla_options_the_trainer_uses_on_gpus(monkeypatch):
+    """deviceless.py jits its own step for a GPU target (train.compile_steps needs the state's arrays), so it repeats the XLA
+    options that compile_steps passes on GPUs: cuBLAS matmuls, XLA's dot merger off. Changed in one place only, the
+    tool would count the kernels of a step the GPUs no longer run."""
+    options, jit = [], jax.jit
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    monkeypatch.setattr(jax, 'jit', lambda *args, **kwargs: options.append(kwargs.get('compiler_options')) or jit(*args, **kwargs))
+    train.compile_steps(None, {})  # jits the train and eval steps; nothing is traced
+    assert options == [deviceless.GPU_OPTIONS, None]
