@@ -19,8 +19,9 @@ that does not fit fails to compile, with libtpu's figures. On a TPU slice the st
 model's FSDP annotations say. `mfu_ceiling` (GPUs) is the MFU the step would reach with every matmul and attention FLOP
 (as MFU counts them) at the vendor's peak and every other kernel moving its bytes at the full memory bandwidth.
 Matmuls are cuBLAS's and XLA's dot merger is off, as train.compile_steps asks on GPUs, and attention what
-train.model_config would pick on the target (both choices are repeated here). GPUs: one only (collectives between GPUs are not modelled). Without the
-device XLA cannot autotune, and the compiler is the installed jaxlib's (or libtpu's), not necessarily the target's.
+train.model_config would pick on the target (both choices are repeated here). GPUs: one only (collectives between GPUs
+are not modelled). Without the device XLA cannot autotune, and the compiler is the installed jaxlib's (or libtpu's),
+not necessarily the target's.
 """
 import argparse, collections, json, math, os, re, sys
 if __name__ == '__main__':  # before JAX loads: the CPU is the only backend it starts; the GPU or TPU is a compile-only target
