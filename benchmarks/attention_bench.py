@@ -1,0 +1,242 @@
+"""Attention kernels alone, forward and backward, on one layer's causal attention at a config's shape: which kernel
+would make the training step faster? On an H100, cuDNN's attention took 10.6 ms of GPT-2 small's 61.7 ms step at B=32,
+8.3 ms of it backward (benchmarks/RESULTS.md).
+
+    python benchmarks/attention_bench.py -cn default batch_size=32   # GPT-2 small (the default config: B=64), every kernel
+    python benchmarks/attention_bench.py batch_size=32 --impls cudnn,pallas --rounds 9
+    python benchmarks/attention_bench.py --pallas 'bq=128,bk=64,bq_dkv=64,bkv_dkv=64,bkv_dq=64,warps=4,stages=3'
+    python benchmarks/attention_bench.py batch_size=32 --compile-for h100   # no GPU: which kernels and blocks compile for one
+    python benchmarks/attention_bench.py --tiny                            # a smoke run on a CPU (Pallas in interpret mode)
+
+Kernels (--impls): `cudnn` and `xla` (jax.nn.dot_product_attention, as model.attn_impl picks them), `cudnn-bnth` (cuDNN
+on [B, H, T, K] inputs, through JAX's internal cuDNN API: does the layout matter?), `chunked` (model.chunked_attention),
+`pallas` (jax.experimental.pallas.ops.gpu.attention.mha: Triton, forward and backward; one row per --pallas block
+setting), `mgpu` (Pallas's Mosaic GPU kernel for Hopper, attention_mgpu: forward only, its causal backward is not
+written) and `mgpu+pallas` (Mosaic GPU's forward with the Triton backward, through both modules' internals). With
+JAX 0.10.2 the Mosaic GPU kernel takes float16 only (its shared-memory buffers are fp16; bf16 fails with 'Mixed input
+dtypes'): time its rows with model.dtype=float16, beside the others in float16.
+A kernel that cannot run here (no CUDA GPU, an API missing from this JAX, a block setting that does not compile)
+gets a row that says why; the others still run.
+
+Each kernel is compiled twice, forward alone and forward + backward (jax.vjp), and timed in rounds that take turns;
+medians are reported, the backward's time as the difference. FLOP/s count the causal work (half of the T×T scores;
+the backward 2.5× the forward), which is what a kernel that skips the masked blocks does. rel_err: the largest
+difference from XLA's attention in fp32 on the same inputs, over the output and the three gradients, relative to
+each one's largest value. `per step` is the forward + backward times the number of layers. The last line is JSON.
+"""
+import argparse, contextlib, functools, math, os, statistics, sys, time
+if __name__ == '__main__' and any(a.startswith('--compile-for') for a in sys.argv):  # as deviceless.py: the GPU is a target only
+    os.environ.update(JAX_PLATFORMS='cpu', JAX_ENABLE_COMPILATION_CACHE='false')
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402 (puts the repo on sys.path)
+import jax, jax.numpy as jnp  # noqa: E402
+import model as gpt, train, utils  # noqa: E402
+
+IMPLS = ['cudnn', 'cudnn-bnth', 'xla', 'chunked', 'pallas', 'mgpu', 'mgpu+pallas']
+GPU_ONLY = {'cudnn', 'cudnn-bnth', 'mgpu', 'mgpu+pallas'}
+TINY = ['model.seq_len=256', 'model.d_model=128', 'model.n_heads=2', 'model.n_layers=2', 'model.dtype=float32', 'batch_size=2']
+PALLAS_KEYS = {'bq': 128, 'bk': 128, 'bq_dkv': 32, 'bkv_dkv': 32, 'bkv_dq': 32, 'warps': 0, 'stages': 2}  # JAX's defaults
+# block settings timed by default on a GPU (the dq kernel's query block is bkv_dkv: the Triton backward requires it)
+PALLAS = ['bq=128,bk=128,bq_dkv=32,bkv_dkv=32,bkv_dq=32', 'bq=128,bk=64,bq_dkv=64,bkv_dkv=64,bkv_dq=64',
+          'bq=128,bk=64,bq_dkv=64,bkv_dkv=128,bkv_dq=64,warps=8', 'bq=64,bk=64,bq_dkv=64,bkv_dkv=64,bkv_dq=64,stages=3',
+          'bq=128,bk=128,bq_dkv=64,bkv_dkv=128,bkv_dq=128,warps=8', 'bq=128,bk=64,bq_dkv=32,bkv_dkv=64,bkv_dq=32']
+
+
+def pallas_setting(text):  # an argparse type: 'bq=128,bk=64,...' -> dict, JAX's defaults for the keys not given
+    try:
+        given = {k: int(v) for k, v in (kv.split('=') for kv in text.split(','))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r}: key=integer pairs separated by commas, keys {", ".join(PALLAS_KEYS)}')
+    if set(given) - set(PALLAS_KEYS):
+        raise argparse.ArgumentTypeError(f'{text!r}: unknown key {sorted(set(given) - set(PALLAS_KEYS))[0]}; keys: {", ".join(PALLAS_KEYS)}')
+    return PALLAS_KEYS | given
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('overrides', nargs='*', help='Hydra overrides: batch_size, model.seq_len, model.n_heads, model.d_model, model.dtype')
+    p.add_argument('-cn', '--config-name', default='default')
+    p.add_argument('--impls', default=','.join(IMPLS), help=f'kernels to time, separated by commas (default all: {",".join(IMPLS)})')
+    p.add_argument('--pallas', nargs='+', type=pallas_setting, default=None,
+                   help=f'block settings for pallas and mgpu+pallas (default: {len(PALLAS)} on a GPU, the first on a CPU)')
+    p.add_argument('--mgpu-block-kv', type=bench.at_least(64), default=128, help="Mosaic GPU's key block (its query block is 64)")
+    p.add_argument('--rounds', type=bench.at_least(1), default=None, help='timed rounds, medians reported (default 5; --tiny 1)')
+    p.add_argument('--seconds', type=float, default=None, help='about how long each timing runs (default 0.1; --tiny 0)')
+    p.add_argument('--compile-for', choices=['h100', 'h200', 't4'], help='compile each kernel for that GPU, run nothing '
+                   '(deviceless, needs the CUDA plugin: see benchmarks/deviceless.py): which block settings compile, their memory')
+    p.add_argument('--tiny', action='store_true', help='B=2, T=256, H=2, K=64 in fp32, one round: a smoke run')
+    args = p.parse_args(argv)
+    args.overrides = (TINY if args.tiny else []) + args.overrides
+    args.rounds = args.rounds or (1 if args.tiny else 5)
+    args.seconds = (0 if args.tiny else 0.1) if args.seconds is None else args.seconds
+    args.impls = args.impls.split(',')
+    if bad := [i for i in args.impls if i not in IMPLS]:
+        p.error(f'--impls: unknown kernel {bad[0]!r}; known: {", ".join(IMPLS)}')
+    on_gpu = jax.devices()[0].platform == 'gpu' or args.compile_for
+    args.pallas = args.pallas or [pallas_setting(s) for s in (PALLAS if on_gpu else PALLAS[:1])]
+    return args
+
+
+def name_of(setting):  # the settings that differ from JAX's defaults, as typed
+    return ','.join(f'{k}={v}' for k, v in setting.items() if v != PALLAS_KEYS[k]) or 'defaults'
+
+
+def kernels(args, K, on_gpu):
+    """[(row name, impl, f(q, k, v) -> o, or the reason it cannot run, whether f takes [B, H, T, K] instead of [B, T, H, K])]."""
+    scale, rows = K ** -0.5, []
+    for impl in args.impls:
+        if impl in GPU_ONLY and not on_gpu:
+            rows.append((impl, impl, 'needs an NVIDIA GPU', False))
+        elif impl in ('cudnn', 'xla'):
+            rows.append((impl, impl, functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation=impl), False))
+        elif impl == 'chunked':
+            rows.append((impl, impl, lambda q, k, v: gpt.chunked_attention(q, k, v, 128 if q.shape[1] % 128 == 0 else q.shape[1]), False))
+        elif impl == 'cudnn-bnth':  # inputs made [B, H, T, K] before timing: the kernel alone, as if the matmuls wrote that layout
+            try:
+                from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention, MaskType
+                rows.append((impl, impl, functools.partial(dot_product_attention, scale=scale, mask_type=MaskType.CAUSAL, qkv_layout='BNTH'), True))
+            except ImportError as e:
+                rows.append((impl, impl, f'{type(e).__name__}: {e}', True))
+        elif impl == 'mgpu':
+            try:
+                from jax.experimental.pallas.ops.gpu import attention_mgpu as mg
+                config = mg.TuningConfig(block_q=64, block_kv=args.mgpu_block_kv, max_concurrent_steps=2, causal=True)
+                rows.append((impl, impl, lambda q, k, v: mg.attention((q * scale).astype(q.dtype), k, v, config), False))
+            except Exception as e:  # no Mosaic GPU in this JAX, or a block it refuses
+                rows.append((impl, impl, f'{type(e).__name__}: {utils.first_line(e)}', False))
+        else:  # pallas, mgpu+pallas: one row per block setting (Pallas runs in interpret mode without a GPU)
+            rows += [(f'{impl}[{name_of(s)}]', impl, pallas_kernel(impl, s, scale, not on_gpu, args.mgpu_block_kv), False)
+                     for s in args.pallas]
+    return rows
+
+
+def pallas_kernel(impl, s, scale, interpret, mgpu_block_kv):
+    from jax.experimental.pallas.ops.gpu import attention as pa
+    blocks = pa.BlockSizes(block_q=s['bq'], block_k=s['bk'], block_q_dkv=s['bq_dkv'], block_kv_dkv=s['bkv_dkv'],
+                           block_q_dq=s['bkv_dkv'], block_kv_dq=s['bkv_dq'])
+    kw = dict(sm_scale=scale, causal=True, block_sizes=blocks, num_warps=s['warps'] or None, num_stages=s['stages'],
+              interpret=interpret)
+    if impl == 'pallas':
+        return lambda q, k, v: pa.mha(q, k, v, None, **kw)
+    try:  # Mosaic GPU's forward (on pre-scaled queries; its log-sum-exp in base 2), then the Triton backward
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as mg
+        config = mg.TuningConfig(block_q=64, block_kv=mgpu_block_kv, max_concurrent_steps=2, causal=True)
+        forward, backward = mg._attention_forward, pa._mha_backward
+    except Exception as e:
+        return f'{type(e).__name__}: {utils.first_line(e)}'
+
+    @jax.custom_vjp
+    def attention(q, k, v):
+        return forward((q * scale).astype(q.dtype), k, v, config)
+
+    def fwd(q, k, v):
+        o, (lse2,) = forward((q * scale).astype(q.dtype), k, v, config, save_residuals=True)
+        return o, (q, k, v, o, lse2 * math.log(2))
+
+    def bwd(res, do):
+        q, k, v, o, lse = res
+        return backward(scale, True, blocks, 'triton', kw['num_warps'], s['stages'], None, False, False, False,
+                        (q, k, v, None, o, lse), do)[:3]
+
+    attention.defvjp(fwd, bwd)
+    return attention
+
+
+def timer(f, inputs, seconds):  # seconds per call, over about `seconds` of calls
+    jax.block_until_ready(f(*inputs))
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*inputs))
+    reps = max(1, int(seconds / max(time.perf_counter() - t0, 1e-6)))
+    def timed():
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = f(*inputs)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / reps
+    return timed
+
+
+def rel_err(got, want):  # over the output and the gradients: max |got - want| / max |want|, each array on its own
+    return max(float(jnp.abs(g.astype(jnp.float32) - w).max() / jnp.abs(w).max()) for g, w in zip(got, want))
+
+
+def compiled(f, ins, mesh=None):
+    """(forward, forward + backward, the reason one failed, the larger XLA temp bytes): a failed one is None."""
+    out, temp = [], 0
+    for g, xs in ((f, ins[:3]), (lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do), ins)):
+        try:
+            with jax.set_mesh(mesh) if mesh else contextlib.nullcontext():
+                out.append(jax.jit(g).lower(*xs).compile())
+            temp = max(temp, out[-1].memory_analysis().temp_size_in_bytes)
+        except Exception as e:  # a block setting that does not compile, a layout this cuDNN refuses, no causal backward
+            return *(out + [None, None])[:2], ('backward: ' if out else '') + f'{type(e).__name__}: {utils.first_line(e)}', temp
+    return *out, None, temp
+
+
+def run(args):
+    cfg = bench.compose_config(args.config_name, args.overrides)
+    c, device = train.model_config(cfg.model), jax.devices()[0]
+    B, T, H, K, L = cfg.batch_size // cfg.grad_accum, c.seq_len, c.n_heads, c.d_model // c.n_heads, c.n_layers
+    flops = 2 * B * H * T * T * K  # the forward's causal work: two matmuls over half the T×T scores
+    rows, timed, mesh = {}, [], None
+    if args.compile_for:  # nothing runs: each kernel compiled for that GPU, from shapes alone
+        import deviceless
+        mesh = deviceless.target_mesh(args.compile_for)
+        q = k = v = do = jax.ShapeDtypeStruct((B, T, H, K), c.dtype, sharding=jax.NamedSharding(mesh, jax.P()))
+    else:
+        q, k, v, do = (jax.random.normal(key, (B, T, H, K), c.dtype) for key in jax.random.split(jax.random.key(0), 4))
+        exact = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
+        o_ref, vjp = jax.jit(lambda q, k, v: jax.vjp(exact, q, k, v))(*(x.astype(jnp.float32) for x in (q, k, v)))
+        want = (o_ref, *jax.jit(vjp)(do.astype(jnp.float32)))
+    swap = lambda xs, bhtk: tuple(x.swapaxes(1, 2) if bhtk else x for x in xs)
+    for name, impl, f, bhtk in kernels(args, K, on_gpu=device.platform == 'gpu' or bool(args.compile_for)):
+        row = rows[name] = dict(impl=impl, compiled=False, fwd_ms=None, bwd_ms=None, fwd_bwd_ms=None, step_ms=None, fwd_tflops=None,
+                                bwd_tflops=None, rel_err=None, temp_bytes=None, error=f if isinstance(f, str) else None)
+        if row['error']:
+            continue
+        ins = ((jax.ShapeDtypeStruct((B, H, T, K) if bhtk else (B, T, H, K), c.dtype, sharding=q.sharding),) * 4 if mesh
+               else swap((q, k, v, do), bhtk))
+        fwd, both, row['error'], row['temp_bytes'] = compiled(f, ins, mesh)
+        row['compiled'], row['temp_bytes'] = fwd is not None, row['temp_bytes'] if fwd else None
+        if mesh or fwd is None:
+            continue
+        o, grads = swap([fwd(*ins[:3])], bhtk), both and swap(both(*ins), bhtk)
+        row['rel_err'] = rel_err([*o, *grads], want) if grads else rel_err(o, want[:1])
+        timed.append((row, timer(fwd, ins[:3], args.seconds), both and timer(both, ins, args.seconds), [], []))
+    for i in range(args.rounds):  # the kernels take turns, and the order flips each round
+        for row, t_fwd, t_both, fwds, boths in timed[::1 - 2 * (i % 2)]:
+            fwds.append(t_fwd())
+            boths.append(t_both() if t_both else None)
+    for row, _, t_both, fwds, boths in timed:
+        row['fwd_ms'], row['fwd_tflops'] = 1e3 * statistics.median(fwds), flops / statistics.median(fwds) / 1e12
+        if t_both:
+            total = statistics.median(boths)
+            row.update(fwd_bwd_ms=1e3 * total, bwd_ms=1e3 * (total - statistics.median(fwds)), step_ms=1e3 * total * L)
+            row['bwd_tflops'] = 2.5 * flops / max(total - statistics.median(fwds), 1e-9) / 1e12
+    done = {n: r for n, r in rows.items() if r['fwd_bwd_ms']}
+    return dict(device_kind=f'{deviceless.GPUS[args.compile_for][0]}, compiled here, nothing run' if mesh else device.device_kind,
+                platform=args.compile_for and 'gpu' or device.platform,
+                host_cpu=bench.host_cpu(), jax=jax.__version__, config=args.config_name, overrides=args.overrides,
+                batch_size=B, seq_len=T, n_heads=H, head_dim=K, n_layers=L, dtype=str(c.dtype), causal_flops_fwd=flops,
+                rounds=args.rounds, kernels=rows, fastest=min(done, key=lambda n: done[n]['fwd_bwd_ms']) if done else None,
+                interpret=not mesh and device.platform != 'gpu' and any(r['impl'] in ('pallas', 'mgpu+pallas') for r in rows.values()))
+
+
+def table(r):
+    f = lambda x, fmt: '' if x is None else format(x, fmt)
+    w = max(len(n) for n in [*r['kernels'], 'kernel'])
+    lines = [f"{r['device_kind']} ({r['platform']}, jax {r['jax']}): B={r['batch_size']} T={r['seq_len']} H={r['n_heads']} "
+             f"K={r['head_dim']} {r['dtype']}, causal; per step: forward + backward x {r['n_layers']} layers; TF/s: causal work",
+             f"{'kernel':<{w}} {'fwd ms':>8} {'bwd ms':>8} {'per step':>10} {'fwd TF/s':>9} {'bwd TF/s':>9} {'rel_err':>8} {'temp MiB':>9}"]
+    for name, k in r['kernels'].items():
+        lines.append(f"{name:<{w}} {f(k['fwd_ms'], '8.3f'):>8} {f(k['bwd_ms'], '8.3f'):>8} {f(k['step_ms'], '7.2f') + ' ms' * (k['step_ms'] is not None):>10} "
+                     f"{f(k['fwd_tflops'], '9.3g'):>9} {f(k['bwd_tflops'], '9.3g'):>9} {f(k['rel_err'], '8.1e'):>8} "
+                     f"{f(k['temp_bytes'] and k['temp_bytes'] / 2**20, '9.0f'):>9}" + (f"  {k['error']}" if k['error'] else '')
+                     + ('  compiled' if k['compiled'] and k['fwd_ms'] is None and not k['error'] else ''))
+    if r['interpret']:
+        lines.append('Pallas ran in interpret mode (no GPU): its times say nothing about a GPU')
+    return '\n'.join(lines) + (f"\nfastest forward + backward: {r['fastest']}" if r['fastest'] else '')
+
+
+if __name__ == '__main__':
+    bench.cli(functools.partial(bench.main, parse=parse, run=run, table=table))

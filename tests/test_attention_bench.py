@@ -1,0 +1,65 @@
+"""benchmarks/attention_bench.py: its tiny run on the CPU checks each kernel that can run here (Pallas's in interpret mode)
+against XLA's attention in fp32; bad flags are argparse's one line; where the CUDA plugin is installed, --compile-for h100
+tells a Pallas block setting that fits an H100's shared memory from one that does not. No assertion on speed."""
+import importlib.util, json, os, subprocess, sys
+import pytest
+from conftest import REPO
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+import attention_bench as ab
+import bench
+
+HAS_PLUGIN = importlib.util.find_spec('jax_plugins') is not None and importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+
+
+def test_tiny_run_checks_every_kernel_against_xla_in_fp32_and_ends_with_its_json(capsys):
+    bench.main(['--tiny', '--pallas', 'bq=64,bk=64,bq_dkv=32,bkv_dkv=64,bkv_dq=32'], parse=ab.parse, run=ab.run, table=ab.table)
+    lines = capsys.readouterr().out.strip().splitlines()
+    r = json.loads(lines[-1])
+    k = r['kernels']
+    assert (r['batch_size'], r['seq_len'], r['n_heads'], r['head_dim'], r['dtype']) == (2, 256, 2, 64, 'float32')
+    assert list(k) == ['cudnn', 'cudnn-bnth', 'xla', 'chunked', 'pallas[bq=64,bk=64,bkv_dkv=64]', 'mgpu', 'mgpu+pallas']
+    ran = ['xla', 'chunked', 'pallas[bq=64,bk=64,bkv_dkv=64]']
+    for name in ran:  # forward and backward timed; the output and the three gradients within fp32 rounding of XLA's
+        assert k[name]['error'] is None and k[name]['rel_err'] < 1e-5, (name, k[name])
+        assert None not in (k[name]['fwd_ms'], k[name]['bwd_ms'], k[name]['step_ms'], k[name]['fwd_tflops'])
+    assert all(k[name]['error'] == 'needs an NVIDIA GPU' and k[name]['fwd_ms'] is None for name in k if name not in ran)
+    assert r['fastest'] in ran and r['interpret'] and 'interpret mode' in lines[-3]
+
+
+def test_a_wrong_pallas_call_shows_in_rel_err(monkeypatch, capsys):
+    """The check can fail: Pallas's kernel without the 1/sqrt(K) scale is far from XLA's attention."""
+    real = ab.pallas_kernel
+    monkeypatch.setattr(ab, 'pallas_kernel', lambda impl, s, scale, *a: real(impl, s, 1.0, *a))
+    r = ab.run(ab.parse(['--tiny', '--impls', 'xla,pallas']))
+    assert r['kernels']['xla']['rel_err'] < 1e-5 < 1e-2 < r['kernels']['pallas[defaults]']['rel_err']
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--impls', 'cudnn,flash'], "--impls: unknown kernel 'flash'; known: cudnn, cudnn-bnth, xla, chunked, pallas, mgpu, mgpu+pallas"),
+    (['--pallas', 'bq=big'], "'bq=big': key=integer pairs separated by commas"),
+    (['--pallas', 'bq=64,blk=32'], "'bq=64,blk=32': unknown key blk; keys: bq, bk, bq_dkv, bkv_dkv, bkv_dq, warps, stages"),
+])
+def test_bad_flags_are_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        ab.parse(flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and message in err[-1]
+
+
+def test_pallas_settings_keep_jax_defaults_for_keys_not_given():
+    s = ab.pallas_setting('bk=64,warps=8')
+    assert s == dict(bq=128, bk=64, bq_dkv=32, bkv_dkv=32, bkv_dq=32, warps=8, stages=2) and ab.name_of(s) == 'bk=64,warps=8'
+    assert ab.name_of(ab.pallas_setting('bq=128')) == 'defaults'
+    assert ab.parse([]).pallas == [ab.pallas_setting(ab.PALLAS[0])]  # on a CPU: one setting (on a GPU, all of PALLAS)
+
+
+@pytest.mark.skipif(not HAS_PLUGIN, reason='needs jax-cuda12-plugin and jax-cuda12-pjrt (see benchmarks/deviceless.py)')
+def test_compile_for_h100_tells_a_block_setting_that_fits_from_one_that_does_not():
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'attention_bench.py'), '--tiny', 'model.dtype=bfloat16',
+                        'model.seq_len=1024', '--compile-for', 'h100', '--impls', 'cudnn,pallas',
+                        '--pallas', 'bq=64,bk=64', 'bq_dkv=256,bkv_dkv=256,bkv_dq=256'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    k = json.loads(r.stdout.strip().splitlines()[-1])['kernels']
+    assert k['cudnn']['compiled'] and k['pallas[bq=64,bk=64]']['compiled'] and k['cudnn']['fwd_ms'] is None  # nothing ran
+    big = k['pallas[bq_dkv=256,bkv_dkv=256,bkv_dq=256]']
+    assert big['compiled'] and big['error'].startswith('backward: ') and 'Shared memory size limit exceeded' in big['error']
