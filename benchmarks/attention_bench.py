@@ -186,8 +186,9 @@ def run(args):
     else:
         q, k, v, do = (jax.random.normal(key, (B, T, H, K), c.dtype) for key in jax.random.split(jax.random.key(0), 4))
         exact = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
-        o_ref, vjp = jax.jit(lambda q, k, v: jax.vjp(exact, q, k, v))(*(x.astype(jnp.float32) for x in (q, k, v)))
-        want = (o_ref, *jax.jit(vjp)(do.astype(jnp.float32)))
+        with jax.default_matmul_precision('highest'):  # fp32 matmuls in fp32 (XLA may run them in TF32 on GPUs otherwise)
+            o_ref, vjp = jax.jit(lambda q, k, v: jax.vjp(exact, q, k, v))(*(x.astype(jnp.float32) for x in (q, k, v)))
+            want = (o_ref, *jax.jit(vjp)(do.astype(jnp.float32)))
     swap = lambda xs, bhtk: tuple(x.swapaxes(1, 2) if bhtk else x for x in xs)
     for name, impl, f, bhtk in kernels(args, K, on_gpu=device.platform == 'gpu' or bool(args.compile_for)):
         row = rows[name] = dict(impl=impl, compiled=False, fwd_ms=None, bwd_ms=None, fwd_bwd_ms=None, step_ms=None, fwd_tflops=None,
@@ -200,7 +201,11 @@ def run(args):
         row['compiled'], row['temp_bytes'] = fwd is not None, row['temp_bytes'] if fwd else None
         if mesh or fwd is None:
             continue
-        o, grads = swap([fwd(*ins[:3])], bhtk), both and swap(both(*ins), bhtk)
+        try:  # a kernel that compiles but fails on the device (its launch, say): a row that says so, and the others go on
+            o, grads = jax.block_until_ready((swap([fwd(*ins[:3])], bhtk), both and swap(both(*ins), bhtk)))
+        except Exception as e:
+            row['error'] = f'running it: {type(e).__name__}: {utils.first_line(e)}'
+            continue
         row['rel_err'] = rel_err([*o, *grads], want) if grads else rel_err(o, want[:1])
         timed.append((row, timer(fwd, ins[:3], args.seconds), both and timer(both, ins, args.seconds), [], []))
     for i in range(args.rounds):  # the kernels take turns, and the order flips each round
