@@ -39,7 +39,8 @@ PALLAS_KEYS = {'bq': 128, 'bk': 128, 'bq_dkv': 32, 'bkv_dkv': 32, 'bkv_dq': 32, 
 # block settings timed by default on a GPU (the dq kernel's query block is bkv_dkv: the Triton backward requires it)
 PALLAS = ['bq=128,bk=128,bq_dkv=32,bkv_dkv=32,bkv_dq=32', 'bq=128,bk=64,bq_dkv=64,bkv_dkv=64,bkv_dq=64',
           'bq=128,bk=64,bq_dkv=64,bkv_dkv=128,bkv_dq=64,warps=8', 'bq=64,bk=64,bq_dkv=64,bkv_dkv=64,bkv_dq=64,stages=3',
-          'bq=128,bk=128,bq_dkv=64,bkv_dkv=128,bkv_dq=128,warps=8', 'bq=128,bk=64,bq_dkv=32,bkv_dkv=64,bkv_dq=32']
+          'bq=128,bk=128,bq_dkv=64,bkv_dkv=128,bkv_dq=128,warps=8', 'bq=128,bk=64,bq_dkv=32,bkv_dkv=64,bkv_dq=32',
+          'bq=128,bk=64,bq_dkv=32,bkv_dkv=128,bkv_dq=32,stages=3']  # the last: the blocks of Triton's own fused-attention tutorial
 
 
 def pallas_setting(text):  # an argparse type: 'bq=128,bk=64,...' -> dict, JAX's defaults for the keys not given
