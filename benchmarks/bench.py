@@ -34,6 +34,16 @@ def at_least(n):  # an argparse type: an integer >= n
     return parse
 
 
+def xla_options(text):  # an argparse type: a JSON object of XLA compile options ({"name": value, ...})
+    try:
+        options = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f'{text!r} is not JSON: {e}')
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f'{text!r}: a JSON object, {{"xla_option_name": value, ...}}')
+    return options
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('overrides', nargs='*', help='Hydra overrides, e.g. model.dtype=bfloat16 batch_size=16')
@@ -45,8 +55,12 @@ def parse(argv):
     p.add_argument('--matmul-size', type=at_least(1), default=None, help='roofline matmul side (default 2048 on CPU, 8192 else)')
     p.add_argument('--depths', default=None, help="layer counts for the compile-time sweep (default 2,12,24); '' skips it")
     p.add_argument('--vs', type=shlex.split, default=None, help="a variant's overrides, timed in the same rounds: --vs 'model.remat=dots'")
+    p.add_argument('--vs-xla', type=xla_options, default=None, metavar='JSON',
+                   help="XLA options for the --vs step on top of the trainer's: --vs '' --vs-xla '{\"xla_gpu_enable_command_buffer\": \"\"}'")
     p.add_argument('--tiny', action='store_true', help='a tiny model, one short round, for smoke tests (flags given still count)')
     args = p.parse_args(argv)
+    if args.vs_xla and args.vs is None:
+        p.error("--vs-xla: the options are for the --vs step: add --vs '' to compare the same step with and without them")
     defaults = dict(warmup=1, rounds=1, steps=1, matmul_size=128, depths='1,2') if args.tiny else dict(warmup=2, rounds=5, steps=2, depths='2,12,24')
     for key, value in defaults.items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
@@ -82,8 +96,9 @@ def check_batch(cfg, mesh):
                                 f'each divisible over {mesh.devices.size} devices')
 
 
-def build(cfg, mesh):
-    """The real training step, compiled ahead of time, and a synthetic batch [A, B/A, T+1] for it."""
+def build(cfg, mesh, xla=None):
+    """The real training step, compiled ahead of time (with XLA options `xla` on top of the trainer's), and a synthetic
+    batch [A, B/A, T+1] for it."""
     check_batch(cfg, mesh)
     tx = train.make_optimizer(cfg.opt, train.lr_schedule(cfg.opt, 1000))
     graphdef, state = train.create_state(cfg, mesh, tx)
@@ -92,7 +107,7 @@ def build(cfg, mesh):
     batch = jax.device_put(zipf_tokens((A, B // A, T + 1), V), NamedSharding(mesh, P(None, 'data')))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):  # as in train.train: the model pins activations to batch sharding
-        compiled = step.lower(state, batch).compile()  # tracing + XLA compile, what a user waits for
+        compiled = step.lower(state, batch).compile(xla)  # tracing + XLA compile, what a user waits for
     return compiled, state, batch, time.perf_counter() - t0
 
 
@@ -142,7 +157,13 @@ def run(args):
             train.model_config(vs_cfg.model)  # its device refusals (cuDNN, fp16, bf16)
     except utils.PicodoError as e:
         raise utils.PicodoError(f'--vs {shlex.join(args.vs)!r}: {e}') from None
-    runs = [[*build(cfg, mesh), []]] + ([[*build(vs_cfg, mesh), []]] if vs_cfg else [])  # [step, state, batch, compile_s, times]
+    runs = [[*build(cfg, mesh), []]]  # [step, state, batch, compile_s, times], and the variant's
+    try:
+        runs += [[*build(vs_cfg, mesh, args.vs_xla), []]] if vs_cfg else []
+    except Exception as e:  # an option XLA does not know, or a value it cannot take: its one line, naming the flag
+        if not (args.vs_xla and 'INVALID_ARGUMENT' in utils.first_line(e)):
+            raise
+        raise utils.PicodoError(f'--vs-xla: {utils.first_line(e)}') from None
     for r in runs:
         for _ in range(args.warmup):
             r[1], _ = r[0](r[1], r[2])
@@ -160,7 +181,7 @@ def run(args):
             r[4].append((time.perf_counter() - t0) / args.steps)
     (step, state, batch, compile_s, step_times), matmul_s = runs[0], statistics.median(matmul_times)
     step_s, roofline = statistics.median(step_times), matmul_flops / matmul_s
-    vs = vs_cfg and variant(args.vs, vs_cfg, runs[1][4], B * T, step_times, roofline, runs[1][3], devices)
+    vs = vs_cfg and variant(args.vs, vs_cfg, runs[1][4], B * T, step_times, roofline, runs[1][3], devices) | {'xla_options': args.vs_xla}
     model_flops = gpt.flops_per_token(c) * B * T / step_s
     peak = utils.peak_flops(devices[0].device_kind, cfg.peak_flops)
     mem = step.memory_analysis()
@@ -211,7 +232,8 @@ def table(r):
     if 'vs' in r:
         v = r['vs']
         rs = v['speedup_rounds']
-        rows += [('vs', shlex.join(v['overrides']) or "'' (the same step again: the noise)"),
+        rows += [('vs', (shlex.join(v['overrides']) or ("''" if v['xla_options'] else "'' (the same step again: the noise)"))
+                        + (f" with XLA options {json.dumps(v['xla_options'])}" if v['xla_options'] else '')),
                  ('vs: tokens/s', f"{v['tokens_per_sec']:,.0f}, {v['step_ms']:,.1f} ms, compile {v['compile_s']:.1f} s"),
                  ('vs: roofline fraction, MFU', f"{v['roofline_fraction']:.3f}, {g(v['mfu'])}"),
                  ('vs: speedup', f"{v['speedup']:.3f}x tokens/s (median of the rounds' ratios, "

@@ -108,7 +108,7 @@ def test_a_variant_runs_in_the_same_rounds_and_gets_its_speedup(capsys, monkeypa
         def __init__(self, step, B): self.step, self.B = step, B
         def __call__(self, *args): return calls.append(self.B) or self.step(*args)
         def __getattr__(self, name): return getattr(self.step, name)  # memory_analysis
-    spy = lambda cfg, mesh: (lambda step, *rest: (Spy(step, cfg.batch_size), *rest))(*build(cfg, mesh))
+    spy = lambda cfg, mesh, *xla: (lambda step, *rest: (Spy(step, cfg.batch_size), *rest))(*build(cfg, mesh, *xla))
     monkeypatch.setattr(bench, 'build', spy)
     r = bench.main(['--tiny', '--rounds', '3', '--depths', '', '--vs', 'batch_size=16 model.remat=dots'])
     assert calls == [8, 16] + [8, 16] + [16, 8] + [8, 16]  # one warm-up step each, then one step each per round
@@ -129,6 +129,24 @@ def test_a_variant_runs_in_the_same_rounds_and_gets_its_speedup(capsys, monkeypa
     with pytest.raises(utils.PicodoError, match=r"^--vs 'model.attn_impl=cudnn': model.attn_impl=cudnn needs an NVIDIA GPU"):
         bench.main(['--tiny', '--vs', 'model.attn_impl=cudnn'])
 
+
+
+def test_vs_xla_compiles_the_variant_with_xla_options_on_top_of_the_trainers(capsys, monkeypatch):
+    """--vs-xla: XLA options for the --vs step only (A/B of a compiler flag in one process); XLA's own error for an option
+    it does not know, as one line naming the flag, shows they reach the compiler."""
+    seen, build = [], bench.build
+    monkeypatch.setattr(bench, 'build', lambda cfg, mesh, xla=None: seen.append(xla) or build(cfg, mesh, xla))
+    r = bench.main(['--tiny', '--depths', '', '--vs', '', '--vs-xla', '{"xla_cpu_enable_fast_math": false}'])
+    assert seen == [None, {'xla_cpu_enable_fast_math': False}] and r['vs']['xla_options'] == {'xla_cpu_enable_fast_math': False}
+    assert '\nvs                           \'\' with XLA options {"xla_cpu_enable_fast_math": false}\n' in capsys.readouterr().out
+    with pytest.raises(utils.PicodoError, match=r"^--vs-xla: INVALID_ARGUMENT: No such compile option: 'xla_no_such_option'$"):
+        bench.main(['--tiny', '--depths', '', '--vs', '', '--vs-xla', '{"xla_no_such_option": 1}'])
+    for flags, message in [(['--vs-xla', '{"a": 1}'], "--vs-xla: the options are for the --vs step: add --vs ''"),
+                           (['--vs', '', '--vs-xla', '[1]'], "argument --vs-xla: '[1]': a JSON object"),
+                           (['--vs', '', '--vs-xla', '{a: 1}'], "argument --vs-xla: '{a: 1}' is not JSON")]:
+        with pytest.raises(SystemExit):
+            bench.parse(flags)
+        assert message in capsys.readouterr().err
 
 
 def test_synthetic_ids_follow_zipfs_law_in_the_vocabulary_the_same_each_call():
@@ -178,7 +196,7 @@ def test_the_json_figures_follow_from_the_timed_rounds(monkeypatch, capsys):
     base = [9, 1, 3, 4, 4, 1, 1]  # 1 warm-up step, then 2 steps per round: rounds of 2, 4 and 1 s per step
     variant = [5, 3, 3, 2, 2, 9, 9]  # rounds of 3, 2, 9 s per step, at twice the batch
     durations, built = [iter(base), iter(variant)], []
-    def build(cfg, mesh):
+    def build(cfg, mesh, xla=None):
         built.append((cfg.model.n_layers, bool(cfg.model.scan)))
         step = fake_step(clock, durations.pop(0) if durations else iter(()))
         return step, (jax.numpy.zeros(7),), None, cfg.model.n_layers + 0.5 * bool(cfg.model.scan)  # compile s: 2 unscanned
