@@ -12,8 +12,9 @@ rounds so both see the same machine noise. A depth sweep reports compile time at
 with the layer scan on (the configs turn it off: unrolled layers step faster on CPUs and on an H200).
 With --vs, a second step (the same overrides plus the variant's) runs in the same rounds, so the two are compared
 under the same machine noise: its figures and `speedup` under the JSON's `vs` (its tokens/s over the first's, the median of the rounds' ratios).
+--vs-xla compiles the --vs step with more XLA options; --vs-attention traces it with one of attention_bench.py's kernels.
 """
-import argparse, json, os, platform, re, shlex, statistics, sys, time
+import argparse, contextlib, json, os, platform, re, shlex, statistics, sys, time, unittest.mock
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import jax
@@ -57,10 +58,13 @@ def parse(argv):
     p.add_argument('--vs', type=shlex.split, default=None, help="a variant's overrides, timed in the same rounds: --vs 'model.remat=dots'")
     p.add_argument('--vs-xla', type=xla_options, default=None, metavar='JSON',
                    help="XLA options for the --vs step on top of the trainer's: --vs '' --vs-xla '{\"xla_gpu_enable_command_buffer\": \"\"}'")
+    p.add_argument('--vs-attention', metavar='KERNEL', help="the --vs step's attention: a kernel of attention_bench.py "
+                   "(pallas, 'pallas[bk=64,bkv_dkv=64]', mgpu+pallas, ...) in place of jax.nn.dot_product_attention")
     p.add_argument('--tiny', action='store_true', help='a tiny model, one short round, for smoke tests (flags given still count)')
     args = p.parse_args(argv)
-    if args.vs_xla and args.vs is None:
-        p.error("--vs-xla: the options are for the --vs step: add --vs '' to compare the same step with and without them")
+    for flag, given in (('--vs-xla', args.vs_xla), ('--vs-attention', args.vs_attention)):
+        if given and args.vs is None:
+            p.error(f"{flag} is for the --vs step: add --vs '' to compare the same step with and without it")
     defaults = dict(warmup=1, rounds=1, steps=1, matmul_size=128, depths='1,2') if args.tiny else dict(warmup=2, rounds=5, steps=2, depths='2,12,24')
     for key, value in defaults.items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
@@ -138,6 +142,31 @@ def host_cpu():  # the host's processor: device_kind says only 'cpu', and a figu
     return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}), {os.cpu_count()} cores"
 
 
+def attention(name, cfg, on_gpu):
+    """A context in which jax.nn.dot_product_attention, which the model calls (but with model.attn_impl=chunked), is
+    attention_bench.py's kernel `name` (as its rows are named: pallas[bk=64], mgpu+pallas, ...): that kernel in the real
+    step. Without `name`, nothing changes."""
+    if not name:
+        return contextlib.nullcontext()
+    import attention_bench as ab
+    impl, _, setting = name.partition('[')
+    try:
+        setting = ab.pallas_setting(setting.removesuffix(']')) if setting.strip('[]') not in ('', 'defaults') else ab.PALLAS_KEYS
+    except argparse.ArgumentTypeError as e:
+        raise utils.PicodoError(f'--vs-attention {name!r}: {e}') from None
+    if impl not in ab.IMPLS or setting is not ab.PALLAS_KEYS and impl not in ('pallas', 'mgpu+pallas'):
+        raise utils.PicodoError(f"--vs-attention {name!r}: one of {', '.join(ab.IMPLS)} (pallas and mgpu+pallas with a block setting: pallas[bk=64])")
+    if train.model_config(cfg.model).attn_impl == 'chunked':  # auto on a CPU
+        raise utils.PicodoError(f"--vs-attention {name!r} replaces jax.nn.dot_product_attention, which model.attn_impl=chunked does not "
+                                "call: add model.attn_impl=xla to --vs")
+    K = cfg.model.d_model // cfg.model.n_heads
+    (_, _, kernel, bhtk), = ab.kernels(argparse.Namespace(impls=[impl], pallas=[setting], mgpu_block_kv=128), K, on_gpu)
+    if isinstance(kernel, str):  # it cannot run here
+        raise utils.PicodoError(f'--vs-attention {name!r}: {kernel}')
+    swap = lambda x: x.swapaxes(1, 2) if bhtk else x
+    return unittest.mock.patch.object(jax.nn, 'dot_product_attention', lambda q, k, v, **_: swap(kernel(*map(swap, (q, k, v)))))
+
+
 def compile_seconds(cfg, mesh, n_layers):  # with the layer scan, whatever the config says: the sweep is about its flat compile
     cfg = cfg.copy()
     cfg.model.n_layers, cfg.model.scan = n_layers, True
@@ -159,7 +188,8 @@ def run(args):
         raise utils.PicodoError(f'--vs {shlex.join(args.vs)!r}: {e}') from None
     runs = [[*build(cfg, mesh), []]]  # [step, state, batch, compile_s, times], and the variant's
     try:
-        runs += [[*build(vs_cfg, mesh, args.vs_xla), []]] if vs_cfg else []
+        with attention(args.vs_attention, vs_cfg, devices[0].platform == 'gpu') if vs_cfg else contextlib.nullcontext():
+            runs += [[*build(vs_cfg, mesh, args.vs_xla), []]] if vs_cfg else []
     except Exception as e:  # an option XLA does not know, or a value it cannot take: its one line, naming the flag
         if not (args.vs_xla and 'INVALID_ARGUMENT' in utils.first_line(e)):
             raise
@@ -181,7 +211,8 @@ def run(args):
             r[4].append((time.perf_counter() - t0) / args.steps)
     (step, state, batch, compile_s, step_times), matmul_s = runs[0], statistics.median(matmul_times)
     step_s, roofline = statistics.median(step_times), matmul_flops / matmul_s
-    vs = vs_cfg and variant(args.vs, vs_cfg, runs[1][4], B * T, step_times, roofline, runs[1][3], devices) | {'xla_options': args.vs_xla}
+    vs = vs_cfg and variant(args.vs, vs_cfg, runs[1][4], B * T, step_times, roofline, runs[1][3], devices) | {
+        'xla_options': args.vs_xla, 'attention': args.vs_attention}
     model_flops = gpt.flops_per_token(c) * B * T / step_s
     peak = utils.peak_flops(devices[0].device_kind, cfg.peak_flops)
     mem = step.memory_analysis()
@@ -232,8 +263,9 @@ def table(r):
     if 'vs' in r:
         v = r['vs']
         rs = v['speedup_rounds']
-        rows += [('vs', (shlex.join(v['overrides']) or ("''" if v['xla_options'] else "'' (the same step again: the noise)"))
-                        + (f" with XLA options {json.dumps(v['xla_options'])}" if v['xla_options'] else '')),
+        rows += [('vs', (shlex.join(v['overrides']) or ("''" if v['xla_options'] or v['attention'] else "'' (the same step again: the noise)"))
+                        + (f" with XLA options {json.dumps(v['xla_options'])}" if v['xla_options'] else '')
+                        + (f" with attention {v['attention']}" if v['attention'] else '')),
                  ('vs: tokens/s', f"{v['tokens_per_sec']:,.0f}, {v['step_ms']:,.1f} ms, compile {v['compile_s']:.1f} s"),
                  ('vs: roofline fraction, MFU', f"{v['roofline_fraction']:.3f}, {g(v['mfu'])}"),
                  ('vs: speedup', f"{v['speedup']:.3f}x tokens/s (median of the rounds' ratios, "

@@ -141,12 +141,36 @@ def test_vs_xla_compiles_the_variant_with_xla_options_on_top_of_the_trainers(cap
     assert '\nvs                           \'\' with XLA options {"xla_cpu_enable_fast_math": false}\n' in capsys.readouterr().out
     with pytest.raises(utils.PicodoError, match=r"^--vs-xla: INVALID_ARGUMENT: No such compile option: 'xla_no_such_option'$"):
         bench.main(['--tiny', '--depths', '', '--vs', '', '--vs-xla', '{"xla_no_such_option": 1}'])
-    for flags, message in [(['--vs-xla', '{"a": 1}'], "--vs-xla: the options are for the --vs step: add --vs ''"),
+    for flags, message in [(['--vs-xla', '{"a": 1}'], "--vs-xla is for the --vs step: add --vs ''"),
                            (['--vs', '', '--vs-xla', '[1]'], "argument --vs-xla: '[1]': a JSON object"),
                            (['--vs', '', '--vs-xla', '{a: 1}'], "argument --vs-xla: '{a: 1}' is not JSON")]:
         with pytest.raises(SystemExit):
             bench.parse(flags)
         assert message in capsys.readouterr().err
+
+
+def test_vs_attention_puts_an_attention_bench_kernel_in_the_real_step(capsys):
+    """--vs-attention: the --vs step with one of attention_bench.py's kernels in place of jax.nn.dot_product_attention, here
+    Pallas's Triton kernel (in interpret mode on a CPU): in the compiled step, and training as XLA's attention does."""
+    cfg = bench.compose_config('bench_cpu', bench.TINY + ['model.attn_impl=xla'])
+    mesh = jax.make_mesh((1,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    plain = bench.build(cfg, mesh)
+    with bench.attention('pallas[bq=16,bk=16,bq_dkv=16,bkv_dkv=16,bkv_dq=16]', cfg, on_gpu=False):
+        pallas = bench.build(cfg, mesh)
+    assert 'mha_forward' in pallas[0].as_text() and 'mha_forward' not in plain[0].as_text() + bench.build(cfg, mesh)[0].as_text()
+    metrics = []
+    for step, state, batch, _ in (plain, pallas):
+        for _ in range(3):
+            state, m = step(state, batch)
+        metrics.append((float(m['train_loss']), float(m['grad_norm'])))
+    np.testing.assert_allclose(metrics[1], metrics[0], rtol=1e-5)
+    r = bench.main(['--tiny', '--depths', '', '--vs', 'model.attn_impl=xla', '--vs-attention', 'pallas'])
+    assert r['vs']['attention'] == 'pallas' and 'model.attn_impl=xla with attention pallas\n' in capsys.readouterr().out
+    for name, message in [('pallas', "replaces jax.nn.dot_product_attention, which model.attn_impl=chunked does not call"),
+                          ('cudnn', 'needs an NVIDIA GPU'), ('flash', 'one of cudnn, cudnn-bnth, xla'),
+                          ('pallas[bx=1]', "'bx=1': unknown key bx")]:
+        with pytest.raises(utils.PicodoError, match=re.escape(f'--vs-attention {name!r}') + '.*' + re.escape(message)):
+            bench.main(['--tiny', '--depths', '', '--vs', '' if name == 'pallas' else 'model.attn_impl=xla', '--vs-attention', name])
 
 
 def test_synthetic_ids_follow_zipfs_law_in_the_vocabulary_the_same_each_call():
