@@ -186,9 +186,10 @@ def run(args):
             train.model_config(vs_cfg.model)  # its device refusals (cuDNN, fp16, bf16)
     except utils.PicodoError as e:
         raise utils.PicodoError(f'--vs {shlex.join(args.vs)!r}: {e}') from None
+    vs_attention = attention(args.vs_attention, vs_cfg, devices[0].platform == 'gpu')  # its refusals, before any compile
     runs = [[*build(cfg, mesh), []]]  # [step, state, batch, compile_s, times], and the variant's
     try:
-        with attention(args.vs_attention, vs_cfg, devices[0].platform == 'gpu') if vs_cfg else contextlib.nullcontext():
+        with vs_attention:
             runs += [[*build(vs_cfg, mesh, args.vs_xla), []]] if vs_cfg else []
     except Exception as e:  # an option XLA does not know, or a value it cannot take: its one line, naming the flag
         if not (args.vs_xla and 'INVALID_ARGUMENT' in utils.first_line(e)):
