@@ -7,6 +7,7 @@ from conftest import REPO
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import attention_bench as ab
 import bench
+import jax
 
 HAS_PLUGIN = importlib.util.find_spec('jax_plugins') is not None and importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
 
@@ -23,7 +24,7 @@ def test_tiny_run_checks_every_kernel_against_xla_in_fp32_and_ends_with_its_json
         assert k[name]['error'] is None and k[name]['rel_err'] < 1e-5, (name, k[name])
         assert None not in (k[name]['fwd_ms'], k[name]['bwd_ms'], k[name]['step_ms'], k[name]['fwd_tflops'])
     assert all(k[name]['error'] == 'needs an NVIDIA GPU' and k[name]['fwd_ms'] is None for name in k if name not in ran)
-    assert r['fastest'] in ran and r['interpret'] and 'interpret mode' in lines[-3]
+    assert r['fastest'] in ran and r['interpret'] and 'interpret mode' in lines[-3] and not any(k[n]['suspect'] for n in ran)
 
 
 def test_a_wrong_pallas_call_shows_in_rel_err(monkeypatch, capsys):
@@ -32,6 +33,21 @@ def test_a_wrong_pallas_call_shows_in_rel_err(monkeypatch, capsys):
     monkeypatch.setattr(ab, 'pallas_kernel', lambda impl, s, scale, *a: real(impl, s, 1.0, *a))
     r = ab.run(ab.parse(['--tiny', '--impls', 'xla,pallas']))
     assert r['kernels']['xla']['rel_err'] < 1e-5 < 1e-2 < r['kernels']['pallas[defaults]']['rel_err']
+    assert r['kernels']['pallas[defaults]']['suspect'] and r['fastest'] == 'xla'  # however fast, not the fastest
+
+
+def test_mosaic_gpus_forward_with_the_triton_backward_computes_attentions_gradients(monkeypatch):
+    """mgpu+pallas pairs two kernels through their internals: the Triton backward must get Mosaic GPU's log-sum-exp as it
+    is (both in base 2 of the same scaled scores). Mosaic GPU's kernel has no CPU interpreter: its module's reference stands
+    in for it, computing the log-sum-exp as the kernel does; the Triton backward runs in interpret mode."""
+    mg = pytest.importorskip('jax.experimental.pallas.ops.gpu.attention_mgpu')
+    monkeypatch.setattr(mg, '_attention_forward', lambda q, k, v, config, save_residuals=False: mg.attention_reference(
+        q, k, v, causal=True, save_residuals=save_residuals))
+    f = ab.pallas_kernel('mgpu+pallas', ab.pallas_setting('bq=64,bk=64'), 64 ** -0.5, True, 64)
+    q, k, v, do = (jax.random.normal(key, (2, 128, 2, 64)) for key in jax.random.split(jax.random.key(1), 4))
+    o, vjp = jax.vjp(f, q, k, v)
+    want, want_vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True), q, k, v)
+    assert ab.rel_err([o, *vjp(do)], [want, *want_vjp(do)]) < 1e-5
 
 
 @pytest.mark.parametrize('flags,message', [
