@@ -40,8 +40,8 @@ def xla_options(text):  # an argparse type: a JSON object of XLA compile options
         options = json.loads(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f'{text!r} is not JSON: {e}')
-    if not isinstance(options, dict):
-        raise argparse.ArgumentTypeError(f'{text!r}: a JSON object, {{"xla_option_name": value, ...}}')
+    if not isinstance(options, dict) or not all(type(v) in (str, bool, int, float) for v in options.values()):
+        raise argparse.ArgumentTypeError(f'{text!r}: a JSON object of text, numbers and true/false, {{"xla_option_name": value, ...}}')
     return options
 
 
@@ -154,8 +154,9 @@ def attention(name, cfg, on_gpu):
         setting = ab.pallas_setting(setting.removesuffix(']')) if setting.strip('[]') not in ('', 'defaults') else ab.PALLAS_KEYS
     except argparse.ArgumentTypeError as e:
         raise utils.PicodoError(f'--vs-attention {name!r}: {e}') from None
-    if impl not in ab.IMPLS or setting is not ab.PALLAS_KEYS and impl not in ('pallas', 'mgpu+pallas'):
-        raise utils.PicodoError(f"--vs-attention {name!r}: one of {', '.join(ab.IMPLS)} (pallas and mgpu+pallas with a block setting: pallas[bk=64])")
+    if impl not in ab.IMPLS or impl == 'mgpu' or setting is not ab.PALLAS_KEYS and impl not in ('pallas', 'mgpu+pallas'):
+        raise utils.PicodoError(f"--vs-attention {name!r}: one of {', '.join(i for i in ab.IMPLS if i != 'mgpu')} (mgpu has no causal backward; "
+                                "pallas and mgpu+pallas with a block setting: pallas[bk=64])")
     if train.model_config(cfg.model).attn_impl == 'chunked':  # auto on a CPU
         raise utils.PicodoError(f"--vs-attention {name!r} replaces jax.nn.dot_product_attention, which model.attn_impl=chunked does not "
                                 "call: add model.attn_impl=xla to --vs")
@@ -164,7 +165,10 @@ def attention(name, cfg, on_gpu):
     if isinstance(kernel, str):  # it cannot run here
         raise utils.PicodoError(f'--vs-attention {name!r}: {kernel}')
     swap = lambda x: x.swapaxes(1, 2) if bhtk else x
-    return unittest.mock.patch.object(jax.nn, 'dot_product_attention', lambda q, k, v, **_: swap(kernel(*map(swap, (q, k, v)))))
+    def causal_attention(q, k, v, is_causal, implementation=None):  # as the model calls it in training (no mask, no bias)
+        assert is_causal, 'the kernels of attention_bench.py are causal'
+        return swap(kernel(*map(swap, (q, k, v))))
+    return unittest.mock.patch.object(jax.nn, 'dot_product_attention', causal_attention)
 
 
 def compile_seconds(cfg, mesh, n_layers):  # with the layer scan, whatever the config says: the sweep is about its flat compile
@@ -191,13 +195,16 @@ def run(args):
     try:
         with vs_attention:
             runs += [[*build(vs_cfg, mesh, args.vs_xla), []]] if vs_cfg else []
-    except Exception as e:  # an option XLA does not know, or a value it cannot take: its one line, naming the flag
-        if not (args.vs_xla and 'INVALID_ARGUMENT' in utils.first_line(e)):
-            raise
-        raise utils.PicodoError(f'--vs-xla: {utils.first_line(e)}') from None
-    for r in runs:
-        for _ in range(args.warmup):
-            r[1], _ = r[0](r[1], r[2])
+    except Exception as e:  # an option XLA does not know, a value it cannot take; a kernel that fails in the step: one line
+        if args.vs_xla and 'INVALID_ARGUMENT' in utils.first_line(e):
+            raise utils.PicodoError(f'--vs-xla: {utils.first_line(e)}') from None
+        if args.vs_attention and not utils.oom_error(e):
+            raise utils.PicodoError(f'--vs-attention {args.vs_attention!r}: {type(e).__name__}: {utils.first_line(e)}') from None
+        raise
+    for r in runs:  # untimed steps, at least one: the first's loss and gradient norm (--vs '' with another kernel: the same?)
+        for i in range(max(args.warmup, 1)):
+            r[1], metrics = r[0](r[1], r[2])
+            r += [{k: float(v) for k, v in metrics.items()}] * (i == 0)
         jax.block_until_ready(r[1])
     n = args.matmul_size or (2048 if devices[0].platform == 'cpu' else 8192)
     matmul_time, matmul_flops = matmul_roofline(mesh, n, c.dtype)
@@ -210,10 +217,10 @@ def run(args):
                 r[1], metrics = r[0](r[1], r[2])
             jax.block_until_ready(metrics)
             r[4].append((time.perf_counter() - t0) / args.steps)
-    (step, state, batch, compile_s, step_times), matmul_s = runs[0], statistics.median(matmul_times)
+    (step, state, batch, compile_s, step_times, first_step), matmul_s = runs[0], statistics.median(matmul_times)
     step_s, roofline = statistics.median(step_times), matmul_flops / matmul_s
     vs = vs_cfg and variant(args.vs, vs_cfg, runs[1][4], B * T, step_times, roofline, runs[1][3], devices) | {
-        'xla_options': args.vs_xla, 'attention': args.vs_attention}
+        'xla_options': args.vs_xla, 'attention': args.vs_attention, 'first_step': runs[1][5]}
     model_flops = gpt.flops_per_token(c) * B * T / step_s
     peak = utils.peak_flops(devices[0].device_kind, cfg.peak_flops)
     mem = step.memory_analysis()
@@ -221,7 +228,7 @@ def run(args):
     sweep = {L: compile_s if L == c.n_layers and c.scan else compile_seconds(cfg, mesh, L)
              for L in map(int, filter(None, args.depths.split(',')))}
     return dict(
-        tokens_per_sec=B * T / step_s, step_ms=1e3 * step_s, compile_s=compile_s,
+        tokens_per_sec=B * T / step_s, step_ms=1e3 * step_s, compile_s=compile_s, first_step=first_step,
         mfu=utils.mfu(model_flops, len(devices), peak),
         model_flops_per_sec=model_flops, roofline_flops_per_sec=roofline, roofline_fraction=model_flops / roofline,
         peak_mem_bytes=stats.get('peak_bytes_in_use'),
@@ -250,6 +257,7 @@ def variant(overrides, cfg, times, base_tokens, base_times, roofline, compile_s,
 
 
 def table(r):
+    first = lambda m: f"loss {m['train_loss']:.5f}, gradient norm {m['grad_norm']:.5f}"
     g = lambda x: 'n/a' if x is None else f'{x / 1e9:,.1f} GFLOP/s' if x > 1e6 else f'{x:.3f}'
     rows = [('device', f"{r['n_devices']} x {r['device_kind']}"), ('host', r['host_cpu']),
             ('model', f"L={r['n_layers']} D={r['d_model']} T={r['seq_len']} B={r['batch_size']} "
@@ -260,7 +268,8 @@ def table(r):
             ('roofline fraction', f"{r['roofline_fraction']:.3f} (rounds {min(r['roofline_fraction_rounds']):.3f}"
                                   f"-{max(r['roofline_fraction_rounds']):.3f})"), ('MFU', g(r['mfu'])),
             ('peak memory', 'n/a' if r['peak_mem_bytes'] is None else f"{r['peak_mem_bytes'] / 2**30:.2f} GiB"),
-            ('XLA buffers', 'n/a' if r['xla_mem_bytes'] is None else f"{r['xla_mem_bytes'] / 2**30:.2f} GiB")]
+            ('XLA buffers', 'n/a' if r['xla_mem_bytes'] is None else f"{r['xla_mem_bytes'] / 2**30:.2f} GiB"),
+            ('first step', first(r['first_step']))]
     if 'vs' in r:
         v = r['vs']
         rs = v['speedup_rounds']
@@ -269,6 +278,7 @@ def table(r):
                         + (f" with attention {v['attention']}" if v['attention'] else '')),
                  ('vs: tokens/s', f"{v['tokens_per_sec']:,.0f}, {v['step_ms']:,.1f} ms, compile {v['compile_s']:.1f} s"),
                  ('vs: roofline fraction, MFU', f"{v['roofline_fraction']:.3f}, {g(v['mfu'])}"),
+                 ('vs: first step', first(v['first_step'])),
                  ('vs: speedup', f"{v['speedup']:.3f}x tokens/s (median of the rounds' ratios, "
                                  + (f"{min(rs):.3f}-{max(rs):.3f})" if len(rs) > 1 else '1 round: noise unknown, try --rounds 5)'))]
     rows += [(f'compile, {L} layers (scan)', f'{s:.1f} s') for L, s in r['compile_s_by_depth'].items()]

@@ -143,6 +143,7 @@ def test_vs_xla_compiles_the_variant_with_xla_options_on_top_of_the_trainers(cap
         bench.main(['--tiny', '--depths', '', '--vs', '', '--vs-xla', '{"xla_no_such_option": 1}'])
     for flags, message in [(['--vs-xla', '{"a": 1}'], "--vs-xla is for the --vs step: add --vs ''"),
                            (['--vs', '', '--vs-xla', '[1]'], "argument --vs-xla: '[1]': a JSON object"),
+                           (['--vs', '', '--vs-xla', '{"a": [1]}'], 'a JSON object of text, numbers and true/false'),
                            (['--vs', '', '--vs-xla', '{a: 1}'], "argument --vs-xla: '{a: 1}' is not JSON")]:
         with pytest.raises(SystemExit):
             bench.parse(flags)
@@ -166,8 +167,11 @@ def test_vs_attention_puts_an_attention_bench_kernel_in_the_real_step(capsys):
     np.testing.assert_allclose(metrics[1], metrics[0], rtol=1e-5)
     r = bench.main(['--tiny', '--depths', '', '--vs', 'model.attn_impl=xla', '--vs-attention', 'pallas'])
     assert r['vs']['attention'] == 'pallas' and 'model.attn_impl=xla with attention pallas\n' in capsys.readouterr().out
+    # the first (untimed) steps, from the same weights and batch: the same loss and gradient norm as the chunked loop's
+    np.testing.assert_allclose(list(r['vs']['first_step'].values()), list(r['first_step'].values()), rtol=1e-5)
+    assert set(r['first_step']) == {'train_loss', 'grad_norm'}
     for name, message in [('pallas', "replaces jax.nn.dot_product_attention, which model.attn_impl=chunked does not call"),
-                          ('cudnn', 'needs an NVIDIA GPU'), ('flash', 'one of cudnn, cudnn-bnth, xla'),
+                          ('cudnn', 'needs an NVIDIA GPU'), ('flash', 'one of cudnn, cudnn-bnth, xla'), ('mgpu', 'mgpu has no causal backward'),
                           ('pallas[bx=1]', "'bx=1': unknown key bx")]:
         with pytest.raises(utils.PicodoError, match=re.escape(f'--vs-attention {name!r}') + '.*' + re.escape(message)):
             bench.main(['--tiny', '--depths', '', '--vs', '' if name == 'pallas' else 'model.attn_impl=xla', '--vs-attention', name])
@@ -195,7 +199,7 @@ def fake_step(clock, durations, calls=None):
     class Step:
         def __call__(self, state, batch):
             clock.t += next(durations)
-            return state, jax.numpy.zeros(())
+            return state, {'train_loss': jax.numpy.zeros(()), 'grad_norm': jax.numpy.ones(())}
         def memory_analysis(self):
             return types.SimpleNamespace(argument_size_in_bytes=100, output_size_in_bytes=50, alias_size_in_bytes=30, temp_size_in_bytes=7)
         def as_text(self):
