@@ -153,20 +153,6 @@ def pallas_kernel(impl, s, scale, interpret, mgpu_block_kv):
     return attention
 
 
-def timer(f, inputs, seconds):  # seconds per call, over about `seconds` of calls
-    jax.block_until_ready(f(*inputs))
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*inputs))
-    reps = max(1, int(seconds / max(time.perf_counter() - t0, 1e-6)))
-    def timed():
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            out = f(*inputs)
-        jax.block_until_ready(out)
-        return (time.perf_counter() - t0) / reps
-    return timed
-
-
 def rel_err(got, want):  # over the output and the gradients: max |got - want| / max |want|, each array on its own
     return max(float(jnp.abs(g.astype(jnp.float32) - w).max() / jnp.abs(w).max()) for g, w in zip(got, want))
 
@@ -221,7 +207,7 @@ def run(args):
         row['suspect'] = row['rel_err'] > TOLERANCE.get(str(c.dtype), 5e-2)
         print(f"{name}: compiled, rel_err {row['rel_err']:.1e}" + ' (over the tolerance: wrong?)' * row['suspect']
               + (f", backward: {row['error']}" if row['error'] else ''), file=sys.stderr, flush=True)  # if a later kernel kills the run
-        timed.append((row, timer(fwd, ins[:3], args.seconds), both and timer(both, ins, args.seconds), [], []))
+        timed.append((row, bench.timer(fwd, ins[:3], args.seconds), both and bench.timer(both, ins, args.seconds), [], []))
     for i in range(args.rounds):  # the kernels take turns, and the order flips each round
         for t in timed[::1 - 2 * (i % 2)]:
             row, t_fwd, t_both, fwds, boths = t

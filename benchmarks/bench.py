@@ -121,17 +121,22 @@ def matmul_roofline(mesh, n, dtype):
     # random operands: on GPUs, constant ones switch fewer bits, draw less power and can hold higher clocks than real data
     a = jax.device_put(jax.random.normal(jax.random.key(0), (n * d, n), dtype), NamedSharding(mesh, P('data')))
     b = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), dtype), NamedSharding(mesh, P()))
-    matmul = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+    return timer(jax.jit(lambda a, b: a @ b).lower(a, b).compile(), (a, b), 0.3, 3), 2 * d * n ** 3  # 0.3 s, even on fast chips
+
+
+def timer(f, args, seconds, min_reps=1):
+    """A function that times f(*args): seconds per call, over about `seconds` of calls (at least min_reps), after one untimed."""
+    jax.block_until_ready(f(*args))
     t0 = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    reps = max(3, int(0.3 / (time.perf_counter() - t0)))  # about 0.3 s per timing, even on fast chips
+    jax.block_until_ready(f(*args))
+    reps = max(min_reps, int(seconds / max(time.perf_counter() - t0, 1e-9)))
     def timed():
         t0 = time.perf_counter()
         for _ in range(reps):
-            out = matmul(a, b)
-        out.block_until_ready()
+            out = f(*args)
+        jax.block_until_ready(out)
         return (time.perf_counter() - t0) / reps
-    return timed, 2 * d * n ** 3
+    return timed
 
 
 def host_cpu():  # the host's processor: device_kind says only 'cpu', and a figure on one CPU model tells little about another
