@@ -28,15 +28,20 @@ each one's largest value; a row above 1e-4 (fp32) or 5e-2 (bf16, fp16) is flagge
 forward + backward times the number of layers. The last line is JSON.
 """
 import argparse, contextlib, functools, os, statistics, sys, time
-if __name__ == '__main__' and any(a.startswith('--compile-for') for a in sys.argv):  # as deviceless.py: the GPU is a target only
-    os.environ.update(JAX_PLATFORMS='cpu', JAX_ENABLE_COMPILATION_CACHE='false')
+if __name__ == '__main__' and any(a.startswith('--compile-for') for a in sys.argv):  # as deviceless.py: the GPU or TPU is a target
+    os.environ.update(JAX_PLATFORMS='cpu', JAX_ENABLE_COMPILATION_CACHE='false')  # only, and libtpu is told there is no TPU VM
+    for key, value in dict(TPU_WORKER_HOSTNAMES='localhost', TPU_ACCELERATOR_TYPE='none', ALLOW_MULTIPLE_LIBTPU_LOAD='1').items():
+        os.environ.setdefault(key, value)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402 (puts the repo on sys.path)
 import jax, jax.numpy as jnp  # noqa: E402
+from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 import model as gpt, train, utils  # noqa: E402
 
-IMPLS = ['cudnn', 'cudnn-bnth', 'xla', 'chunked', 'pallas', 'mgpu', 'mgpu+pallas']
-GPU_ONLY = {'cudnn', 'cudnn-bnth', 'mgpu', 'mgpu+pallas'}
+IMPLS = ['cudnn', 'cudnn-bnth', 'xla', 'chunked', 'pallas', 'mgpu', 'mgpu+pallas', 'pallas-tpu']
+GPU_ONLY = {'cudnn', 'cudnn-bnth', 'mgpu', 'mgpu+pallas', 'pallas'}  # pallas (Triton) also runs on a CPU, interpreted
+TPU_ONLY = {'pallas-tpu'}  # and on a CPU, interpreted
+PALLAS_IMPLS = {'pallas', 'mgpu', 'mgpu+pallas', 'pallas-tpu'}
 TINY = ['model.seq_len=256', 'model.d_model=128', 'model.n_heads=2', 'model.n_layers=2', 'model.dtype=float32', 'batch_size=2']
 PALLAS_KEYS = {'bq': 128, 'bk': 128, 'bq_dkv': 32, 'bkv_dkv': 32, 'bkv_dq': 32, 'warps': 0, 'stages': 2}  # JAX's defaults
 BACKWARD_KEYS = ('bq_dkv', 'bkv_dkv', 'bkv_dq', 'warps')  # those the Triton backward's kernel uses (bq: only its preprocessing)
@@ -46,6 +51,11 @@ PALLAS = ['bq=128,bk=128,bq_dkv=32,bkv_dkv=32,bkv_dq=32', 'bq=128,bk=64,bq_dkv=6
           'bq=128,bk=64,bq_dkv=64,bkv_dkv=128,bkv_dq=64,warps=8', 'bq=64,bk=64,bq_dkv=64,bkv_dkv=64,bkv_dq=64,stages=3',
           'bq=128,bk=128,bq_dkv=64,bkv_dkv=128,bkv_dq=128,warps=8', 'bq=128,bk=64,bq_dkv=32,bkv_dkv=64,bkv_dq=32',
           'bq=128,bk=64,bq_dkv=32,bkv_dkv=128,bkv_dq=32,stages=3']  # the last: the blocks of Triton's own fused-attention tutorial
+
+
+def deviceless_targets():  # deviceless.py's GPUs and TPU slices (its import sets up nothing)
+    import deviceless
+    return deviceless.GPUS, deviceless.TPUS
 
 
 def pallas_setting(text):  # an argparse type: 'bq=128,bk=64,...' -> dict, JAX's defaults for the keys not given
@@ -68,8 +78,8 @@ def parse(argv):
     p.add_argument('--mgpu-block-kv', type=bench.at_least(64), default=128, help="Mosaic GPU's key block (its query block is 64)")
     p.add_argument('--rounds', type=bench.at_least(1), default=None, help='timed rounds, medians reported (default 5; --tiny 1)')
     p.add_argument('--seconds', type=float, default=None, help='about how long each timing runs (default 0.1; --tiny 0)')
-    p.add_argument('--compile-for', choices=['h100', 'h200', 't4'], help='compile each kernel for that GPU, run nothing '
-                   '(deviceless, needs the CUDA plugin: see benchmarks/deviceless.py): which block settings compile, their memory')
+    p.add_argument('--compile-for', choices=[*deviceless_targets()[0], *deviceless_targets()[1]], help='compile each kernel for that GPU '
+                   'or TPU slice, run nothing (needs the CUDA plugin or libtpu: see benchmarks/deviceless.py): which compile, their memory')
     p.add_argument('--tiny', action='store_true', help='B=2, T=256, H=2, K=64 in fp32, one round: a smoke run')
     args = p.parse_args(argv)
     args.overrides = (TINY if args.tiny else []) + args.overrides
@@ -78,8 +88,8 @@ def parse(argv):
     args.impls = args.impls.split(',')
     if bad := [i for i in args.impls if i not in IMPLS]:
         p.error(f'--impls: unknown kernel {bad[0]!r}; known: {", ".join(IMPLS)}')
-    on_gpu = jax.devices()[0].platform == 'gpu' or args.compile_for
-    args.pallas = args.pallas or [pallas_setting(s) for s in (PALLAS if on_gpu else PALLAS[:1])]
+    args.platform = ('gpu' if args.compile_for in deviceless_targets()[0] else 'tpu') if args.compile_for else jax.devices()[0].platform
+    args.pallas = args.pallas or [pallas_setting(s) for s in (PALLAS if args.platform == 'gpu' else PALLAS[:1])]
     return args
 
 
@@ -87,12 +97,23 @@ def name_of(setting):  # the settings that differ from JAX's defaults, as typed
     return ','.join(f'{k}={v}' for k, v in setting.items() if v != PALLAS_KEYS[k]) or 'defaults'
 
 
-def kernels(args, K, on_gpu):
-    """[(row name, impl, f(q, k, v) -> o, or the reason it cannot run, whether f takes [B, H, T, K] instead of [B, T, H, K])]."""
+def kernels(args, K, platform):
+    """[(row name, impl, f(q, k, v) -> o, or the reason it cannot run, whether f takes [B, H, T, K] instead of [B, T, H, K])],
+    for `platform` (gpu, tpu, cpu: Pallas's kernels interpreted)."""
     scale, rows = K ** -0.5, []
     for impl in args.impls:
-        if impl in GPU_ONLY and not on_gpu:
-            rows.append((impl, impl, 'needs an NVIDIA GPU', False))
+        if impl in GPU_ONLY - ({'pallas'} if platform == 'cpu' else set()) and platform != 'gpu' or impl in TPU_ONLY and platform == 'gpu':
+            rows.append((impl, impl, f"needs {'an NVIDIA GPU' if impl in GPU_ONLY else 'a TPU'}", False))
+        elif impl == 'pallas-tpu':  # Pallas's flash attention for TPUs, on [B, H, T, K]; interpreted on a CPU (run() sees to it)
+            try:
+                from jax.experimental.pallas.ops.tpu import flash_attention as fa
+                def tpu_flash(q, k, v):  # [B, H, T, K]
+                    if q.shape[2] % 128:  # its blocks, JAX's default, keep 128 lanes (at T=32: 'incompatible shapes for broadcasting')
+                        raise ValueError(f'pallas-tpu needs a sequence length that is a multiple of 128, not {q.shape[2]}')
+                    return fa.flash_attention(q, k, v, causal=True, sm_scale=scale)
+                rows.append((impl, impl, tpu_flash, True))
+            except Exception as e:
+                rows.append((impl, impl, f'{type(e).__name__}: {utils.first_line(e)}', True))
         elif impl in ('cudnn', 'xla'):
             rows.append((impl, impl, functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation=impl), False))
         elif impl == 'chunked':
@@ -113,9 +134,20 @@ def kernels(args, K, on_gpu):
         else:  # pallas, mgpu+pallas: one row per block setting (Pallas runs in interpret mode without a GPU); mgpu+pallas
             # uses only the backward's blocks, so settings that differ elsewhere are one row
             settings = args.pallas if impl == 'pallas' else {tuple(s[k] for k in BACKWARD_KEYS): s for s in args.pallas}.values()
-            rows += [(f'{impl}[{name_of(s)}]', impl, pallas_kernel(impl, s, scale, not on_gpu, args.mgpu_block_kv), False)
+            rows += [(f'{impl}[{name_of(s)}]', impl, pallas_kernel(impl, s, scale, platform == 'cpu', args.mgpu_block_kv), False)
                      for s in settings]
-    return rows
+    # Pallas's kernels are not split by XLA's partitioner ('Mosaic kernels cannot be automatically partitioned'): on a
+    # mesh of several devices, each device runs its share of the batch (axis 0 in both layouts), as the training step has it
+    return [(name, impl, sharded(f) if impl in PALLAS_IMPLS and not isinstance(f, str) else f, bhtk) for name, impl, f, bhtk in rows]
+
+
+def sharded(f):
+    def per_device(q, k, v):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.size == 1:
+            return f(q, k, v)
+        return jax.shard_map(f, in_specs=jax.P('data'), out_specs=jax.P('data'), check_vma=False)(q, k, v)
+    return per_device
 
 
 def pallas_kernel(impl, s, scale, interpret, mgpu_block_kv):
@@ -176,10 +208,11 @@ def run(args):
     B, T, H, K, L = cfg.batch_size // cfg.grad_accum, c.seq_len, c.n_heads, c.d_model // c.n_heads, c.n_layers
     flops = 2 * B * H * T * T * K  # the forward's causal work: two matmuls over half the T×T scores
     rows, timed, mesh = {}, [], None
-    if args.compile_for:  # nothing runs: each kernel compiled for that GPU, from shapes alone
+    if args.compile_for:  # nothing runs: each kernel compiled for that GPU or TPU slice, from shapes alone
         import deviceless
-        mesh = deviceless.target_mesh(args.compile_for)
-        q = k = v = do = jax.ShapeDtypeStruct((B, T, H, K), c.dtype, sharding=jax.NamedSharding(mesh, jax.P()))
+        mesh = deviceless.target_mesh(args.compile_for)  # a slice's devices split the batch, as in the training step
+        split = jax.P('data') if B % mesh.devices.size == 0 else jax.P()
+        q = k = v = do = jax.ShapeDtypeStruct((B, T, H, K), c.dtype, sharding=jax.NamedSharding(mesh, split))
     else:
         q, k, v, do = (jax.random.normal(key, (B, T, H, K), c.dtype) for key in jax.random.split(jax.random.key(0), 4))
         exact = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
@@ -187,14 +220,17 @@ def run(args):
             o_ref, vjp = jax.jit(lambda q, k, v: jax.vjp(exact, q, k, v))(*(x.astype(jnp.float32) for x in (q, k, v)))
             want = (o_ref, *jax.jit(vjp)(do.astype(jnp.float32)))
     swap = lambda xs, bhtk: tuple(x.swapaxes(1, 2) if bhtk else x for x in xs)
-    for name, impl, f, bhtk in kernels(args, K, on_gpu=device.platform == 'gpu' or bool(args.compile_for)):
+    # Pallas's TPU kernel on a CPU: compiled in TPU interpret mode, then run without it (its GPU kernels are told directly)
+    interpreted = lambda impl: pltpu.force_tpu_interpret_mode() if impl in TPU_ONLY and args.platform == 'cpu' else contextlib.nullcontext()
+    for name, impl, f, bhtk in kernels(args, K, args.platform):
         row = rows[name] = dict(impl=impl, compiled=False, fwd_ms=None, bwd_ms=None, fwd_bwd_ms=None, step_ms=None, fwd_tflops=None,
                                 bwd_tflops=None, rel_err=None, suspect=False, temp_bytes=None, error=f if isinstance(f, str) else None)
         if row['error']:
             continue
         ins = ((jax.ShapeDtypeStruct((B, H, T, K) if bhtk else (B, T, H, K), c.dtype, sharding=q.sharding),) * 4 if mesh
                else swap((q, k, v, do), bhtk))
-        fwd, both, row['error'], row['temp_bytes'] = compiled(f, ins, mesh)
+        with interpreted(impl):
+            fwd, both, row['error'], row['temp_bytes'] = compiled(f, ins, mesh)
         row['compiled'], row['temp_bytes'] = fwd is not None, row['temp_bytes'] if fwd else None
         if mesh or fwd is None:
             continue
@@ -230,12 +266,12 @@ def run(args):
         cuda = cuda_versions and cuda_versions.cuda_runtime_get_version()
     except Exception:
         cuda = None
-    return dict(device_kind=f'{deviceless.GPUS[args.compile_for][0]}, compiled here, nothing run' if mesh else device.device_kind,
-                platform=args.compile_for and 'gpu' or device.platform,
+    return dict(device_kind=f'{args.compile_for} ({mesh.devices.size} devices), compiled here, nothing run' if mesh else device.device_kind,
+                platform=args.platform,
                 host_cpu=bench.host_cpu(), jax=jax.__version__, config=args.config_name, overrides=args.overrides,
                 batch_size=B, seq_len=T, n_heads=H, head_dim=K, n_layers=L, dtype=str(c.dtype), causal_flops_fwd=flops,
                 rounds=args.rounds, kernels=rows, fastest=min(done, key=lambda n: done[n]['fwd_bwd_ms']) if done else None, cuda_runtime=cuda,
-                interpret=not mesh and device.platform != 'gpu' and any(r['impl'] in ('pallas', 'mgpu+pallas') for r in rows.values()))
+                interpret=args.platform == 'cpu' and any(r['impl'] in ('pallas', 'pallas-tpu') for r in rows.values()))
 
 
 def table(r):
@@ -251,7 +287,7 @@ def table(r):
                      + (f"  {k['error']}" if k['error'] else '')
                      + ('  compiled' if k['compiled'] and k['fwd_ms'] is None and not k['error'] else ''))
     if r['interpret']:
-        lines.append('Pallas ran in interpret mode (no GPU): its times say nothing about a GPU')
+        lines.append('Pallas ran in interpret mode (on a CPU): its times say nothing about a GPU or TPU')
     return '\n'.join(lines) + (f"\nfastest forward + backward (within the rel_err tolerance): {r['fastest']}" if r['fastest'] else '')
 
 

@@ -147,10 +147,11 @@ def host_cpu():  # the host's processor: device_kind says only 'cpu', and a figu
     return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}), {os.cpu_count()} cores"
 
 
-def attention(name, cfg, on_gpu):
+def attention(name, cfg, platform, attn_impl=None, flag='--vs-attention', devices=1):
     """A context in which jax.nn.dot_product_attention, which the model calls (but with model.attn_impl=chunked), is
     attention_bench.py's kernel `name` (as its rows are named: pallas[bk=64], mgpu+pallas, ...): that kernel in the real
-    step. Without `name`, nothing changes."""
+    step, on `platform` (gpu, tpu, cpu); attn_impl: what the model will use (default: train.model_config's choice here).
+    Without `name`, nothing changes."""
     if not name:
         return contextlib.nullcontext()
     import attention_bench as ab
@@ -158,22 +159,27 @@ def attention(name, cfg, on_gpu):
     try:
         setting = ab.pallas_setting(setting.removesuffix(']')) if setting.strip('[]') not in ('', 'defaults') else ab.PALLAS_KEYS
     except argparse.ArgumentTypeError as e:
-        raise utils.PicodoError(f'--vs-attention {name!r}: {e}') from None
+        raise utils.PicodoError(f'{flag} {name!r}: {e}') from None
     if impl not in ab.IMPLS or impl == 'mgpu' or setting is not ab.PALLAS_KEYS and impl not in ('pallas', 'mgpu+pallas'):
-        raise utils.PicodoError(f"--vs-attention {name!r}: one of {', '.join(i for i in ab.IMPLS if i != 'mgpu')} (mgpu has no causal backward; "
+        raise utils.PicodoError(f"{flag} {name!r}: one of {', '.join(i for i in ab.IMPLS if i != 'mgpu')} (mgpu has no causal backward; "
                                 "pallas and mgpu+pallas with a block setting: pallas[bk=64])")
-    if train.model_config(cfg.model).attn_impl == 'chunked':  # auto on a CPU
-        raise utils.PicodoError(f"--vs-attention {name!r} replaces jax.nn.dot_product_attention, which model.attn_impl=chunked does not "
-                                "call: add model.attn_impl=xla to --vs")
+    if (attn_impl or train.model_config(cfg.model).attn_impl) == 'chunked':  # auto on a CPU
+        raise utils.PicodoError(f"{flag} {name!r} replaces jax.nn.dot_product_attention, which model.attn_impl=chunked does not "
+                                "call: set model.attn_impl=xla" + ' in --vs' * (flag == '--vs-attention'))
+    if impl in ab.TPU_ONLY and platform == 'cpu' and devices > 1:  # interpreted across several devices, it waits forever
+        raise utils.PicodoError(f'{flag} {name!r} runs interpreted on a CPU, which hangs across {devices} devices: --devices 1')
     K = cfg.model.d_model // cfg.model.n_heads
-    (_, _, kernel, bhtk), = ab.kernels(argparse.Namespace(impls=[impl], pallas=[setting], mgpu_block_kv=128), K, on_gpu)
+    (_, _, kernel, bhtk), = ab.kernels(argparse.Namespace(impls=[impl], pallas=[setting], mgpu_block_kv=128), K, platform)
     if isinstance(kernel, str):  # it cannot run here
-        raise utils.PicodoError(f'--vs-attention {name!r}: {kernel}')
+        raise utils.PicodoError(f'{flag} {name!r}: {kernel}')
     swap = lambda x: x.swapaxes(1, 2) if bhtk else x
     def causal_attention(q, k, v, is_causal, implementation=None):  # as the model calls it in training (no mask, no bias)
         assert is_causal, 'the kernels of attention_bench.py are causal'
         return swap(kernel(*map(swap, (q, k, v))))
-    return unittest.mock.patch.object(jax.nn, 'dot_product_attention', causal_attention)
+    stack = contextlib.ExitStack()  # on a CPU, Pallas's TPU kernels compile interpreted (its GPU kernels are told so directly)
+    stack.enter_context(unittest.mock.patch.object(jax.nn, 'dot_product_attention', causal_attention))
+    stack.enter_context(ab.pltpu.force_tpu_interpret_mode()) if platform == 'cpu' and impl in ab.TPU_ONLY else None
+    return stack
 
 
 def compile_seconds(cfg, mesh, n_layers):  # with the layer scan, whatever the config says: the sweep is about its flat compile
@@ -195,7 +201,7 @@ def run(args):
             train.model_config(vs_cfg.model)  # its device refusals (cuDNN, fp16, bf16)
     except utils.PicodoError as e:
         raise utils.PicodoError(f'--vs {shlex.join(args.vs)!r}: {e}') from None
-    vs_attention = attention(args.vs_attention, vs_cfg, devices[0].platform == 'gpu')  # its refusals, before any compile
+    vs_attention = attention(args.vs_attention, vs_cfg, devices[0].platform, devices=len(devices))  # its refusals, before any compile
     runs = [[*build(cfg, mesh), []]]  # [step, state, batch, compile_s, times], and the variant's
     try:
         with vs_attention:

@@ -255,8 +255,9 @@ def compile_decode(cfg, target, n_new=16):
             raise compile_error(target, e) from None
 
 
-def compile_step(cfg, target):
-    """The training step compiled for `target` (a key of GPUS or TPUS): (compiled, the target's devices, attention)."""
+def compile_step(cfg, target, attention=None):
+    """The training step compiled for `target` (a key of GPUS or TPUS): (compiled, the target's devices, attention); with
+    `attention`, one of attention_bench.py's kernels in place of jax.nn.dot_product_attention (bench.py --vs-attention)."""
     mesh = target_mesh(target)
     bench.check_batch(cfg, mesh)
     c, gpu = target_model_config(cfg, target), target in GPUS
@@ -271,10 +272,13 @@ def compile_step(cfg, target):
         step = jax.jit(lambda s, b: train.train_step(graphdef, s, b), donate_argnums=0, out_shardings=(shardings, None),
                        compiler_options=GPU_OPTIONS if gpu else None)
         try:
-            compiled = step.lower(state, batch).compile()
+            with bench.attention(attention, cfg, 'gpu' if gpu else 'tpu', c.attn_impl, '--attention'):
+                compiled = step.lower(state, batch).compile()
+        except utils.PicodoError:
+            raise
         except Exception as e:
             raise compile_error(target, e) from None
-    return compiled, mesh.devices.flat, c.attn_impl
+    return compiled, mesh.devices.flat, attention or c.attn_impl
 
 
 def main(argv=None):
@@ -284,6 +288,7 @@ def main(argv=None):
     p.add_argument('--target', choices=[*GPUS, *TPUS], default='h100')
     p.add_argument('--hlo', help='also write the optimized HLO text to this file')
     p.add_argument('--decode', action='store_true', help="compile sampling's decoding (sample.generate) instead of the training step")
+    p.add_argument('--attention', metavar='KERNEL', help="one of attention_bench.py's kernels in the step (pallas-tpu, pallas[bk=64], ...)")
     args = p.parse_args(argv)
     try:
         cfg = bench.compose_config(args.config_name, args.overrides)
@@ -292,7 +297,7 @@ def main(argv=None):
             memory = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
             print(f'decoding compiles for {args.target} (nothing ran; jax {jax.__version__}): {memory / 2**30:.2f} GiB')
             return print(json.dumps(dict(target=args.target, decode=True, dtype=cfg.model.dtype, memory_bytes=memory)))
-        compiled, devices, attn = compile_step(cfg, args.target)
+        compiled, devices, attn = compile_step(cfg, args.target, args.attention)
     except utils.PicodoError as e:
         sys.exit(f'error: {e}')
     hlo, m = compiled.as_text(), compiled.memory_analysis()
@@ -314,6 +319,8 @@ def main(argv=None):
           f"{r['attention']} attention, {r['other_kernels']} others")
     print(f"model FLOPs at the peak ({peak / 1e12:.0f} TFLOP/s): {r['model_flops_floor_ms']:.1f} ms; the others' {r['other_bytes'] / 1e9:.1f} GB "
           f"at {bandwidth / 1e12:.2f} TB/s: {r['other_floor_ms']:.1f} ms; MFU ceiling {r['mfu_ceiling']:.3f}")
+    args.attention and print(f'warning: {args.attention} is counted as other kernels, by the bytes of its operands and results, its FLOPs '
+                             'not at all: the memory is right, the floor and the MFU ceiling are not')
     r['inexact_kernels'] and print(f"warning: {r['inexact_kernels']} kernels in loops of unknown trip count (counted once) or in a "
                                    'conditional\'s branches (each counted): the figures are estimates')
     for line, moved in r['other_bytes_top_lines'].items():

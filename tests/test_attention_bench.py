@@ -18,8 +18,8 @@ def test_tiny_run_checks_every_kernel_against_xla_in_fp32_and_ends_with_its_json
     r = json.loads(lines[-1])
     k = r['kernels']
     assert (r['batch_size'], r['seq_len'], r['n_heads'], r['head_dim'], r['dtype']) == (2, 256, 2, 64, 'float32')
-    assert list(k) == ['cudnn', 'cudnn-bnth', 'xla', 'chunked', 'pallas[bq=64,bk=64,bkv_dkv=64]', 'mgpu', 'mgpu+pallas']
-    ran = ['xla', 'chunked', 'pallas[bq=64,bk=64,bkv_dkv=64]']
+    assert list(k) == ['cudnn', 'cudnn-bnth', 'xla', 'chunked', 'pallas[bq=64,bk=64,bkv_dkv=64]', 'mgpu', 'mgpu+pallas', 'pallas-tpu']
+    ran = ['xla', 'chunked', 'pallas[bq=64,bk=64,bkv_dkv=64]', 'pallas-tpu']  # Pallas's GPU and TPU kernels interpreted
     for name in ran:  # forward and backward timed; the output and the three gradients within fp32 rounding of XLA's
         assert k[name]['error'] is None and k[name]['rel_err'] < 1e-5, (name, k[name])
         assert None not in (k[name]['fwd_ms'], k[name]['bwd_ms'], k[name]['step_ms'], k[name]['fwd_tflops'])
@@ -51,7 +51,7 @@ def test_mosaic_gpus_forward_with_the_triton_backward_computes_attentions_gradie
 
 
 @pytest.mark.parametrize('flags,message', [
-    (['--impls', 'cudnn,flash'], "--impls: unknown kernel 'flash'; known: cudnn, cudnn-bnth, xla, chunked, pallas, mgpu, mgpu+pallas"),
+    (['--impls', 'cudnn,flash'], "--impls: unknown kernel 'flash'; known: cudnn, cudnn-bnth, xla, chunked, pallas, mgpu, mgpu+pallas, pallas-tpu"),
     (['--pallas', 'bq=big'], "'bq=big': key=integer pairs separated by commas"),
     (['--pallas', 'bq=64,blk=32'], "'bq=64,blk=32': unknown key blk; keys: bq, bk, bq_dkv, bkv_dkv, bkv_dq, warps, stages"),
 ])

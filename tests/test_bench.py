@@ -152,11 +152,12 @@ def test_vs_xla_compiles_the_variant_with_xla_options_on_top_of_the_trainers(cap
 
 def test_vs_attention_puts_an_attention_bench_kernel_in_the_real_step(capsys):
     """--vs-attention: the --vs step with one of attention_bench.py's kernels in place of jax.nn.dot_product_attention, here
-    Pallas's Triton kernel (in interpret mode on a CPU): in the compiled step, and training as XLA's attention does."""
+    Pallas's Triton kernel and its TPU kernel (interpreted on a CPU): in the compiled step, and training as XLA's attention
+    does, on one device and (Triton's) on 8."""
     cfg = bench.compose_config('bench_cpu', bench.TINY + ['model.attn_impl=xla'])
     mesh = jax.make_mesh((1,), ('data',), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
     plain = bench.build(cfg, mesh)
-    with bench.attention('pallas[bq=16,bk=16,bq_dkv=16,bkv_dkv=16,bkv_dq=16]', cfg, on_gpu=False):
+    with bench.attention('pallas[bq=16,bk=16,bq_dkv=16,bkv_dkv=16,bkv_dq=16]', cfg, 'cpu'):
         pallas = bench.build(cfg, mesh)
     assert 'mha_forward' in pallas[0].as_text() and 'mha_forward' not in plain[0].as_text() + bench.build(cfg, mesh)[0].as_text()
     metrics = []
@@ -165,16 +166,24 @@ def test_vs_attention_puts_an_attention_bench_kernel_in_the_real_step(capsys):
             state, m = step(state, batch)
         metrics.append((float(m['train_loss']), float(m['grad_norm'])))
     np.testing.assert_allclose(metrics[1], metrics[0], rtol=1e-5)
-    r = bench.main(['--tiny', '--depths', '', '--vs', 'model.attn_impl=xla', '--vs-attention', 'pallas'])
+    # Pallas's TPU kernel (its blocks need T >= 128), interpreted: the same first step
+    cfg = bench.compose_config('bench_cpu', bench.TINY + ['model.attn_impl=xla', 'model.seq_len=128'])
+    with bench.attention('pallas-tpu', cfg, 'cpu'):
+        tpu = bench.build(cfg, mesh)
+    plain = bench.build(cfg, mesh)
+    first_step = lambda built: [float(x) for x in built[0](built[1], built[2])[1].values()]  # loss, gradient norm
+    np.testing.assert_allclose(first_step(tpu), first_step(plain), rtol=1e-5)
+    # on all 8 devices (each runs its share of the batch: Pallas's kernels are not split by XLA), through the command line
+    r = bench.main(['--tiny', '--devices', '0', '--depths', '', '--vs', 'model.attn_impl=xla', '--vs-attention', 'pallas'])
     assert r['vs']['attention'] == 'pallas' and 'model.attn_impl=xla with attention pallas\n' in capsys.readouterr().out
     # the first (untimed) steps, from the same weights and batch: the same loss and gradient norm as the chunked loop's
     np.testing.assert_allclose(list(r['vs']['first_step'].values()), list(r['first_step'].values()), rtol=1e-5)
     assert set(r['first_step']) == {'train_loss', 'grad_norm'}
     for name, message in [('pallas', "replaces jax.nn.dot_product_attention, which model.attn_impl=chunked does not call"),
                           ('cudnn', 'needs an NVIDIA GPU'), ('flash', 'one of cudnn, cudnn-bnth, xla'), ('mgpu', 'mgpu has no causal backward'),
-                          ('pallas[bx=1]', "'bx=1': unknown key bx")]:
+                          ('pallas[bx=1]', "'bx=1': unknown key bx"), ('pallas-tpu', 'hangs across 8 devices: --devices 1')]:
         with pytest.raises(utils.PicodoError, match=re.escape(f'--vs-attention {name!r}') + '.*' + re.escape(message)):
-            bench.main(['--tiny', '--depths', '', '--vs', '' if name == 'pallas' else 'model.attn_impl=xla', '--vs-attention', name])
+            bench.main(['--tiny', '--devices', '0', '--depths', '', '--vs', '' if name == 'pallas' else 'model.attn_impl=xla', '--vs-attention', name])
 
 
 def test_synthetic_ids_follow_zipfs_law_in_the_vocabulary_the_same_each_call():

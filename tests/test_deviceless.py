@@ -196,6 +196,19 @@ def test_a_tiny_gpt_compiles_for_a_tpu_slice_and_a_batch_that_does_not_divide_is
     assert r.returncode == 1 and 'error: batch_size 6 must split into grad_accum=1 micro-batches, each divisible over 4 devices' in r.stderr
 
 
+@pytest.mark.skipif(not HAS_LIBTPU, reason='needs libtpu (see benchmarks/deviceless.py)')
+def test_pallas_flash_attention_for_tpus_in_a_slices_step_and_the_one_line_where_it_does_not_compile():
+    """--attention pallas-tpu: the step compiled for a v5e-4 with Pallas's flash attention (run per device: XLA does not split
+    Pallas's kernels over a slice); on a v2-8 its bf16 matmuls do not compile, which is one line."""
+    r = run(*TINY, 'model.seq_len=128', '--target', 'v5e-4', '--attention', 'pallas-tpu')
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (out['attn_impl'], out['devices'], out['fits']) == ('pallas-tpu', 4, True)
+    r = run(*TINY, 'model.seq_len=128', '--target', 'v2-8', '--attention', 'pallas-tpu')
+    assert r.returncode == 1 and r.stdout == '' and r.stderr.strip().splitlines()[-1].startswith('error: cannot compile for v2-8: MosaicError')
+    assert 'Unsupported matmul RHS type' in r.stderr
+
+
 @pytest.mark.skipif(not HAS_PLUGIN, reason='needs jax-cuda12-plugin and jax-cuda12-pjrt (see benchmarks/deviceless.py)')
 def test_on_a_t4_bf16_attention_does_not_compile_and_fp16_matmuls_are_fp16():
     """A T4 (compute capability 7.5) has no bf16 matmuls: XLA refuses the bf16 algorithm of jax.nn.dot_product_attention
