@@ -12,11 +12,14 @@ Kernels (--impls): `cudnn` and `xla` (jax.nn.dot_product_attention, as model.att
 on [B, H, T, K] inputs, through JAX's internal cuDNN API: does the layout matter?), `chunked` (model.chunked_attention),
 `pallas` (jax.experimental.pallas.ops.gpu.attention.mha: Triton, forward and backward; one row per --pallas block
 setting), `mgpu` (Pallas's Mosaic GPU kernel for Hopper, attention_mgpu: forward only, its causal backward is not
-written) and `mgpu+pallas` (Mosaic GPU's forward with the Triton backward, through both modules' internals). With
+written), `mgpu+pallas` (Mosaic GPU's forward with the Triton backward, through both modules' internals) and
+`pallas-tpu` (jax.experimental.pallas.ops.tpu.flash_attention, on [B, H, T, K]; T a multiple of 128). With
 JAX 0.10.2 the Mosaic GPU kernel takes float16 only (its shared-memory buffers are fp16; bf16 fails with 'Mixed input
 dtypes'): time its rows with model.dtype=float16, beside the others in float16.
-A kernel that cannot run here (no CUDA GPU, an API missing from this JAX, a block setting that does not compile)
-gets a row that says why; the others still run.
+A kernel that cannot run here (no CUDA GPU or TPU, an API missing from this JAX, a block setting that does not compile)
+gets a row that says why; the others still run. On a CPU Pallas's kernels run interpreted (slowly: the times mean
+nothing, the errors do). On a mesh of several devices (--compile-for a TPU slice) Pallas's kernels run per device in a
+shard_map over the batch: XLA cannot split them.
 
 Each kernel is compiled twice, forward alone and forward + backward (jax.vjp), and timed in rounds that take turns;
 medians are reported, the backward's time as the difference (a little high: the forward alone skips writing what the
@@ -35,7 +38,6 @@ if __name__ == '__main__' and any(a.startswith('--compile-for') for a in sys.arg
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402 (puts the repo on sys.path)
 import jax, jax.numpy as jnp  # noqa: E402
-from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 import model as gpt, train, utils  # noqa: E402
 
 IMPLS = ['cudnn', 'cudnn-bnth', 'xla', 'chunked', 'pallas', 'mgpu', 'mgpu+pallas', 'pallas-tpu']
@@ -51,6 +53,11 @@ PALLAS = ['bq=128,bk=128,bq_dkv=32,bkv_dkv=32,bkv_dq=32', 'bq=128,bk=64,bq_dkv=6
           'bq=128,bk=64,bq_dkv=64,bkv_dkv=128,bkv_dq=64,warps=8', 'bq=64,bk=64,bq_dkv=64,bkv_dkv=64,bkv_dq=64,stages=3',
           'bq=128,bk=128,bq_dkv=64,bkv_dkv=128,bkv_dq=128,warps=8', 'bq=128,bk=64,bq_dkv=32,bkv_dkv=64,bkv_dq=32',
           'bq=128,bk=64,bq_dkv=32,bkv_dkv=128,bkv_dq=32,stages=3']  # the last: the blocks of Triton's own fused-attention tutorial
+
+
+def tpu_interpreted():  # a context: Pallas's TPU kernels compiled under it run interpreted (on a CPU)
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.force_tpu_interpret_mode()
 
 
 def deviceless_targets():  # deviceless.py's GPUs and TPU slices (its import sets up nothing)
@@ -221,7 +228,7 @@ def run(args):
             want = (o_ref, *jax.jit(vjp)(do.astype(jnp.float32)))
     swap = lambda xs, bhtk: tuple(x.swapaxes(1, 2) if bhtk else x for x in xs)
     # Pallas's TPU kernel on a CPU: compiled in TPU interpret mode, then run without it (its GPU kernels are told directly)
-    interpreted = lambda impl: pltpu.force_tpu_interpret_mode() if impl in TPU_ONLY and args.platform == 'cpu' else contextlib.nullcontext()
+    interpreted = lambda impl: tpu_interpreted() if impl in TPU_ONLY and args.platform == 'cpu' else contextlib.nullcontext()
     for name, impl, f, bhtk in kernels(args, K, args.platform):
         row = rows[name] = dict(impl=impl, compiled=False, fwd_ms=None, bwd_ms=None, fwd_bwd_ms=None, step_ms=None, fwd_tflops=None,
                                 bwd_tflops=None, rel_err=None, suspect=False, temp_bytes=None, error=f if isinstance(f, str) else None)

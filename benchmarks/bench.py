@@ -178,7 +178,7 @@ def attention(name, cfg, platform, attn_impl=None, flag='--vs-attention', device
         return swap(kernel(*map(swap, (q, k, v))))
     stack = contextlib.ExitStack()  # on a CPU, Pallas's TPU kernels compile interpreted (its GPU kernels are told so directly)
     stack.enter_context(unittest.mock.patch.object(jax.nn, 'dot_product_attention', causal_attention))
-    stack.enter_context(ab.pltpu.force_tpu_interpret_mode()) if platform == 'cpu' and impl in ab.TPU_ONLY else None
+    stack.enter_context(ab.tpu_interpreted()) if platform == 'cpu' and impl in ab.TPU_ONLY else None
     return stack
 
 
