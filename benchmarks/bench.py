@@ -139,6 +139,29 @@ def timer(f, args, seconds, min_reps=1):
     return timed
 
 
+def hlo_frames(hlo, wanted):
+    """{stack frame id: (file path, line, function) or None} from compiled HLO text: for each frame, the innermost of it and
+    its callers whose file `wanted(path)` accepts (the line of our code that made an op, or called the library that did).
+    XLA's text lists files, functions, locations and frames before the code; a frame names its caller as its number + 1."""
+    tables, table = {t: {} for t in ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames')}, None
+    for line in hlo.split('\n'):
+        if line in tables:
+            table = tables[line]
+        elif table is not None and (m := re.match(r'(\d+) (.*)$', line)):
+            table[int(m[1])] = m[2].strip('"') if m[2].startswith('"') else {k: int(v) for k, v in re.findall(r'(\w+)=(\d+)', m[2])}
+        elif line.startswith(('%', 'ENTRY')):
+            break
+    files, funcs, locs, frames = tables.values()
+    def innermost(frame, seen=()):
+        if frame not in frames or frame in seen:
+            return None
+        loc = locs.get(frames[frame]['file_location_id'], {})
+        if wanted(path := files.get(loc.get('file_name_id'), '')):
+            return path, loc['line'], funcs.get(loc.get('function_name_id'), '?')
+        return innermost(frames[frame].get('parent_frame_id', 1) - 1, (*seen, frame))
+    return {f: innermost(f) for f in frames}
+
+
 def host_cpu():  # the host's processor: device_kind says only 'cpu', and a figure on one CPU model tells little about another
     try:
         info = dict(re.findall(r'^(model name|cpu family|model)\s*: (.*)$', open('/proc/cpuinfo').read().split('\n\n')[0], re.M))

@@ -106,26 +106,8 @@ def parse(hlo):
 
 
 def source_lines(hlo, root):
-    """{stack_frame_id: 'file.py:line'}: the innermost frame in a file under `root` (this repo's code)."""
-    tables = {t: {} for t in ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames')}
-    table = None
-    for line in hlo.split('\n'):
-        if line in tables:
-            table = tables[line]
-        elif table is not None and (m := re.match(r'(\d+) (.*)$', line)):
-            table[int(m[1])] = m[2].strip('"') if table is tables['FileNames'] else dict(re.findall(r'(\w+)=(\d+)', m[2]))
-        elif line.startswith(('%', 'ENTRY')):
-            break
-    files, locs, frames = tables['FileNames'], tables['FileLocations'], tables['StackFrames']
-    def where(frame, seen=()):
-        if frame not in frames or frame in seen:
-            return '?'
-        loc = locs.get(int(frames[frame]['file_location_id']), {})
-        path = files.get(int(loc.get('file_name_id', -1)), '')
-        if path.startswith(root):
-            return f'{os.path.relpath(path, root)}:{loc["line"]}'
-        return where(int(frames[frame].get('parent_frame_id', 1)) - 1, (*seen, frame))  # the text gives the caller's number + 1
-    return {f: where(f) for f in frames}
+    """{stack_frame_id: 'file.py:line'}: the innermost frame in a file under `root` (this repo's code), or '?'."""
+    return {f: f'{os.path.relpath(w[0], root)}:{w[1]}' if w else '?' for f, w in bench.hlo_frames(hlo, lambda p: p.startswith(root)).items()}
 
 
 def kernels(hlo, root=bench.REPO):

@@ -45,22 +45,9 @@ def hlo_ops(text):
     """{instruction: (opcode, shape, source line, JAX op, fwd|bwd|-, matmul FLOPs)} from the compiled HLO, and {instruction: kind}.
     The source is the training path's line that made the op, or that called the library code that did (nnx.Linear,
     jax.nn.gelu, optax: '' where none did; ops of a custom_vjp's backward carry the line that called the function)."""
-    files = dict(re.findall(r'^(\d+) "(.*)"$', text.split('FunctionNames')[0].split('FileNames')[-1], re.M))
-    funcs = dict(re.findall(r'^(\d+) "(.*)"$', text.split('FileLocations')[0].split('FunctionNames')[-1], re.M))
     short = lambda f: '.'.join(f.replace('.<locals>', '').split('.')[-2:])  # Block.__init__.<locals>.<lambda> -> __init__.<lambda>
-    locs = {i: f'{os.path.basename(files.get(f, "?"))}:{line} {short(funcs.get(fn, "?"))}' for i, f, fn, line in re.findall(
-        r'^(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)', text, re.M)}
-    # each stack frame: its location and its caller's frame, which the text gives as that frame's number + 1 (1: none)
-    frames = {i: (loc, str(int(caller or 1) - 1)) for i, loc, caller in re.findall(
-        r'^(\d+) \{file_location_id=(\d+)(?: parent_frame_id=(\d+))?', text.split('StackFrames')[-1], re.M)}
-    def source(frame):  # the innermost of the frame's callers in the training path: nnx.Linear's matmul is model.py's
-        seen = set()
-        while frame in frames and frame not in seen:
-            seen.add(frame)
-            loc, frame = frames[frame]
-            if locs.get(loc, '').startswith(TRAINING_PATH):
-                return locs[loc]
-        return ''
+    sources = {str(f): f'{os.path.basename(where[0])}:{where[1]} {short(where[2])}' for f, where in
+               bench.hlo_frames(text, lambda path: os.path.basename(path) in TRAINING_PATH).items() if where}
     ops, members, computation = {}, collections.defaultdict(list), None
     for line in text.splitlines():
         if m := re.match(r'^(?:ENTRY )?%([\w.\-]+) .*\{$', line):
@@ -111,7 +98,7 @@ def hlo_ops(text):
         spec = re.findall(r'\(([\w,]+->\w+)\)', op_name)  # an einsum's subscripts
         what = next((o for o in sorted(codes) if COLLECTIVE.match(o)), '') if kinds[name] == 'collective' else (
             ' '.join([re.sub(r'\)+$', '', op_name.split('/')[-1])] + spec[-1:]) if op_name else meta['opcode'])
-        result[name] = (op['opcode'], op['shape'], source(meta['frame']), what,
+        result[name] = (op['opcode'], op['shape'], sources.get(meta['frame'], ''), what,
                         'bwd' if 'transpose(' in op_name else 'fwd' if 'jvp(' in op_name else '-',  # '-': the optimizer, ...
                         0 if op['opcode'] in CONTROL else flops(op) + sum(flops(ops[n]) for n in within))
     return result, kinds
