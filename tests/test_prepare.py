@@ -455,8 +455,8 @@ class Server(http.server.BaseHTTPRequestHandler):
         time.sleep(self.delay)
         if Server.cut_after is not None:
             body, Server.cut_after = body[:Server.cut_after], None
+        Server.served += len(body)  # before the write: the client can finish reading (and the test assert) before the line after it runs
         self.wfile.write(body)
-        Server.served += len(body)
         self.close_connection = True
         if Server.reset:  # close at once, discarding what is unsent: the client reads a reset, not the end of the body
             Server.reset = False
