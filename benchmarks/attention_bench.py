@@ -13,9 +13,11 @@ on [B, H, T, K] inputs, through JAX's internal cuDNN API: does the layout matter
 `pallas` (jax.experimental.pallas.ops.gpu.attention.mha: Triton, forward and backward; one row per --pallas block
 setting), `mgpu` (Pallas's Mosaic GPU kernel for Hopper, attention_mgpu: forward only, its causal backward is not
 written), `mgpu+pallas` (Mosaic GPU's forward with the Triton backward, through both modules' internals) and
-`pallas-tpu` (jax.experimental.pallas.ops.tpu.flash_attention, on [B, H, T, K]; T a multiple of 128). With
-JAX 0.10.2 the Mosaic GPU kernel takes float16 only (its shared-memory buffers are fp16; bf16 fails with 'Mixed input
-dtypes'): time its rows with model.dtype=float16, beside the others in float16.
+`pallas-tpu` (jax.experimental.pallas.ops.tpu.flash_attention, on [B, H, T, K]; T a multiple of 128); from tokamax
+(Google's kernel library, pip install tokamax, not in requirements.txt), `tokamax` (Mosaic GPU's flash attention with
+its backward, for Hopper and Blackwell GPUs; or Mosaic TPU's, v5e and later) and `tokamax-triton` (its Triton kernel). With
+JAX 0.10.2 JAX's Mosaic GPU kernel (mgpu) takes float16 only (its shared-memory buffers are fp16; bf16 fails with 'Mixed
+input dtypes'): time its rows with model.dtype=float16, beside the others in float16 (tokamax's compiles in bf16).
 A kernel that cannot run here (no CUDA GPU or TPU, an API missing from this JAX, a block setting that does not compile)
 gets a row that says why; the others still run. On a CPU Pallas's kernels run interpreted (slowly: the times mean
 nothing, the errors do). On a mesh of several devices (--compile-for a TPU slice) Pallas's kernels run per device in a
@@ -30,7 +32,7 @@ difference from XLA's attention in fp32 on the same inputs, over the output and 
 each one's largest value; a row above 1e-4 (fp32) or 5e-2 (bf16, fp16) is flagged, and is never `fastest`. `per step` is the
 forward + backward times the number of layers. The last line is JSON.
 """
-import argparse, contextlib, functools, os, statistics, sys, time
+import argparse, contextlib, functools, os, statistics, sys, time, unittest.mock
 if __name__ == '__main__' and any(a.startswith('--compile-for') for a in sys.argv):  # as deviceless.py: the GPU or TPU is a target
     os.environ.update(JAX_PLATFORMS='cpu', JAX_ENABLE_COMPILATION_CACHE='false')  # only, and libtpu is told there is no TPU VM
     for key, value in dict(TPU_WORKER_HOSTNAMES='localhost', TPU_ACCELERATOR_TYPE='none', ALLOW_MULTIPLE_LIBTPU_LOAD='1').items():
@@ -40,10 +42,10 @@ import bench  # noqa: E402 (puts the repo on sys.path)
 import jax, jax.numpy as jnp  # noqa: E402
 import model as gpt, train, utils  # noqa: E402
 
-IMPLS = ['cudnn', 'cudnn-bnth', 'xla', 'chunked', 'pallas', 'mgpu', 'mgpu+pallas', 'pallas-tpu']
-GPU_ONLY = {'cudnn', 'cudnn-bnth', 'mgpu', 'mgpu+pallas', 'pallas'}  # pallas (Triton) also runs on a CPU, interpreted
+IMPLS = ['cudnn', 'cudnn-bnth', 'xla', 'chunked', 'pallas', 'mgpu', 'mgpu+pallas', 'pallas-tpu', 'tokamax', 'tokamax-triton']
+GPU_ONLY = {'cudnn', 'cudnn-bnth', 'mgpu', 'mgpu+pallas', 'pallas', 'tokamax-triton'}  # pallas (Triton) also runs on a CPU, interpreted
 TPU_ONLY = {'pallas-tpu'}  # and on a CPU, interpreted
-PALLAS_IMPLS = {'pallas', 'mgpu', 'mgpu+pallas', 'pallas-tpu'}
+PALLAS_IMPLS = {'pallas', 'mgpu', 'mgpu+pallas', 'pallas-tpu', 'tokamax', 'tokamax-triton'}  # XLA cannot split them over devices
 TINY = ['model.seq_len=256', 'model.d_model=128', 'model.n_heads=2', 'model.n_layers=2', 'model.dtype=float32', 'batch_size=2']
 PALLAS_KEYS = {'bq': 128, 'bk': 128, 'bq_dkv': 32, 'bkv_dkv': 32, 'bkv_dq': 32, 'warps': 0, 'stages': 2}  # JAX's defaults
 BACKWARD_KEYS = ('bq_dkv', 'bkv_dkv', 'bkv_dq', 'warps')  # those the Triton backward's kernel uses (bq: only its preprocessing)
@@ -111,6 +113,8 @@ def kernels(args, K, platform):
     for impl in args.impls:
         if impl in GPU_ONLY - ({'pallas'} if platform == 'cpu' else set()) and platform != 'gpu' or impl in TPU_ONLY and platform == 'gpu':
             rows.append((impl, impl, f"needs {'an NVIDIA GPU' if impl in GPU_ONLY else 'a TPU'}", False))
+        elif impl in ('tokamax', 'tokamax-triton'):
+            rows.append((impl, impl, 'needs an NVIDIA GPU or a TPU' if platform == 'cpu' else tokamax_kernel(impl, platform), False))
         elif impl == 'pallas-tpu':  # Pallas's flash attention for TPUs, on [B, H, T, K]; interpreted on a CPU (run() sees to it)
             try:
                 from jax.experimental.pallas.ops.tpu import flash_attention as fa
@@ -146,6 +150,26 @@ def kernels(args, K, platform):
     # Pallas's kernels are not split by XLA's partitioner ('Mosaic kernels cannot be automatically partitioned'): on a
     # mesh of several devices, each device runs its share of the batch (axis 0 in both layouts), as the training step has it
     return [(name, impl, sharded(f) if impl in PALLAS_IMPLS and not isinstance(f, str) else f, bhtk) for name, impl, f, bhtk in rows]
+
+
+def tokamax_kernel(impl, platform):
+    """tokamax's attention (Google's kernel library, pip install tokamax): Mosaic GPU's flash attention with its backward
+    (Hopper, Blackwell) or Mosaic TPU's; or its Triton kernel."""
+    try:  # not in requirements.txt; a version that does not import with this JAX: this row's error
+        import tokamax
+        from absl import flags
+    except Exception as e:
+        return f'{type(e).__name__}: {utils.first_line(e)} (pip install tokamax)'
+    flags.FLAGS.mark_as_parsed()  # else tokamax parses this command line as its absl flags, and fails on ours
+    which = 'triton' if impl == 'tokamax-triton' else 'mosaic_gpu' if platform == 'gpu' else 'mosaic_tpu'
+    return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True, implementation=which)
+
+
+def compiling_for(device):
+    """A context in which JAX's default device, to libraries that ask it which kernel they may use (tokamax does, while
+    tracing), is `device`: a GPU or TPU compiled for (--compile-for), not this machine's CPU."""
+    from jax.extend import backend
+    return unittest.mock.patch.object(backend, 'get_default_device', lambda: device)
 
 
 def sharded(f):
@@ -236,7 +260,7 @@ def run(args):
             continue
         ins = ((jax.ShapeDtypeStruct((B, H, T, K) if bhtk else (B, T, H, K), c.dtype, sharding=q.sharding),) * 4 if mesh
                else swap((q, k, v, do), bhtk))
-        with interpreted(impl):
+        with interpreted(impl), compiling_for(mesh.devices.flat[0]) if mesh else contextlib.nullcontext():
             fwd, both, row['error'], row['temp_bytes'] = compiled(f, ins, mesh)
         row['compiled'], row['temp_bytes'] = fwd is not None, row['temp_bytes'] if fwd else None
         if mesh or fwd is None:

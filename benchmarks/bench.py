@@ -12,7 +12,8 @@ rounds so both see the same machine noise. A depth sweep reports compile time at
 with the layer scan on (the configs turn it off: unrolled layers step faster on CPUs and on an H200).
 With --vs, a second step (the same overrides plus the variant's) runs in the same rounds, so the two are compared
 under the same machine noise: its figures and `speedup` under the JSON's `vs` (its tokens/s over the first's, the median of the rounds' ratios).
---vs-xla compiles the --vs step with more XLA options; --vs-attention traces it with one of attention_bench.py's kernels.
+--vs-xla compiles the --vs step with more XLA options; --vs-attention traces it with one of attention_bench.py's kernels,
+--vs-layernorm with tokamax's LayerNorm (pip install tokamax; Triton's kernel on GPUs).
 """
 import argparse, contextlib, json, os, platform, re, shlex, statistics, sys, time, unittest.mock
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,10 +60,12 @@ def parse(argv):
     p.add_argument('--vs-xla', type=xla_options, default=None, metavar='JSON',
                    help="XLA options for the --vs step on top of the trainer's: --vs '' --vs-xla '{\"xla_gpu_enable_command_buffer\": \"\"}'")
     p.add_argument('--vs-attention', metavar='KERNEL', help="the --vs step's attention: a kernel of attention_bench.py "
-                   "(pallas, 'pallas[bk=64,bkv_dkv=64]', mgpu+pallas, ...) in place of jax.nn.dot_product_attention")
+                   "(pallas, 'pallas[bk=64,bkv_dkv=64]', mgpu+pallas, tokamax, ...) in place of jax.nn.dot_product_attention")
+    p.add_argument('--vs-layernorm', choices=['tokamax'], help="the --vs step's LayerNorm: tokamax's (Triton's kernel on "
+                   "GPUs, XLA's elsewhere) in place of flax's")
     p.add_argument('--tiny', action='store_true', help='a tiny model, one short round, for smoke tests (flags given still count)')
     args = p.parse_args(argv)
-    for flag, given in (('--vs-xla', args.vs_xla), ('--vs-attention', args.vs_attention)):
+    for flag, given in (('--vs-xla', args.vs_xla), ('--vs-attention', args.vs_attention), ('--vs-layernorm', args.vs_layernorm)):
         if given and args.vs is None:
             p.error(f"{flag} is for the --vs step: add --vs '' to compare the same step with and without it")
     defaults = dict(warmup=1, rounds=1, steps=1, matmul_size=128, depths='1,2') if args.tiny else dict(warmup=2, rounds=5, steps=2, depths='2,12,24')
@@ -170,11 +173,11 @@ def host_cpu():  # the host's processor: device_kind says only 'cpu', and a figu
     return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}), {os.cpu_count()} cores"
 
 
-def attention(name, cfg, platform, attn_impl=None, flag='--vs-attention', devices=1):
+def attention(name, cfg, platform, attn_impl=None, flag='--vs-attention', devices=1, target=None):
     """A context in which jax.nn.dot_product_attention, which the model calls (but with model.attn_impl=chunked), is
     attention_bench.py's kernel `name` (as its rows are named: pallas[bk=64], mgpu+pallas, ...): that kernel in the real
-    step, on `platform` (gpu, tpu, cpu); attn_impl: what the model will use (default: train.model_config's choice here).
-    Without `name`, nothing changes."""
+    step, on `platform` (gpu, tpu, cpu); attn_impl: what the model will use (default: train.model_config's choice here);
+    target: the GPU or TPU device compiled for, if not this machine's (deviceless.py). Without `name`, nothing changes."""
     if not name:
         return contextlib.nullcontext()
     import attention_bench as ab
@@ -202,7 +205,27 @@ def attention(name, cfg, platform, attn_impl=None, flag='--vs-attention', device
     stack = contextlib.ExitStack()  # on a CPU, Pallas's TPU kernels compile interpreted (its GPU kernels are told so directly)
     stack.enter_context(unittest.mock.patch.object(jax.nn, 'dot_product_attention', causal_attention))
     stack.enter_context(ab.tpu_interpreted()) if platform == 'cpu' and impl in ab.TPU_ONLY else None
+    stack.enter_context(ab.compiling_for(target)) if target else None
     return stack
+
+
+def layer_norm(name, platform):
+    """A context in which flax's LayerNorm, the model's, is tokamax's (name 'tokamax'): Triton's kernel, forward and
+    backward, on `platform` gpu, XLA's elsewhere (the same arithmetic: a CPU checks the swap). Without `name`, nothing changes."""
+    if not name:
+        return contextlib.nullcontext()
+    try:
+        import tokamax
+        from absl import flags
+        from flax import nnx
+    except ImportError as e:
+        raise utils.PicodoError(f'--vs-layernorm {name}: {e} (pip install tokamax)') from None
+    flags.FLAGS.mark_as_parsed()  # else tokamax parses this command line as its absl flags, and fails on ours
+    def call(self, x, *, mask=None):  # in the module's dtype, as flax's: the statistics in fp32
+        assert mask is None, 'the model normalizes every token'
+        x, scale, bias = (a.astype(self.dtype) for a in (x, self.scale[...], self.bias[...]))
+        return tokamax.layer_norm(x, scale, bias, epsilon=self.epsilon, implementation='triton' if platform == 'gpu' else 'xla')
+    return unittest.mock.patch.object(nnx.LayerNorm, '__call__', call)
 
 
 def compile_seconds(cfg, mesh, n_layers):  # with the layer scan, whatever the config says: the sweep is about its flat compile
@@ -225,15 +248,17 @@ def run(args):
     except utils.PicodoError as e:
         raise utils.PicodoError(f'--vs {shlex.join(args.vs)!r}: {e}') from None
     vs_attention = attention(args.vs_attention, vs_cfg, devices[0].platform, devices=len(devices))  # its refusals, before any compile
+    vs_layer_norm = layer_norm(args.vs_layernorm, devices[0].platform)
     runs = [[*build(cfg, mesh), []]]  # [step, state, batch, compile_s, times], and the variant's
     try:
-        with vs_attention:
+        with vs_attention, vs_layer_norm:
             runs += [[*build(vs_cfg, mesh, args.vs_xla), []]] if vs_cfg else []
     except Exception as e:  # an option XLA does not know, a value it cannot take; a kernel that fails in the step: one line
         if args.vs_xla and 'INVALID_ARGUMENT' in utils.first_line(e):
             raise utils.PicodoError(f'--vs-xla: {utils.first_line(e)}') from None
-        if args.vs_attention and not utils.oom_error(e):
-            raise utils.PicodoError(f'--vs-attention {args.vs_attention!r}: {type(e).__name__}: {utils.first_line(e)}') from None
+        if (args.vs_attention or args.vs_layernorm) and not utils.oom_error(e):
+            flags = ' '.join(f'{f} {v!r}' for f, v in (('--vs-attention', args.vs_attention), ('--vs-layernorm', args.vs_layernorm)) if v)
+            raise utils.PicodoError(f'{flags}: {type(e).__name__}: {utils.first_line(e)}') from None
         raise
     for r in runs:  # untimed steps, at least one: the first's loss and gradient norm (--vs '' with another kernel: the same?)
         for i in range(max(args.warmup, 1)):
@@ -254,7 +279,7 @@ def run(args):
     (step, state, batch, compile_s, step_times, first_step), matmul_s = runs[0], statistics.median(matmul_times)
     step_s, roofline = statistics.median(step_times), matmul_flops / matmul_s
     vs = vs_cfg and variant(args.vs, vs_cfg, runs[1][4], B * T, step_times, roofline, runs[1][3], devices) | {
-        'xla_options': args.vs_xla, 'attention': args.vs_attention, 'first_step': runs[1][5]}
+        'xla_options': args.vs_xla, 'attention': args.vs_attention, 'layernorm': args.vs_layernorm, 'first_step': runs[1][5]}
     model_flops = gpt.flops_per_token(c) * B * T / step_s
     peak = utils.peak_flops(devices[0].device_kind, cfg.peak_flops)
     mem = step.memory_analysis()

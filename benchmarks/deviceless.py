@@ -254,7 +254,7 @@ def compile_step(cfg, target, attention=None):
         step = jax.jit(lambda s, b: train.train_step(graphdef, s, b), donate_argnums=0, out_shardings=(shardings, None),
                        compiler_options=GPU_OPTIONS if gpu else None)
         try:
-            with bench.attention(attention, cfg, 'gpu' if gpu else 'tpu', c.attn_impl, '--attention'):
+            with bench.attention(attention, cfg, 'gpu' if gpu else 'tpu', c.attn_impl, '--attention', target=mesh.devices.flat[0]):
                 compiled = step.lower(state, batch).compile()
         except utils.PicodoError:
             raise

@@ -10,6 +10,8 @@ import bench
 import jax
 
 HAS_PLUGIN = importlib.util.find_spec('jax_plugins') is not None and importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+HAS_TOKAMAX = importlib.util.find_spec('tokamax') is not None
 
 
 def test_tiny_run_checks_every_kernel_against_xla_in_fp32_and_ends_with_its_json(capsys):
@@ -18,12 +20,14 @@ def test_tiny_run_checks_every_kernel_against_xla_in_fp32_and_ends_with_its_json
     r = json.loads(lines[-1])
     k = r['kernels']
     assert (r['batch_size'], r['seq_len'], r['n_heads'], r['head_dim'], r['dtype']) == (2, 256, 2, 64, 'float32')
-    assert list(k) == ['cudnn', 'cudnn-bnth', 'xla', 'chunked', 'pallas[bq=64,bk=64,bkv_dkv=64]', 'mgpu', 'mgpu+pallas', 'pallas-tpu']
+    assert list(k) == ['cudnn', 'cudnn-bnth', 'xla', 'chunked', 'pallas[bq=64,bk=64,bkv_dkv=64]', 'mgpu', 'mgpu+pallas', 'pallas-tpu',
+                       'tokamax', 'tokamax-triton']
     ran = ['xla', 'chunked', 'pallas[bq=64,bk=64,bkv_dkv=64]', 'pallas-tpu']  # Pallas's GPU and TPU kernels interpreted
     for name in ran:  # forward and backward timed; the output and the three gradients within fp32 rounding of XLA's
         assert k[name]['error'] is None and k[name]['rel_err'] < 1e-5, (name, k[name])
         assert None not in (k[name]['fwd_ms'], k[name]['bwd_ms'], k[name]['step_ms'], k[name]['fwd_tflops'])
-    assert all(k[name]['error'] == 'needs an NVIDIA GPU' and k[name]['fwd_ms'] is None for name in k if name not in ran)
+    assert k['tokamax']['error'] == 'needs an NVIDIA GPU or a TPU'  # tokamax's kernels have no CPU interpreter
+    assert all(k[name]['error'].startswith('needs an NVIDIA GPU') and k[name]['fwd_ms'] is None for name in k if name not in ran)
     assert r['fastest'] in ran and r['interpret'] and 'interpret mode' in lines[-3] and not any(k[n]['suspect'] for n in ran)
 
 
@@ -51,7 +55,7 @@ def test_mosaic_gpus_forward_with_the_triton_backward_computes_attentions_gradie
 
 
 @pytest.mark.parametrize('flags,message', [
-    (['--impls', 'cudnn,flash'], "--impls: unknown kernel 'flash'; known: cudnn, cudnn-bnth, xla, chunked, pallas, mgpu, mgpu+pallas, pallas-tpu"),
+    (['--impls', 'cudnn,flash'], "--impls: unknown kernel 'flash'; known: cudnn, cudnn-bnth, xla, chunked, pallas, mgpu, mgpu+pallas, pallas-tpu, tokamax, tokamax-triton"),
     (['--pallas', 'bq=big'], "'bq=big': key=integer pairs separated by commas"),
     (['--pallas', 'bq=64,blk=32'], "'bq=64,blk=32': unknown key blk; keys: bq, bk, bq_dkv, bkv_dkv, bkv_dq, warps, stages"),
 ])
@@ -79,3 +83,16 @@ def test_compile_for_h100_tells_a_block_setting_that_fits_from_one_that_does_not
     assert k['cudnn']['compiled'] and k['pallas[bq=64,bk=64]']['compiled'] and k['cudnn']['fwd_ms'] is None  # nothing ran
     big = k['pallas[bq_dkv=256,bkv_dkv=256,bkv_dq=256]']
     assert big['compiled'] and big['error'].startswith('backward: ') and 'Shared memory size limit exceeded' in big['error']
+
+
+@pytest.mark.parametrize('target,compiler,impls', [('h100', HAS_PLUGIN, ['tokamax', 'tokamax-triton']), ('v5e-1', HAS_LIBTPU, ['tokamax'])])
+def test_compile_for_a_gpu_or_tpu_finds_tokamaxs_kernels_for_it(target, compiler, impls):
+    """tokamax picks its kernel by asking JAX's default device, a CPU here: compiled for an H100 (Mosaic GPU's kernel for
+    Hopper, and Triton's) or a TPU v5e (Mosaic TPU's), the device it is told of must be that one, forward and backward."""
+    if not (compiler and HAS_TOKAMAX):
+        pytest.skip(f"needs tokamax and {'the CUDA plugin' if target == 'h100' else 'libtpu'} (see benchmarks/deviceless.py)")
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'attention_bench.py'), '--tiny', 'model.dtype=bfloat16',
+                        'model.seq_len=1024', '--compile-for', target, '--impls', ','.join(impls)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    k = json.loads(r.stdout.strip().splitlines()[-1])['kernels']
+    assert all(k[i]['compiled'] and k[i]['error'] is None and k[i]['fwd_ms'] is None for i in impls), k  # both compiled, nothing ran

@@ -1,5 +1,5 @@
 """The benchmark runs end to end in its tiny mode; no assertion on speed."""
-import json, os, re, sys, types
+import importlib.util, json, os, re, sys, types
 import jax
 import numpy as np
 import pytest
@@ -181,9 +181,36 @@ def test_vs_attention_puts_an_attention_bench_kernel_in_the_real_step(capsys):
     assert set(r['first_step']) == {'train_loss', 'grad_norm'}
     for name, message in [('pallas', "replaces jax.nn.dot_product_attention, which model.attn_impl=chunked does not call"),
                           ('cudnn', 'needs an NVIDIA GPU'), ('flash', 'one of cudnn, cudnn-bnth, xla'), ('mgpu', 'mgpu has no causal backward'),
-                          ('pallas[bx=1]', "'bx=1': unknown key bx"), ('pallas-tpu', 'hangs across 8 devices: --devices 1')]:
+                          ('pallas[bx=1]', "'bx=1': unknown key bx"), ('pallas-tpu', 'hangs across 8 devices: --devices 1'),
+                          ('tokamax', 'needs an NVIDIA GPU or a TPU')]:
         with pytest.raises(utils.PicodoError, match=re.escape(f'--vs-attention {name!r}') + '.*' + re.escape(message)):
             bench.main(['--tiny', '--devices', '0', '--depths', '', '--vs', '' if name == 'pallas' else 'model.attn_impl=xla', '--vs-attention', name])
+
+
+HAS_TOKAMAX = importlib.util.find_spec('tokamax') is not None
+
+
+@pytest.mark.skipif(not HAS_TOKAMAX, reason='needs tokamax (pip install tokamax), which requirements.txt leaves out')
+def test_vs_layernorm_puts_tokamaxs_layer_norm_in_the_variant(monkeypatch):
+    """--vs-layernorm tokamax: the --vs step with tokamax's LayerNorm in place of flax's (Triton's kernel on a GPU; on a
+    CPU its XLA arithmetic, which must give the same first step: the swap itself is what a CPU can check)."""
+    import tokamax
+    calls, real = [], tokamax.layer_norm
+    monkeypatch.setattr(tokamax, 'layer_norm', lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    r = bench.main(['--tiny', '--depths', '', '--vs', '', '--vs-layernorm', 'tokamax'])
+    # traced once, in the variant only: 2 per block and the final one, at flax's epsilon
+    assert r['vs']['layernorm'] == 'tokamax' and calls == [dict(epsilon=1e-6, implementation='xla')] * 5
+    np.testing.assert_allclose(list(r['vs']['first_step'].values()), list(r['first_step'].values()), rtol=1e-6)
+
+
+def test_vs_layernorm_without_tokamax_or_without_vs_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse(['--vs-layernorm', 'tokamax'])
+    assert "--vs-layernorm is for the --vs step: add --vs ''" in capsys.readouterr().err
+    if HAS_TOKAMAX:
+        pytest.skip('tokamax is installed here')
+    with pytest.raises(utils.PicodoError, match=r"^--vs-layernorm tokamax: No module named 'tokamax' \(pip install tokamax\)$"):
+        bench.main(['--tiny', '--depths', '', '--vs', '', '--vs-layernorm', 'tokamax'])
 
 
 def test_synthetic_ids_follow_zipfs_law_in_the_vocabulary_the_same_each_call():
