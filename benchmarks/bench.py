@@ -15,7 +15,7 @@ under the same machine noise: its figures and `speedup` under the JSON's `vs` (i
 --vs-xla compiles the --vs step with more XLA options; --vs-attention traces it with one of attention_bench.py's kernels,
 --vs-layernorm with tokamax's LayerNorm (pip install tokamax; Triton's kernel on GPUs).
 """
-import argparse, contextlib, json, os, platform, re, shlex, statistics, sys, time, unittest.mock
+import argparse, contextlib, functools, json, os, platform, re, shlex, statistics, sys, time, unittest.mock
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import jax
@@ -223,8 +223,11 @@ def layer_norm(name, platform):
     flags.FLAGS.mark_as_parsed()  # else tokamax parses this command line as its absl flags, and fails on ours
     def call(self, x, *, mask=None):  # in the module's dtype, as flax's: the statistics in fp32
         assert mask is None, 'the model normalizes every token'
-        x, scale, bias = (a.astype(self.dtype) for a in (x, self.scale[...], self.bias[...]))
-        return tokamax.layer_norm(x, scale, bias, epsilon=self.epsilon, implementation='triton' if platform == 'gpu' else 'xla')
+        ln = functools.partial(tokamax.layer_norm, epsilon=self.epsilon, implementation='triton' if platform == 'gpu' else 'xla')
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.size > 1:  # XLA cannot split a Triton kernel: each device normalizes its tokens
+            ln = jax.shard_map(ln, in_specs=(jax.P('data'), jax.P(), jax.P()), out_specs=jax.P('data'), check_vma=False)
+        return ln(*(a.astype(self.dtype) for a in (x, self.scale[...], self.bias[...])))
     return unittest.mock.patch.object(nnx.LayerNorm, '__call__', call)
 
 
@@ -332,9 +335,10 @@ def table(r):
     if 'vs' in r:
         v = r['vs']
         rs = v['speedup_rounds']
-        rows += [('vs', (shlex.join(v['overrides']) or ("''" if v['xla_options'] or v['attention'] else "'' (the same step again: the noise)"))
+        rows += [('vs', (shlex.join(v['overrides']) or ("''" if v['xla_options'] or v['attention'] or v['layernorm'] else "'' (the same step again: the noise)"))
                         + (f" with XLA options {json.dumps(v['xla_options'])}" if v['xla_options'] else '')
-                        + (f" with attention {v['attention']}" if v['attention'] else '')),
+                        + (f" with attention {v['attention']}" if v['attention'] else '')
+                        + (f" with LayerNorm {v['layernorm']}" if v['layernorm'] else '')),
                  ('vs: tokens/s', f"{v['tokens_per_sec']:,.0f}, {v['step_ms']:,.1f} ms, compile {v['compile_s']:.1f} s"),
                  ('vs: roofline fraction, MFU', f"{v['roofline_fraction']:.3f}, {g(v['mfu'])}"),
                  ('vs: first step', first(v['first_step'])),

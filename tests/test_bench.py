@@ -191,16 +191,20 @@ HAS_TOKAMAX = importlib.util.find_spec('tokamax') is not None
 
 
 @pytest.mark.skipif(not HAS_TOKAMAX, reason='needs tokamax (pip install tokamax), which requirements.txt leaves out')
-def test_vs_layernorm_puts_tokamaxs_layer_norm_in_the_variant(monkeypatch):
+def test_vs_layernorm_puts_tokamaxs_layer_norm_in_the_variant(monkeypatch, capsys):
     """--vs-layernorm tokamax: the --vs step with tokamax's LayerNorm in place of flax's (Triton's kernel on a GPU; on a
-    CPU its XLA arithmetic, which must give the same first step: the swap itself is what a CPU can check)."""
+    CPU its XLA arithmetic, which must give the same first step: the swap itself is what a CPU can check), on one device
+    and on 8 (where each device normalizes its own tokens, as a Triton kernel must)."""
     import tokamax
     calls, real = [], tokamax.layer_norm
     monkeypatch.setattr(tokamax, 'layer_norm', lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    r = bench.main(['--tiny', '--depths', '', '--vs', '', '--vs-layernorm', 'tokamax'])
-    # traced once, in the variant only: 2 per block and the final one, at flax's epsilon
-    assert r['vs']['layernorm'] == 'tokamax' and calls == [dict(epsilon=1e-6, implementation='xla')] * 5
-    np.testing.assert_allclose(list(r['vs']['first_step'].values()), list(r['first_step'].values()), rtol=1e-6)
+    for devices in ('1', '0'):
+        calls.clear()
+        r = bench.main(['--tiny', '--devices', devices, '--depths', '', '--vs', '', '--vs-layernorm', 'tokamax'])
+        # traced once, in the variant only: 2 per block and the final one, at flax's epsilon
+        assert r['vs']['layernorm'] == 'tokamax' and calls == [dict(epsilon=1e-6, implementation='xla')] * 5
+        assert "\nvs                           '' with LayerNorm tokamax\n" in capsys.readouterr().out
+        np.testing.assert_allclose(list(r['vs']['first_step'].values()), list(r['first_step'].values()), rtol=1e-6)
 
 
 def test_vs_layernorm_without_tokamax_or_without_vs_is_one_line(capsys):
