@@ -85,6 +85,20 @@ def test_compile_for_h100_tells_a_block_setting_that_fits_from_one_that_does_not
     assert big['compiled'] and big['error'].startswith('backward: ') and 'Shared memory size limit exceeded' in big['error']
 
 
+def test_tokamaxs_mosaic_gpu_calls_get_the_argument_names_a_newer_jax_takes(monkeypatch):
+    """tokamax 0.0.12 passes plgpu.kernel out_shape= and scratch_shapes=, deprecated since JAX 0.10: for a JAX whose
+    plgpu.kernel takes only out_type= and scratch_types=, mosaic_gpu_compat renames them; with this one's, nothing changes."""
+    plgpu = pytest.importorskip('jax.experimental.pallas.mosaic_gpu')
+    ab.mosaic_gpu_compat()
+    assert 'out_shape' in ab.inspect.signature(plgpu.kernel).parameters  # this JAX takes both: left alone
+    def newer(body, *, out_type, scratch_types=(), grid=()):  # as a later JAX might have it
+        return body, out_type, scratch_types, grid
+    monkeypatch.setattr(plgpu, 'kernel', newer)
+    ab.mosaic_gpu_compat()
+    assert plgpu.kernel is not newer and plgpu.kernel(len, out_shape='o', scratch_shapes='s', grid=(2,)) == (len, 'o', 's', (2,))
+    assert plgpu.kernel(len, out_type='o') == (len, 'o', (), ())
+
+
 @pytest.mark.parametrize('target,compiler,impls', [('h100', HAS_PLUGIN, ['tokamax', 'tokamax-triton']), ('v5e-1', HAS_LIBTPU, ['tokamax'])])
 def test_compile_for_a_gpu_or_tpu_finds_tokamaxs_kernels_for_it(target, compiler, impls):
     """tokamax picks its kernel by asking JAX's default device, a CPU here: compiled for an H100 (Mosaic GPU's kernel for
