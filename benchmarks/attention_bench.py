@@ -32,7 +32,7 @@ difference from XLA's attention in fp32 on the same inputs, over the output and 
 each one's largest value; a row above 1e-4 (fp32) or 5e-2 (bf16, fp16) is flagged, and is never `fastest`. `per step` is the
 forward + backward times the number of layers. The last line is JSON.
 """
-import argparse, contextlib, functools, inspect, os, statistics, sys, time, unittest.mock
+import argparse, contextlib, functools, inspect, os, statistics, sys, time, unittest.mock, warnings
 if __name__ == '__main__' and any(a.startswith('--compile-for') for a in sys.argv):  # as deviceless.py: the GPU or TPU is a target
     os.environ.update(JAX_PLATFORMS='cpu', JAX_ENABLE_COMPILATION_CACHE='false')  # only, and libtpu is told there is no TPU VM
     for key, value in dict(TPU_WORKER_HOSTNAMES='localhost', TPU_ACCELERATOR_TYPE='none', ALLOW_MULTIPLE_LIBTPU_LOAD='1').items():
@@ -161,14 +161,23 @@ def tokamax_kernel(impl, platform):
     except Exception as e:
         return f'{type(e).__name__}: {utils.first_line(e)} (pip install tokamax)'
     flags.FLAGS.mark_as_parsed()  # else tokamax parses this command line as its absl flags, and fails on ours
-    mosaic_gpu_compat()
+    tokamax_compat()
     which = 'triton' if impl == 'tokamax-triton' else 'mosaic_gpu' if platform == 'gpu' else 'mosaic_tpu'
     return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True, implementation=which)
 
 
-def mosaic_gpu_compat():
-    """tokamax 0.0.12 calls Pallas's plgpu.kernel with out_shape= and scratch_shapes=, which JAX 0.10 deprecates for
-    out_type= and scratch_types=: where this JAX takes only the new names, its plgpu.kernel gets them renamed."""
+def tokamax_compat():
+    """tokamax 0.0.12 uses two names JAX 0.10 deprecates: plgpu.kernel's out_shape= and scratch_shapes= (now out_type=,
+    scratch_types=), and pallas.dot (now pallas.triton.dot). Where this JAX has dropped them, they are put back."""
+    from jax.experimental import pallas as pl
+    try:
+        with warnings.catch_warnings():  # JAX 0.10's DeprecationWarning, where it still has it
+            warnings.simplefilter('ignore')
+            pl.dot
+    except AttributeError:
+        with contextlib.suppress(ImportError, AttributeError):
+            from jax.experimental.pallas import triton
+            pl.dot = triton.dot
     try:
         from jax.experimental.pallas import mosaic_gpu as plgpu
         new = plgpu.kernel

@@ -85,18 +85,27 @@ def test_compile_for_h100_tells_a_block_setting_that_fits_from_one_that_does_not
     assert big['compiled'] and big['error'].startswith('backward: ') and 'Shared memory size limit exceeded' in big['error']
 
 
-def test_tokamaxs_mosaic_gpu_calls_get_the_argument_names_a_newer_jax_takes(monkeypatch):
-    """tokamax 0.0.12 passes plgpu.kernel out_shape= and scratch_shapes=, deprecated since JAX 0.10: for a JAX whose
-    plgpu.kernel takes only out_type= and scratch_types=, mosaic_gpu_compat renames them; with this one's, nothing changes."""
+def test_tokamaxs_calls_get_the_names_a_newer_jax_has(monkeypatch):
+    """tokamax 0.0.12 passes plgpu.kernel out_shape= and scratch_shapes=, and calls pallas.dot, all deprecated since JAX
+    0.10: for a JAX with only plgpu.kernel's out_type= and scratch_types=, and pallas.triton.dot, tokamax_compat puts the
+    old names back; with this JAX's, nothing changes."""
     plgpu = pytest.importorskip('jax.experimental.pallas.mosaic_gpu')
-    ab.mosaic_gpu_compat()
-    assert 'out_shape' in ab.inspect.signature(plgpu.kernel).parameters  # this JAX takes both: left alone
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton
+    kernel = plgpu.kernel
+    ab.tokamax_compat()
+    assert plgpu.kernel is kernel and 'out_shape' in ab.inspect.signature(kernel).parameters  # this JAX takes both: left alone
     def newer(body, *, out_type, scratch_types=(), grid=()):  # as a later JAX might have it
         return body, out_type, scratch_types, grid
     monkeypatch.setattr(plgpu, 'kernel', newer)
-    ab.mosaic_gpu_compat()
+    def gone(name):  # the module's __getattr__, which serves its deprecated names
+        raise AttributeError(name)
+    monkeypatch.setitem(pl.__dict__, 'dot', None)  # so that the one tokamax_compat sets is removed after the test
+    monkeypatch.delitem(pl.__dict__, 'dot')
+    monkeypatch.setitem(pl.__dict__, '__getattr__', gone)
+    ab.tokamax_compat()
     assert plgpu.kernel is not newer and plgpu.kernel(len, out_shape='o', scratch_shapes='s', grid=(2,)) == (len, 'o', 's', (2,))
-    assert plgpu.kernel(len, out_type='o') == (len, 'o', (), ())
+    assert plgpu.kernel(len, out_type='o') == (len, 'o', (), ()) and pl.dot is triton.dot
 
 
 @pytest.mark.parametrize('target,compiler,impls', [('h100', HAS_PLUGIN, ['tokamax', 'tokamax-triton']), ('v5e-1', HAS_LIBTPU, ['tokamax'])])
