@@ -5,6 +5,7 @@ model.py or train.py that made the op.
     python benchmarks/profile_step.py                                # the CPU benchmark model (configs/bench_cpu.yaml)
     python benchmarks/profile_step.py -cn default batch_size=32      # GPT-2 small on a GPU, any Hydra override
     python benchmarks/profile_step.py --trace-dir /tmp/trace         # also keep the trace, for TensorBoard or Perfetto
+    python benchmarks/profile_step.py -cn default batch_size=32 --attention tokamax --layernorm tokamax   # other kernels in it
 
 Prints the step time; the matmul FLOPs executed per step against the model's (recomputation shows here) and
 their rate against one large matmul's (bench.py's roofline); the time by kind of op (matmul, attention kernel,
@@ -33,6 +34,9 @@ def parse(argv):
     p.add_argument('--top', type=bench.at_least(0), default=25, help='op groups listed')
     p.add_argument('--devices', type=bench.at_least(0), default=1, help='devices in the mesh (0 = all); device 0 is profiled')
     p.add_argument('--trace-dir', help='where to write the trace (default: a temporary directory, deleted)')
+    p.add_argument('--attention', metavar='KERNEL', help="the step with one of attention_bench.py's kernels in place of "
+                   "jax.nn.dot_product_attention, as bench.py --vs-attention (tokamax, 'pallas[bk=64]', ...)")
+    p.add_argument('--layernorm', choices=['tokamax'], help="the step with tokamax's LayerNorm, as bench.py --vs-layernorm")
     p.add_argument('--tiny', action='store_true', help='the tiny model of bench.py --tiny')
     args = p.parse_args(argv)
     if args.devices > jax.device_count():
@@ -54,9 +58,11 @@ def hlo_ops(text):
             computation = m.group(1)
         elif m := re.match(r'^\s+(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\(', line):
             name, shape, opcode = m.groups()
-            target, op_name, frame = (re.search(p, line) for p in (r'custom_call_target="([^"]+)"', r'op_name="([^"]+)"', r'stack_frame_id=(\d+)'))
+            target, op_name, frame = (re.search(p, line) for p in (r'custom_call_target="([^"]+)"', r'op_name="((?:[^"\\]|\\.)*)"', r'stack_frame_id=(\d+)'))
             members[computation].append(name)
-            ops[name] = dict(opcode=target.group(1) if target else opcode, shape=shape, op_name=op_name and op_name.group(1),
+            # tokamax names its ops by their arguments, as JSON: tokamax:{\"op\":{\"__type\":\"...PallasMosaicGpuFlashAttention\", ...}}
+            op_name = op_name and re.sub(r'tokamax:\{.*?__type\\":\\"[\w.]*?(\w+)\\".*?\}\}(?=/|$)', r'tokamax:\1', op_name.group(1))
+            ops[name] = dict(opcode=target.group(1) if target else opcode, custom=bool(target), shape=shape, op_name=op_name,
                              frame=frame and frame.group(1), calls=re.findall(r'(?:calls|to_apply|body|condition)=%([\w.\-]+)', line),
                              operands=re.findall(r'%([\w.\-]+)', line[m.end():].split(')')[0]),
                              contracting=re.search(r'lhs_contracting_dim\w*["=:\s{\[]*([\d",\s]*)', line),
@@ -87,7 +93,9 @@ def hlo_ops(text):
         # what decides the kind: the ops on arrays (not a dynamic slice's scalar offsets)
         codes = {op['opcode']} | {ops[n]['opcode'] for n in within if not re.match(r'\w+\[\]', ops[n]['shape'])}
         kinds[name] = ('control' if op['opcode'] in CONTROL else
-                       'attention kernel' if any(re.search('fmha|flash|attention', o, re.I) for o in codes) else
+                       # cuDNN's; or a Pallas kernel (Triton, Mosaic GPU, tokamax's) made by attention code
+                       'attention kernel' if any(re.search('fmha|flash|attention', o, re.I) for o in codes)
+                       or op['custom'] and re.search('attention|mha', op['op_name'] or '', re.I) else
                        'matmul' if codes & {'dot', 'convolution'} or any(re.search('gemm|matmul|cublas', o, re.I) for o in codes) else
                        'collective' if any(COLLECTIVE.match(o) for o in codes) else
                        'data movement' if codes <= MOVES | {'fusion'} else 'elementwise')
@@ -171,7 +179,9 @@ def run(args):
     cfg = bench.compose_config(args.config_name, args.overrides)
     devices = jax.devices()[:args.devices or None]
     mesh = jax.make_mesh((len(devices),), ('data',), (jax.sharding.AxisType.Auto,), devices=devices)
-    step, state, batch, compile_s = bench.build(cfg, mesh)
+    with bench.attention(args.attention, cfg, devices[0].platform, flag='--attention', devices=len(devices)), \
+            bench.layer_norm(args.layernorm, devices[0].platform):
+        step, state, batch, compile_s = bench.build(cfg, mesh)
     ops, kinds = hlo_ops(step.as_text())
     module = re.match(r'HloModule (\S+?),', step.as_text()).group(1)
     def timed(state):
@@ -203,7 +213,8 @@ def run(args):
     top = sorted(groups.items(), key=lambda kv: -kv[1][0])[:args.top]
     op_ms, matmul_flops = sum(by_kind.values()), sum(g[2] for g in groups.values())
     model_flops = gpt.flops_per_token(train.model_config(cfg.model)) * cfg.batch_size * cfg.model.seq_len / len(devices)
-    return dict(config=args.config_name, overrides=args.overrides, device_kind=devices[0].device_kind, n_devices=len(devices), host_cpu=bench.host_cpu(),
+    return dict(config=args.config_name, overrides=args.overrides, attention=args.attention, layernorm=args.layernorm,
+                device_kind=devices[0].device_kind, n_devices=len(devices), host_cpu=bench.host_cpu(),
                 step_ms=1e3 * step_s, traced_step_ms=1e3 * traced_s, op_ms_per_step=op_ms, compile_s=compile_s,
                 model_flops_per_step=model_flops, matmul_flops_per_step=matmul_flops,  # device 0's
                 matmul_flops_per_sec=matmul_flops / by_kind['matmul'] * 1e3 if by_kind['matmul'] else None, roofline_flops_per_sec=roofline,
@@ -214,7 +225,8 @@ def run(args):
 
 
 def table(r):
-    lines = [f"{r['n_devices']} x {r['device_kind']} (host: {r['host_cpu']}), {r['config']} {' '.join(r['overrides'])}",
+    lines = [f"{r['n_devices']} x {r['device_kind']} (host: {r['host_cpu']}), {r['config']} {' '.join(r['overrides'])}"
+             + (f", attention {r['attention']}" if r['attention'] else '') + (f", LayerNorm {r['layernorm']}" if r['layernorm'] else ''),
              f"step {r['step_ms']:.1f} ms ({r['traced_step_ms']:.1f} ms while traced); ops on device 0: "
              f"{r['op_ms_per_step']:.1f} ms per step",
              f"matmuls: {r['matmul_flops_per_step'] / 1e9:,.1f} GFLOP per step (model FLOPs: {r['model_flops_per_step'] / 1e9:,.1f}), "

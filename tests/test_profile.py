@@ -92,6 +92,17 @@ def test_device_timelines_count_kernels_not_summary_lines(tmp_path, capsys):
         profile_step.op_events(str(tmp_path), 'jit_train_step', {'dot.1': None})
 
 
+def test_the_step_profiled_with_another_attention_kernel(capsys):
+    """--attention: the step with one of attention_bench.py's kernels, as bench.py --vs-attention has it (here Pallas's
+    Triton kernel, interpreted on a CPU); one that cannot run here is one line."""
+    r = profile_step.main(['--tiny', '--top', '1000', 'model.attn_impl=xla', '--attention', 'pallas[bq=16,bk=16,bq_dkv=16,bkv_dkv=16,bkv_dq=16]'])
+    assert r['attention'] == 'pallas[bq=16,bk=16,bq_dkv=16,bkv_dkv=16,bkv_dq=16]' and r['layernorm'] is None
+    assert any('mha' in t['op'] for t in r['top'])  # Pallas's mha in the profiled step (without --attention: none)
+    assert ', attention pallas[bq=16' in capsys.readouterr().out
+    with pytest.raises(utils.PicodoError, match=r"^--attention 'tokamax': needs an NVIDIA GPU or a TPU$"):
+        profile_step.main(['--tiny', 'model.attn_impl=xla', '--attention', 'tokamax'])
+
+
 @pytest.mark.parametrize('args,message', [(['--devices', '-1'], 'argument --devices: -1 is not an integer >= 0'),
                                           (['--devices', '9'], '--devices 9: this machine has 8'),
                                           (['--top', '-3'], 'argument --top: -3 is not an integer >= 0'),
@@ -159,3 +170,20 @@ def test_fusions_of_copies_and_transposes_are_data_movement_and_overlaps_count_o
     _, kinds = profile_step.hlo_ops(HLO)
     assert (kinds['fusion.1'], kinds['fusion.2']) == ('data movement', 'elementwise')
     assert profile_step.union([(0, 10), (5, 15), (20, 21), (2, 3)]) == 16  # the busy time the coverage warning divides by
+
+
+def test_pallas_kernels_from_attention_code_are_attention_kernels():
+    """A custom call of Mosaic GPU or Triton is an attention kernel when attention code made it (tokamax's flash attention,
+    Pallas's mha: --attention), else elementwise (tokamax's LayerNorm); cuDNN's attention is one by its name. tokamax names
+    its ops by their arguments as JSON, with escaped quotes (read whole, shown by the op's class)."""
+    call = lambda name, target, op_name: (f'  %{name} = bf16[2,8]{{1,0}} custom-call(bf16[2,8]{{1,0}} %x), '
+                                          f'custom_call_target="{target}", metadata={{op_name="{op_name}"}}')
+    tokamax = lambda cls: 'jit(step)/transpose(jvp())/tokamax:{\\"op\\":{\\"__type\\":\\"tokamax._src.ops.' + cls + '\\",\\"config\\":{\\"block_q\\":64}}}/vmap()/mpmd_map'
+    hlo = '\n'.join(['HloModule m', 'ENTRY %main (x: bf16[2,8]) -> bf16[2,8] {', '  %x = bf16[2,8]{1,0} parameter(0)',
+                     call('a', 'mosaic_gpu_v2', tokamax('attention.pallas_mosaic_gpu_vjp.PallasMosaicGpuFlashAttentionVjp')),
+                     call('b', '__gpu$xla.gpu.triton', 'jit(step)/jvp(mha)/pallas_call'),
+                     call('c', '__gpu$xla.gpu.triton', tokamax('normalization.pallas_triton.PallasTritonNormalization')),
+                     call('d', '__cudnn$fmhaSoftmax', 'jit(step)/jvp(dot_product_attention)'), '  ROOT %e = bf16[2,8]{1,0} copy(%a)', '}'])
+    ops, kinds = profile_step.hlo_ops(hlo)
+    assert [kinds[n] for n in 'abcd'] == ['attention kernel', 'attention kernel', 'elementwise', 'attention kernel']
+    assert [ops[n][3:5] for n in 'abc'] == [('mpmd_map', 'bwd'), ('pallas_call', 'fwd'), ('mpmd_map', 'bwd')]
