@@ -5,6 +5,7 @@ would make the training step faster? On an H100, cuDNN's attention took 10.6 ms 
     python benchmarks/attention_bench.py -cn default batch_size=32   # GPT-2 small (the default config: B=64), every kernel
     python benchmarks/attention_bench.py batch_size=32 --impls cudnn,pallas --rounds 9
     python benchmarks/attention_bench.py --pallas 'bq=128,bk=64,bq_dkv=64,bkv_dkv=64,bkv_dq=64,warps=4,stages=3'
+    python benchmarks/attention_bench.py batch_size=32 --impls cudnn,tokamax --tokamax bq=64 bq=128 'bq=128,stages=3' wgs=1
     python benchmarks/attention_bench.py batch_size=32 --compile-for h100   # no GPU: which kernels and blocks compile for one
     python benchmarks/attention_bench.py --tiny                            # a smoke run on a CPU (Pallas in interpret mode)
 
@@ -15,7 +16,8 @@ setting), `mgpu` (Pallas's Mosaic GPU kernel for Hopper, attention_mgpu: forward
 written), `mgpu+pallas` (Mosaic GPU's forward with the Triton backward, through both modules' internals) and
 `pallas-tpu` (jax.experimental.pallas.ops.tpu.flash_attention, on [B, H, T, K]; T a multiple of 128); from tokamax
 (Google's kernel library, pip install tokamax, not in requirements.txt), `tokamax` (Mosaic GPU's flash attention with
-its backward, for Hopper and Blackwell GPUs; or Mosaic TPU's, v5e and later) and `tokamax-triton` (its Triton kernel). With
+its backward, for Hopper and Blackwell GPUs; or Mosaic TPU's, v5e and later; one row per --tokamax block setting for
+Hopper, else its heuristics' blocks) and `tokamax-triton` (its Triton kernel). With
 JAX 0.10.2 JAX's Mosaic GPU kernel (mgpu) takes float16 only (its shared-memory buffers are fp16; bf16 fails with 'Mixed
 input dtypes'): time its rows with model.dtype=float16, beside the others in float16 (tokamax's compiles in bf16).
 A kernel that cannot run here (no CUDA GPU or TPU, an API missing from this JAX, a block setting that does not compile)
@@ -48,6 +50,9 @@ TPU_ONLY = {'pallas-tpu'}  # and on a CPU, interpreted
 PALLAS_IMPLS = {'pallas', 'mgpu', 'mgpu+pallas', 'pallas-tpu', 'tokamax', 'tokamax-triton'}  # XLA cannot split them over devices
 TINY = ['model.seq_len=256', 'model.d_model=128', 'model.n_heads=2', 'model.n_layers=2', 'model.dtype=float32', 'batch_size=2']
 PALLAS_KEYS = {'bq': 128, 'bk': 128, 'bq_dkv': 32, 'bkv_dkv': 32, 'bkv_dq': 32, 'warps': 0, 'stages': 2}  # JAX's defaults
+# tokamax's Mosaic GPU kernel for Hopper: forward query and key blocks and pipeline stages, then the backward's (dK and dV's
+# blocks, dQ's, its stages, its compute warpgroups); the defaults are tokamax 0.0.12's heuristics for GPT-2 small's shape
+TOKAMAX_KEYS = {'bq': 64, 'bkv': 128, 'stages': 2, 'bq_dkv': 64, 'bkv_dkv': 64, 'bq_dq': 64, 'bkv_dq': 64, 'bwd_stages': 2, 'wgs': 2}
 BACKWARD_KEYS = ('bq_dkv', 'bkv_dkv', 'bkv_dq', 'warps')  # those the Triton backward's kernel uses (bq: only its preprocessing)
 TOLERANCE = {'float32': 1e-4}  # rel_err above which a row is not counted as fastest (else 5e-2: bf16, fp16 kernels are near 1e-2)
 # block settings timed by default on a GPU (the dq kernel's query block is bkv_dkv: the Triton backward requires it)
@@ -67,14 +72,17 @@ def deviceless_targets():  # deviceless.py's GPUs and TPU slices (its import set
     return deviceless.GPUS, deviceless.TPUS
 
 
-def pallas_setting(text):  # an argparse type: 'bq=128,bk=64,...' -> dict, JAX's defaults for the keys not given
+def pallas_setting(text, keys=PALLAS_KEYS):  # an argparse type: 'bq=128,bk=64,...' -> dict, the defaults for the keys not given
     try:
         given = {k: int(v) for k, v in (kv.split('=') for kv in text.split(','))}
     except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r}: key=integer pairs separated by commas, keys {", ".join(PALLAS_KEYS)}')
-    if set(given) - set(PALLAS_KEYS):
-        raise argparse.ArgumentTypeError(f'{text!r}: unknown key {sorted(set(given) - set(PALLAS_KEYS))[0]}; keys: {", ".join(PALLAS_KEYS)}')
-    return PALLAS_KEYS | given
+        raise argparse.ArgumentTypeError(f'{text!r}: key=integer pairs separated by commas, keys {", ".join(keys)}')
+    if set(given) - set(keys):
+        raise argparse.ArgumentTypeError(f'{text!r}: unknown key {sorted(set(given) - set(keys))[0]}; keys: {", ".join(keys)}')
+    return keys | given
+
+
+tokamax_setting = functools.partial(pallas_setting, keys=TOKAMAX_KEYS)
 
 
 def parse(argv):
@@ -84,6 +92,8 @@ def parse(argv):
     p.add_argument('--impls', default=','.join(IMPLS), help=f'kernels to time, separated by commas (default all: {",".join(IMPLS)})')
     p.add_argument('--pallas', nargs='+', type=pallas_setting, default=None,
                    help=f'block settings for pallas and mgpu+pallas (default: {len(PALLAS)} on a GPU, the first on a CPU)')
+    p.add_argument('--tokamax', nargs='+', type=tokamax_setting, default=None, help="block settings for tokamax's Mosaic GPU "
+                   f"kernel, a row each (default: its heuristics alone; keys {', '.join(TOKAMAX_KEYS)})")
     p.add_argument('--mgpu-block-kv', type=bench.at_least(64), default=128, help="Mosaic GPU's key block (its query block is 64)")
     p.add_argument('--rounds', type=bench.at_least(1), default=None, help='timed rounds, medians reported (default 5; --tiny 1)')
     p.add_argument('--seconds', type=float, default=None, help='about how long each timing runs (default 0.1; --tiny 0)')
@@ -102,8 +112,8 @@ def parse(argv):
     return args
 
 
-def name_of(setting):  # the settings that differ from JAX's defaults, as typed
-    return ','.join(f'{k}={v}' for k, v in setting.items() if v != PALLAS_KEYS[k]) or 'defaults'
+def name_of(setting, keys=PALLAS_KEYS):  # the settings that differ from the defaults, as typed
+    return ','.join(f'{k}={v}' for k, v in setting.items() if v != keys[k]) or 'defaults'
 
 
 def kernels(args, K, platform):
@@ -113,8 +123,10 @@ def kernels(args, K, platform):
     for impl in args.impls:
         if impl in GPU_ONLY - ({'pallas'} if platform == 'cpu' else set()) and platform != 'gpu' or impl in TPU_ONLY and platform == 'gpu':
             rows.append((impl, impl, f"needs {'an NVIDIA GPU' if impl in GPU_ONLY else 'a TPU'}", False))
-        elif impl in ('tokamax', 'tokamax-triton'):
-            rows.append((impl, impl, 'needs an NVIDIA GPU or a TPU' if platform == 'cpu' else tokamax_kernel(impl, platform), False))
+        elif impl in ('tokamax', 'tokamax-triton'):  # its heuristics' blocks, or each --tokamax setting (Mosaic GPU's kernel)
+            for s in (getattr(args, 'tokamax', None) or [None]) if impl == 'tokamax' else [None]:
+                f = 'needs an NVIDIA GPU or a TPU' if platform == 'cpu' else tokamax_kernel(impl, platform, s)
+                rows.append((f'{impl}[{name_of(s, TOKAMAX_KEYS)}]' if s else impl, impl, f, False))
         elif impl == 'pallas-tpu':  # Pallas's flash attention for TPUs, on [B, H, T, K]; interpreted on a CPU (run() sees to it)
             try:
                 from jax.experimental.pallas.ops.tpu import flash_attention as fa
@@ -152,9 +164,12 @@ def kernels(args, K, platform):
     return [(name, impl, sharded(f) if impl in PALLAS_IMPLS and not isinstance(f, str) else f, bhtk) for name, impl, f, bhtk in rows]
 
 
-def tokamax_kernel(impl, platform):
+def tokamax_kernel(impl, platform, setting=None):
     """tokamax's attention (Google's kernel library, pip install tokamax): Mosaic GPU's flash attention with its backward
-    (Hopper, Blackwell) or Mosaic TPU's; or its Triton kernel."""
+    (Hopper, Blackwell) or Mosaic TPU's; or its Triton kernel. setting: Mosaic GPU's blocks for Hopper (TOKAMAX_KEYS), else
+    tokamax's heuristics pick them."""
+    if setting and platform != 'gpu':
+        return "block settings are for tokamax's Mosaic GPU kernel: on a TPU, tokamax without them"
     try:  # not in requirements.txt; a version that does not import with this JAX: this row's error
         import tokamax
         from absl import flags
@@ -163,6 +178,15 @@ def tokamax_kernel(impl, platform):
     flags.FLAGS.mark_as_parsed()  # else tokamax parses this command line as its absl flags, and fails on ours
     tokamax_compat()
     which = 'triton' if impl == 'tokamax-triton' else 'mosaic_gpu' if platform == 'gpu' else 'mosaic_tpu'
+    if setting:  # its op with these configs (tokamax's internals: tokamax.autotune would pick them, but fails on JAX 0.10's MLIR)
+        try:
+            from tokamax._src.ops.attention import pallas_mosaic_gpu as fwd, pallas_mosaic_gpu_vjp as bwd
+            s = setting
+            which = fwd.PallasMosaicGpuFlashAttention(config=fwd.ConfigSM90(block_q=s['bq'], block_kv=s['bkv'], num_stages=s['stages']),
+                vjp=bwd.PallasMosaicGpuFlashAttentionVjp(config=bwd.Config(block_q_dkv=s['bq_dkv'], block_kv_dkv=s['bkv_dkv'], block_q_dq=s['bq_dq'],
+                                                                           block_kv_dq=s['bkv_dq'], num_stages=s['bwd_stages'], compute_wgs=s['wgs'])))
+        except Exception as e:  # a block size its configs refuse (multiples of 64), or internals that moved
+            return f'{type(e).__name__}: {utils.first_line(e)}'
     return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True, implementation=which)
 
 

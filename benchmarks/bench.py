@@ -181,21 +181,23 @@ def attention(name, cfg, platform, attn_impl=None, flag='--vs-attention', device
     if not name:
         return contextlib.nullcontext()
     import attention_bench as ab
-    impl, _, setting = name.partition('[')
-    try:
-        setting = ab.pallas_setting(setting.removesuffix(']')) if setting.strip('[]') not in ('', 'defaults') else ab.PALLAS_KEYS
+    impl, bracket, given = name.partition('[')
+    keys, given = ab.TOKAMAX_KEYS if impl == 'tokamax' else ab.PALLAS_KEYS, given.removesuffix(']')
+    try:  # none: pallas with JAX's defaults, tokamax with its heuristics' blocks
+        setting = (keys if given in ('', 'defaults') else ab.pallas_setting(given, keys)) if bracket else None
     except argparse.ArgumentTypeError as e:
         raise utils.PicodoError(f'{flag} {name!r}: {e}') from None
-    if impl not in ab.IMPLS or impl == 'mgpu' or setting is not ab.PALLAS_KEYS and impl not in ('pallas', 'mgpu+pallas'):
+    if impl not in ab.IMPLS or impl == 'mgpu' or setting and impl not in ('pallas', 'mgpu+pallas', 'tokamax'):
         raise utils.PicodoError(f"{flag} {name!r}: one of {', '.join(i for i in ab.IMPLS if i != 'mgpu')} (mgpu has no causal backward; "
-                                "pallas and mgpu+pallas with a block setting: pallas[bk=64])")
+                                "pallas, mgpu+pallas and tokamax with a block setting: pallas[bk=64])")
     if (attn_impl or train.model_config(cfg.model).attn_impl) == 'chunked':  # auto on a CPU
         raise utils.PicodoError(f"{flag} {name!r} replaces jax.nn.dot_product_attention, which model.attn_impl=chunked does not "
                                 "call: set model.attn_impl=xla" + ' in --vs' * (flag == '--vs-attention'))
     if impl in ab.TPU_ONLY and platform == 'cpu' and devices > 1:  # interpreted across several devices, it waits forever
         raise utils.PicodoError(f'{flag} {name!r} runs interpreted on a CPU, which hangs across {devices} devices: --devices 1')
     K = cfg.model.d_model // cfg.model.n_heads
-    (_, _, kernel, bhtk), = ab.kernels(argparse.Namespace(impls=[impl], pallas=[setting], mgpu_block_kv=128), K, platform)
+    (_, _, kernel, bhtk), = ab.kernels(argparse.Namespace(impls=[impl], pallas=[setting or ab.PALLAS_KEYS], mgpu_block_kv=128,
+                                                       tokamax=[setting] if impl == 'tokamax' and setting else None), K, platform)
     if isinstance(kernel, str):  # it cannot run here
         raise utils.PicodoError(f'{flag} {name!r}: {kernel}')
     swap = lambda x: x.swapaxes(1, 2) if bhtk else x

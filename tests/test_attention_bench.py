@@ -73,6 +73,19 @@ def test_pallas_settings_keep_jax_defaults_for_keys_not_given():
     assert ab.parse([]).pallas == [ab.pallas_setting(ab.PALLAS[0])]  # on a CPU: one setting (on a GPU, all of PALLAS)
 
 
+def test_tokamax_settings_keep_its_heuristics_for_keys_not_given(capsys):
+    s = ab.tokamax_setting('bq=128,wgs=1')
+    assert s == ab.TOKAMAX_KEYS | dict(bq=128, wgs=1) and ab.name_of(s, ab.TOKAMAX_KEYS) == 'bq=128,wgs=1'
+    assert ab.parse([]).tokamax is None and ab.parse(['--tokamax', 'bkv=64', 'stages=3']).tokamax == [
+        ab.TOKAMAX_KEYS | {'bkv': 64}, ab.TOKAMAX_KEYS | {'stages': 3}]
+    with pytest.raises(SystemExit):
+        ab.parse(['--tokamax', 'bk=64'])
+    assert "'bk=64': unknown key bk; keys: bq, bkv, stages, bq_dkv, bkv_dkv, bq_dq, bkv_dq, bwd_stages, wgs" in capsys.readouterr().err
+    rows = ab.kernels(ab.parse(['--impls', 'tokamax', '--tokamax', 'bq=128', 'wgs=1']), 64, 'tpu')
+    assert [(name, f) for name, _, f, _ in rows] == [  # settings are for the GPU kernel's blocks
+        (name, "block settings are for tokamax's Mosaic GPU kernel: on a TPU, tokamax without them") for name in ('tokamax[bq=128]', 'tokamax[wgs=1]')]
+
+
 @pytest.mark.skipif(not HAS_PLUGIN, reason='needs jax-cuda12-plugin and jax-cuda12-pjrt (see benchmarks/deviceless.py)')
 def test_compile_for_h100_tells_a_block_setting_that_fits_from_one_that_does_not():
     r = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'attention_bench.py'), '--tiny', 'model.dtype=bfloat16',
@@ -119,3 +132,15 @@ def test_compile_for_a_gpu_or_tpu_finds_tokamaxs_kernels_for_it(target, compiler
     assert r.returncode == 0, r.stderr
     k = json.loads(r.stdout.strip().splitlines()[-1])['kernels']
     assert all(k[i]['compiled'] and k[i]['error'] is None and k[i]['fwd_ms'] is None for i in impls), k  # both compiled, nothing ran
+
+
+@pytest.mark.skipif(not (HAS_PLUGIN and HAS_TOKAMAX), reason='needs tokamax and the CUDA plugin (see benchmarks/deviceless.py)')
+def test_compile_for_h100_tells_a_tokamax_block_setting_that_fits_from_ones_that_do_not():
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'attention_bench.py'), '--tiny', 'model.dtype=bfloat16',
+                        'model.seq_len=1024', '--compile-for', 'h100', '--impls', 'tokamax',
+                        '--tokamax', 'bq=128,stages=3,wgs=1', 'bq=256,bkv=256,stages=4', 'bq=96'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    k = json.loads(r.stdout.strip().splitlines()[-1])['kernels']
+    assert k['tokamax[bq=128,stages=3,wgs=1]']['compiled'] and k['tokamax[bq=128,stages=3,wgs=1]']['error'] is None
+    assert 'exceeds available shared memory' in k['tokamax[bq=256,bkv=256,stages=4]']['error']
+    assert k['tokamax[bq=96]']['error'].startswith('ValidationError')  # its blocks are multiples of 64

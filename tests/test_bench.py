@@ -182,7 +182,8 @@ def test_vs_attention_puts_an_attention_bench_kernel_in_the_real_step(capsys):
     for name, message in [('pallas', "replaces jax.nn.dot_product_attention, which model.attn_impl=chunked does not call"),
                           ('cudnn', 'needs an NVIDIA GPU'), ('flash', 'one of cudnn, cudnn-bnth, xla'), ('mgpu', 'mgpu has no causal backward'),
                           ('pallas[bx=1]', "'bx=1': unknown key bx"), ('pallas-tpu', 'hangs across 8 devices: --devices 1'),
-                          ('tokamax', 'needs an NVIDIA GPU or a TPU')]:
+                          ('tokamax', 'needs an NVIDIA GPU or a TPU'), ('tokamax[bq=128]', 'needs an NVIDIA GPU or a TPU'),
+                          ('tokamax[bx=1]', "'bx=1': unknown key bx; keys: bq, bkv, stages"), ('xla[bq=64]', 'with a block setting')]:
         with pytest.raises(utils.PicodoError, match=re.escape(f'--vs-attention {name!r}') + '.*' + re.escape(message)):
             bench.main(['--tiny', '--devices', '0', '--depths', '', '--vs', '' if name == 'pallas' else 'model.attn_impl=xla', '--vs-attention', name])
 
