@@ -207,7 +207,7 @@ def tokamax_compat():
         new = plgpu.kernel
     except (ImportError, AttributeError):  # no Mosaic GPU in this JAX: tokamax's kernel will say so in its row
         return
-    if 'out_shape' in inspect.signature(new).parameters:
+    if 'out_shape' in inspect.signature(new, follow_wrapped=False).parameters:  # this JAX's, or ours from an earlier call
         return
     @functools.wraps(new)
     def kernel(*args, out_shape=None, scratch_shapes=None, **kwargs):
