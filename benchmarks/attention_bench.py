@@ -171,12 +171,9 @@ def tokamax_kernel(impl, platform, setting=None):
     if setting and platform != 'gpu':
         return "block settings are for tokamax's Mosaic GPU kernel: on a TPU, tokamax without them"
     try:  # not in requirements.txt; a version that does not import with this JAX: this row's error
-        import tokamax
-        from absl import flags
+        tokamax = import_tokamax()
     except Exception as e:
         return f'{type(e).__name__}: {utils.first_line(e)} (pip install tokamax)'
-    flags.FLAGS.mark_as_parsed()  # else tokamax parses this command line as its absl flags, and fails on ours
-    tokamax_compat()
     which = 'triton' if impl == 'tokamax-triton' else 'mosaic_gpu' if platform == 'gpu' else 'mosaic_tpu'
     if setting:  # its op with these configs (tokamax's internals: tokamax.autotune would pick them, but fails on JAX 0.10's MLIR)
         try:
@@ -188,6 +185,16 @@ def tokamax_kernel(impl, platform, setting=None):
         except Exception as e:  # a block size its configs refuse (multiples of 64), or internals that moved
             return f'{type(e).__name__}: {utils.first_line(e)}'
     return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True, implementation=which)
+
+
+def import_tokamax():
+    """tokamax, once its absl flags are marked parsed (else it parses this command line as its flags, and fails on ours)
+    and the names it uses that a newer JAX lacks are put back (tokamax_compat)."""
+    import tokamax
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    tokamax_compat()
+    return tokamax
 
 
 def tokamax_compat():

@@ -216,13 +216,12 @@ def layer_norm(name, platform):
     backward, on `platform` gpu, XLA's elsewhere (the same arithmetic: a CPU checks the swap). Without `name`, nothing changes."""
     if not name:
         return contextlib.nullcontext()
+    import attention_bench as ab
+    from flax import nnx
     try:
-        import tokamax
-        from absl import flags
-        from flax import nnx
+        tokamax = ab.import_tokamax()
     except ImportError as e:
         raise utils.PicodoError(f'--vs-layernorm {name}: {e} (pip install tokamax)') from None
-    flags.FLAGS.mark_as_parsed()  # else tokamax parses this command line as its absl flags, and fails on ours
     def call(self, x, *, mask=None):  # in the module's dtype, as flax's: the statistics in fp32
         assert mask is None, 'the model normalizes every token'
         ln = functools.partial(tokamax.layer_norm, epsilon=self.epsilon, implementation='triton' if platform == 'gpu' else 'xla')
