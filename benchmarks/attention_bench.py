@@ -199,7 +199,8 @@ def import_tokamax():
 
 def tokamax_compat():
     """tokamax 0.0.12 uses two names JAX 0.10 deprecates: plgpu.kernel's out_shape= and scratch_shapes= (now out_type=,
-    scratch_types=), and pallas.dot (now pallas.triton.dot). Where this JAX has dropped them, they are put back."""
+    scratch_types=: renamed on the way wherever JAX takes those), and pallas.dot (now pallas.triton.dot: put back where
+    this JAX has dropped it)."""
     from jax.experimental import pallas as pl
     try:
         with warnings.catch_warnings():  # JAX 0.10's DeprecationWarning, where it still has it
@@ -214,7 +215,9 @@ def tokamax_compat():
         new = plgpu.kernel
     except (ImportError, AttributeError):  # no Mosaic GPU in this JAX: tokamax's kernel will say so in its row
         return
-    if 'out_shape' in inspect.signature(new, follow_wrapped=False).parameters:  # this JAX's, or ours from an earlier call
+    # renamed whenever this JAX takes the new names: one that still lists the old may refuse them (an accelerated
+    # deprecation raises ValueError); not again once renamed (our wrapper does not list out_type)
+    if 'out_type' not in inspect.signature(new, follow_wrapped=False).parameters:
         return
     @functools.wraps(new)
     def kernel(*args, out_shape=None, scratch_shapes=None, **kwargs):

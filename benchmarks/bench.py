@@ -204,11 +204,14 @@ def attention(name, cfg, platform, attn_impl=None, flag='--vs-attention', device
     def causal_attention(q, k, v, is_causal, implementation=None):  # as the model calls it in training (no mask, no bias)
         assert is_causal, 'the kernels of attention_bench.py are causal'
         return swap(kernel(*map(swap, (q, k, v))))
-    stack = contextlib.ExitStack()  # on a CPU, Pallas's TPU kernels compile interpreted (its GPU kernels are told so directly)
-    stack.enter_context(unittest.mock.patch.object(jax.nn, 'dot_product_attention', causal_attention))
-    stack.enter_context(ab.tpu_interpreted()) if platform == 'cpu' and impl in ab.TPU_ONLY else None
-    stack.enter_context(ab.compiling_for(target)) if target else None
-    return stack
+    @contextlib.contextmanager
+    def swapped():  # entered by `with` only: the checks above run at once, the step built before it keeps its attention
+        with contextlib.ExitStack() as stack:  # on a CPU, Pallas's TPU kernels compile interpreted (its GPU kernels are told so directly)
+            stack.enter_context(unittest.mock.patch.object(jax.nn, 'dot_product_attention', causal_attention))
+            stack.enter_context(ab.tpu_interpreted()) if platform == 'cpu' and impl in ab.TPU_ONLY else None
+            stack.enter_context(ab.compiling_for(target)) if target else None
+            yield
+    return swapped()
 
 
 def layer_norm(name, platform):
@@ -220,8 +223,8 @@ def layer_norm(name, platform):
     from flax import nnx
     try:
         tokamax = ab.import_tokamax()
-    except ImportError as e:
-        raise utils.PicodoError(f'--vs-layernorm {name}: {e} (pip install tokamax)') from None
+    except Exception as e:  # not installed, or a version that does not import with this JAX
+        raise utils.PicodoError(f'--vs-layernorm {name}: {type(e).__name__}: {utils.first_line(e)} (pip install tokamax)') from None
     def call(self, x, *, mask=None):  # in the module's dtype, as flax's: the statistics in fp32
         assert mask is None, 'the model normalizes every token'
         ln = functools.partial(tokamax.layer_norm, epsilon=self.epsilon, implementation='triton' if platform == 'gpu' else 'xla')

@@ -100,28 +100,39 @@ def test_compile_for_h100_tells_a_block_setting_that_fits_from_one_that_does_not
 
 def test_tokamaxs_calls_get_the_names_a_newer_jax_has(monkeypatch):
     """tokamax 0.0.12 passes plgpu.kernel out_shape= and scratch_shapes=, and calls pallas.dot, all deprecated since JAX
-    0.10: for a JAX with only plgpu.kernel's out_type= and scratch_types=, and pallas.triton.dot, tokamax_compat puts the
-    old names back; with this JAX's, nothing changes."""
+    0.10: wherever plgpu.kernel takes out_type= and scratch_types= (this JAX, or a later one without the old names, or one
+    whose deprecation is accelerated and refuses them), tokamax_compat renames them on the way, once; where pallas.dot is
+    gone it is pallas.triton.dot again."""
     plgpu = pytest.importorskip('jax.experimental.pallas.mosaic_gpu')
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton
-    kernel = plgpu.kernel
-    ab.tokamax_compat()
-    assert plgpu.kernel is kernel and 'out_shape' in ab.inspect.signature(kernel).parameters  # this JAX takes both: left alone
+    seen = []
+    def this_jax(body=None, out_shape=None, *, out_type=None, scratch_types=None, scratch_shapes=None, grid=()):  # as 0.10.2's
+        if out_shape is not None or scratch_shapes is not None:
+            raise ValueError('The out_shape and scratch_shapes arguments to plgpu.kernel are deprecated')  # accelerated
+        return seen.append((body, out_type, scratch_types, grid)) or 'kernel'
     def newer(body, *, out_type, scratch_types=(), grid=()):  # as a later JAX might have it
         return body, out_type, scratch_types, grid
-    monkeypatch.setattr(plgpu, 'kernel', newer)
+    for kernel, out in ((this_jax, 'kernel'), (newer, (len, 'o', 's', (2,)))):
+        monkeypatch.setattr(plgpu, 'kernel', kernel)
+        ab.tokamax_compat()
+        assert plgpu.kernel is not kernel and plgpu.kernel(len, out_shape='o', scratch_shapes='s', grid=(2,)) == out
+        patched = plgpu.kernel
+        ab.tokamax_compat()  # once per tokamax row: the renaming is not wrapped again
+        assert plgpu.kernel is patched
+    assert seen == [(len, 'o', 's', (2,))] and plgpu.kernel(len, out_type='o') == (len, 'o', (), ())
+    def older(body, out_shape, *, scratch_shapes=()):  # a JAX before the new names: left alone
+        return body
+    monkeypatch.setattr(plgpu, 'kernel', older)
+    ab.tokamax_compat()
+    assert plgpu.kernel is older
     def gone(name):  # the module's __getattr__, which serves its deprecated names
         raise AttributeError(name)
     monkeypatch.setitem(pl.__dict__, 'dot', None)  # so that the one tokamax_compat sets is removed after the test
     monkeypatch.delitem(pl.__dict__, 'dot')
     monkeypatch.setitem(pl.__dict__, '__getattr__', gone)
     ab.tokamax_compat()
-    assert plgpu.kernel is not newer and plgpu.kernel(len, out_shape='o', scratch_shapes='s', grid=(2,)) == (len, 'o', 's', (2,))
-    assert plgpu.kernel(len, out_type='o') == (len, 'o', (), ()) and pl.dot is triton.dot
-    patched = plgpu.kernel
-    ab.tokamax_compat()  # once per tokamax row: the renaming is not wrapped again
-    assert plgpu.kernel is patched
+    assert pl.dot is triton.dot
 
 
 @pytest.mark.parametrize('target,compiler,impls', [('h100', HAS_PLUGIN, ['tokamax', 'tokamax-triton']), ('v5e-1', HAS_LIBTPU, ['tokamax'])])

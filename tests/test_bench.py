@@ -188,6 +188,15 @@ def test_vs_attention_puts_an_attention_bench_kernel_in_the_real_step(capsys):
             bench.main(['--tiny', '--devices', '0', '--depths', '', '--vs', '' if name == 'pallas' else 'model.attn_impl=xla', '--vs-attention', name])
 
 
+def test_vs_attention_leaves_the_first_steps_attention_alone(monkeypatch):
+    """With a first step that calls jax.nn.dot_product_attention too (cuDNN's on a GPU; XLA's here), only the --vs step
+    gets the other kernel: else the two would be the same step, and the speedup 1."""
+    built, build = [], bench.build
+    monkeypatch.setattr(bench, 'build', lambda cfg, mesh, xla=None: built.append(build(cfg, mesh, xla)) or built[-1])
+    bench.main(['--tiny', '--depths', '', 'model.attn_impl=xla', '--vs', '', '--vs-attention', 'pallas[bq=16,bk=16,bq_dkv=16,bkv_dkv=16,bkv_dq=16]'])
+    assert ['mha_forward' in step.as_text() for step, *_ in built] == [False, True]
+
+
 HAS_TOKAMAX = importlib.util.find_spec('tokamax') is not None
 
 
