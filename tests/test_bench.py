@@ -223,7 +223,7 @@ def test_vs_layernorm_without_tokamax_or_without_vs_is_one_line(capsys):
     assert "--vs-layernorm is for the --vs step: add --vs ''" in capsys.readouterr().err
     if HAS_TOKAMAX:
         pytest.skip('tokamax is installed here')
-    with pytest.raises(utils.PicodoError, match=r"^--vs-layernorm tokamax: No module named 'tokamax' \(pip install tokamax\)$"):
+    with pytest.raises(utils.PicodoError, match=r"^--vs-layernorm tokamax: ModuleNotFoundError: No module named 'tokamax' \(pip install tokamax\)$"):
         bench.main(['--tiny', '--depths', '', '--vs', '', '--vs-layernorm', 'tokamax'])
 
 
