@@ -31,6 +31,19 @@ def test_tiny_run_checks_every_kernel_against_xla_in_fp32_and_ends_with_its_json
     assert r['fastest'] in ran and r['interpret'] and 'interpret mode' in lines[-3] and not any(k[n]['suspect'] for n in ran)
 
 
+def test_the_fp32_reference_captures_no_arrays_as_constants(recwarn):
+    """The reference's gradients came from a vjp closure jitted on its own: its residuals (GBs at GPT-2 small's shape) went
+    into the program as constants, and an H100 spent the run's 170 s constant-folding them. Any array the size of an input
+    (here 256 KiB) captured now warns, and no such warning may come."""
+    before = jax.config.jax_captured_constants_warn_bytes
+    jax.config.update('jax_captured_constants_warn_bytes', 64 * 1024)
+    try:
+        bench.main(['--tiny', '--impls', 'xla', '--rounds', '1'], parse=ab.parse, run=ab.run, table=ab.table)
+    finally:
+        jax.config.update('jax_captured_constants_warn_bytes', before)
+    assert not [w for w in recwarn if 'constants were captured' in str(w.message)]
+
+
 def test_a_wrong_pallas_call_shows_in_rel_err(monkeypatch, capsys):
     """The check can fail: Pallas's kernel without the 1/sqrt(K) scale is far from XLA's attention."""
     real = ab.pallas_kernel
