@@ -95,8 +95,7 @@ def find_checkpoint(path):
     """(manager, step): the newest complete step (orbax renames each once written) in checkpoint dir `path`, or step dir `path`."""
     path = os.path.abspath(path)
     one_step = os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, 'state'))
-    if not os.path.isdir(path):
-        raise utils.PicodoError(f'checkpoint not found: {path}')
+    if not os.path.isdir(path): raise utils.PicodoError(f'checkpoint not found: {path}')
     manager = ocp.CheckpointManager(os.path.dirname(path) if one_step else path, options=ocp.CheckpointManagerOptions(create=False))
     step = int(os.path.basename(path)) if one_step else manager.latest_step()
     if step not in manager.all_steps():
@@ -189,6 +188,8 @@ any_process = lambda flag: bool(flag) if jax.process_count() == 1 else bool(proc
 def open_checkpoints(cfg, ckpt_dir, total_steps):
     # ckpt_dir, made if missing and locked while this run trains and saves: a second launch of the same run would delete its
     # unfinished checkpoint (see train) and save steps over its own. A POSIX lock: released when the process ends, however it ends.
+    # a first launch reads ckpt.resume's checkpoint: a bad one is said before ckpt_dir is made (no empty run dir is left)
+    if cfg.ckpt.resume and not os.path.exists(ckpt_dir): find_checkpoint(cfg.ckpt.resume)
     with contextlib.suppress(OSError): os.makedirs(ckpt_dir, exist_ok=True)  # a file in the way, or no write access: said below
     if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
         raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')

@@ -249,6 +249,7 @@ def test_bad_checkpoints_get_a_clear_error_and_nothing_is_deleted(finished_run, 
         train.train(tiny_cfg(f'ckpt.resume={resume}', f'ckpt.dir={tmp_path / "new"}', *overrides), str(tmp_path))
     assert '\n' not in str(e.value)
     assert sorted(glob.glob(f'{ckpt}/**', recursive=True)) == files
+    assert case in ('shape', 'corrupt') or not (tmp_path / 'new').exists()  # no empty run dir (holding its lock) is left behind
     if case == 'corrupt':  # the failed reads' tasks stay silent even after logging is set up again, as for a sweep's next run
         logging.config.dictConfig({'version': 1, 'disable_existing_loggers': False})  # (it re-enabled a .disabled logger)
         assert not logging.getLogger('asyncio').isEnabledFor(logging.ERROR)
