@@ -161,8 +161,9 @@ def kernels(hlo, root=bench.REPO):
             if i.op in FREE:
                 continue
             target = re.search(r'custom_call_target="([^"]+)"', i.attrs)
-            kind = ('matmul' if (target and 'matmul' in target[1]) or i.op == 'dot' else
-                    'attention' if target and 'fmha' in target[1] else i.op)
+            op_name = re.search(r'op_name="((?:[^"\\]|\\.)*)"', i.attrs)  # tokamax's hold escaped quotes (its arguments, as JSON)
+            kind = ('matmul' if (target and 'matmul' in target[1]) or i.op == 'dot' else  # cuDNN's, or a kernel made by attention code:
+                    'attention' if target and ('fmha' in target[1] or op_name and re.search('attention|mha', op_name[1], re.I)) else i.op)
             fused = re.search(r'calls=%([\w.\-]+)', i.attrs)[1] if i.op == 'fusion' else None
             part = reads(fused) if fused else {}
             frame = re.search(r'stack_frame_id=(\d+)', i.attrs)
@@ -301,8 +302,8 @@ def main(argv=None):
           f"{r['attention']} attention, {r['other_kernels']} others")
     print(f"model FLOPs at the peak ({peak / 1e12:.0f} TFLOP/s): {r['model_flops_floor_ms']:.1f} ms; the others' {r['other_bytes'] / 1e9:.1f} GB "
           f"at {bandwidth / 1e12:.2f} TB/s: {r['other_floor_ms']:.1f} ms; MFU ceiling {r['mfu_ceiling']:.3f}")
-    args.attention and print(f'warning: {args.attention} is counted as other kernels, by the bytes of its operands and results, its FLOPs '
-                             'not at all: the memory is right, the floor and the MFU ceiling are not')
+    args.attention and not r['attention'] and print(f'warning: {args.attention} is counted as other kernels, by the bytes of its operands and '
+                                                    'results, its FLOPs not at all: the memory is right, the floor and the MFU ceiling are not')
     r['inexact_kernels'] and print(f"warning: {r['inexact_kernels']} kernels in loops of unknown trip count (counted once) or in a "
                                    'conditional\'s branches (each counted): the figures are estimates')
     for line, moved in r['other_bytes_top_lines'].items():

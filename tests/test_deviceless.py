@@ -135,6 +135,27 @@ def test_kernels_count_the_bytes_each_reads_and_writes_and_how_often_it_runs():
     assert ks['sums']['source'] == '?'
 
 
+# A step's kernels as attention code other than cuDNN's makes them (their op_names as JAX writes them): tokamax's Mosaic GPU
+# attention (its arguments as JSON, quotes escaped), Pallas's Triton backward, and a Triton LayerNorm from tokamax.
+SWAPPED = r"""HloModule m
+
+ENTRY %main (q: bf16[2,128,2,64]) -> bf16[2,128,2,64] {
+  %q = bf16[2,128,2,64]{3,2,1,0} parameter(0)
+  %flash = bf16[2,128,2,64]{3,2,1,0} custom-call(%q), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(f)/jvp()/tokamax:{\"op\":{\"__type\":\"tokamax._src.ops.attention.pallas_mosaic_gpu.PallasMosaicGpuFlashAttention\",\"config\":{\"block_q\":64}}}" stack_frame_id=1}
+  %grad = bf16[2,128,2,64]{3,2,1,0} custom-call(%flash), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/transpose(jvp(mha_backward))/pallas_call"}
+  ROOT %norm = bf16[2,128,2,64]{3,2,1,0} custom-call(%grad), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/jvp()/tokamax:{\"op\":{\"__type\":\"tokamax._src.ops.normalization.pallas_triton.PallasTritonNormalization\"}}"}
+}
+"""
+
+
+def test_kernels_made_by_attention_code_count_as_attention():
+    """bench.py --vs-attention's kernels (tokamax, Pallas) count as attention, as cuDNN's do, so deviceless.py --attention's
+    MFU ceiling holds; a custom call from other code (tokamax's LayerNorm) stays an other kernel, its bytes counted."""
+    assert {k['name']: k['kind'] for k in deviceless.kernels(SWAPPED, root='/repo')} == dict(flash='attention', grad='attention', norm='custom-call')
+    s = deviceless.summary(SWAPPED, model_flops=1e9, peak=1e12, bandwidth=1e9)
+    assert (s['attention'], s['other_kernels'], s['other_bytes']) == (2, 1, 2 * 2 * 128 * 2 * 64 * 2)
+
+
 def test_summary_adds_up_the_non_matmul_kernels_and_bounds_the_mfu():
     s = deviceless.summary(HLO, model_flops=1e9, peak=1e12, bandwidth=1e9)
     loop = 5 * ((ROW_F32 + 32 + ROW_BF16) + (ROW_BF16 + 4 + ROW_BF16)) + 6 * (4 + 1)
