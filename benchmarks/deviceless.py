@@ -163,7 +163,8 @@ def kernels(hlo, root=bench.REPO):
             target = re.search(r'custom_call_target="([^"]+)"', i.attrs)
             op_name = re.search(r'op_name="((?:[^"\\]|\\.)*)"', i.attrs)  # tokamax's hold escaped quotes (its arguments, as JSON)
             kind = ('matmul' if (target and 'matmul' in target[1]) or i.op == 'dot' else  # cuDNN's, or a kernel made by attention code:
-                    'attention' if target and ('fmha' in target[1] or op_name and re.search('attention|mha', op_name[1], re.I)) else i.op)
+                    'attention' if target and ('fmha' in target[1] or op_name and re.search('attention|mha', op_name[1], re.I)
+                                               and 'preprocess' not in op_name[1]) else i.op)  # Pallas's sum(o * do): memory-bound
             fused = re.search(r'calls=%([\w.\-]+)', i.attrs)[1] if i.op == 'fusion' else None
             part = reads(fused) if fused else {}
             frame = re.search(r'stack_frame_id=(\d+)', i.attrs)

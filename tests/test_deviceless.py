@@ -136,13 +136,15 @@ def test_kernels_count_the_bytes_each_reads_and_writes_and_how_often_it_runs():
 
 
 # A step's kernels as attention code other than cuDNN's makes them (their op_names as JAX writes them): tokamax's Mosaic GPU
-# attention (its arguments as JSON, quotes escaped), Pallas's Triton backward, and a Triton LayerNorm from tokamax.
+# attention (its arguments as JSON, quotes escaped), Pallas's Triton backward and its preprocessing (sum(o * do), which
+# moves bytes and does little arithmetic, as tokamax's does in XLA), and a Triton LayerNorm from tokamax.
 SWAPPED = r"""HloModule m
 
 ENTRY %main (q: bf16[2,128,2,64]) -> bf16[2,128,2,64] {
   %q = bf16[2,128,2,64]{3,2,1,0} parameter(0)
   %flash = bf16[2,128,2,64]{3,2,1,0} custom-call(%q), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(f)/jvp()/tokamax:{\"op\":{\"__type\":\"tokamax._src.ops.attention.pallas_mosaic_gpu.PallasMosaicGpuFlashAttention\",\"config\":{\"block_q\":64}}}" stack_frame_id=1}
   %grad = bf16[2,128,2,64]{3,2,1,0} custom-call(%flash), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/transpose(jvp(mha_backward))/pallas_call"}
+  %delta = f32[2,2,128]{2,1,0} custom-call(%grad), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/transpose(jvp(preprocess_backward))/mha_preprocess_backward/pallas_call"}
   ROOT %norm = bf16[2,128,2,64]{3,2,1,0} custom-call(%grad), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/jvp()/tokamax:{\"op\":{\"__type\":\"tokamax._src.ops.normalization.pallas_triton.PallasTritonNormalization\"}}"}
 }
 """
@@ -150,10 +152,13 @@ ENTRY %main (q: bf16[2,128,2,64]) -> bf16[2,128,2,64] {
 
 def test_kernels_made_by_attention_code_count_as_attention():
     """bench.py --vs-attention's kernels (tokamax, Pallas) count as attention, as cuDNN's do, so deviceless.py --attention's
-    MFU ceiling holds; a custom call from other code (tokamax's LayerNorm) stays an other kernel, its bytes counted."""
-    assert {k['name']: k['kind'] for k in deviceless.kernels(SWAPPED, root='/repo')} == dict(flash='attention', grad='attention', norm='custom-call')
+    MFU ceiling holds; Pallas's preprocessing and a custom call from other code (tokamax's LayerNorm) stay other kernels,
+    their bytes counted."""
+    assert ({k['name']: k['kind'] for k in deviceless.kernels(SWAPPED, root='/repo')}
+            == dict(flash='attention', grad='attention', delta='custom-call', norm='custom-call'))
     s = deviceless.summary(SWAPPED, model_flops=1e9, peak=1e12, bandwidth=1e9)
-    assert (s['attention'], s['other_kernels'], s['other_bytes']) == (2, 1, 2 * 2 * 128 * 2 * 64 * 2)
+    qkv = 2 * 128 * 2 * 64 * 2  # bytes of a bf16 [2, 128, 2, 64]
+    assert (s['attention'], s['other_kernels'], s['other_bytes']) == (2, 2, (qkv + 2 * 2 * 128 * 4) + 2 * qkv)
 
 
 def test_summary_adds_up_the_non_matmul_kernels_and_bounds_the_mfu():
