@@ -186,10 +186,10 @@ any_process = lambda flag: bool(flag) if jax.process_count() == 1 else bool(proc
 
 
 def open_checkpoints(cfg, ckpt_dir, total_steps):
-    # ckpt_dir, made if missing and locked while this run trains and saves: a second launch of the same run would delete its
-    # unfinished checkpoint (see train) and save steps over its own. A POSIX lock: released when the process ends, however it ends.
     # a first launch reads ckpt.resume's checkpoint: a bad one is said before ckpt_dir is made (no empty run dir is left)
     if cfg.ckpt.resume and not os.path.exists(ckpt_dir): find_checkpoint(cfg.ckpt.resume)
+    # ckpt_dir, made if missing and locked while this run trains and saves: a second launch of the same run would delete its
+    # unfinished checkpoint (see train) and save steps over its own. A POSIX lock: released when the process ends, however it ends.
     with contextlib.suppress(OSError): os.makedirs(ckpt_dir, exist_ok=True)  # a file in the way, or no write access: said below
     if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
         raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
