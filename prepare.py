@@ -176,7 +176,7 @@ class FileDocs:
             for f in text_files(path) if os.path.isdir(path) else [path]:
                 files.setdefault(os.path.realpath(f), f)
         self.files = list(files.values())
-        sep = separator.encode() if separator else None
+        sep = os.fsencode(separator) if separator else None  # the bytes as typed (non-UTF-8 ones too)
         spans = [(i, a, b) for i, f in enumerate(self.files) for a, b in doc_spans(f, sep)]
         self.spans = np.array(spans, np.int64).reshape(-1, 3)
         self.where = inputs[0] + (f' and {len(inputs) - 1} more' if len(inputs) > 1 else '')
@@ -199,11 +199,19 @@ class FileDocs:
         return docs
 
 
-def text_files(root):  # hidden files and this tool's outputs (.bin, .tmp, .part, as when --out is inside root) skipped
-    files = []
+def text_files(root):
+    """The files under `root`, skipping hidden ones, this tool's outputs (.bin, .tmp, .part, as when --out is inside root),
+    __pycache__ dirs and binary files (a NUL byte in their first 8 KiB: for byte tokens it is the end-of-text token)."""
+    files, binary = [], 0
     for d, dirs, names in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if not x.startswith('.'))
-        files += sorted(os.path.join(d, f) for f in names if not f.startswith('.') and not f.endswith(('.bin', '.tmp', '.part', '.etag')))
+        dirs[:] = sorted(x for x in dirs if not x.startswith('.') and x != '__pycache__')
+        for f in sorted(os.path.join(d, f) for f in names if not f.startswith('.') and not f.endswith(('.bin', '.tmp', '.part', '.etag'))):
+            with open(f, 'rb') as handle:
+                is_binary = b'\0' in handle.read(8192)
+            binary += is_binary
+            files += [] if is_binary else [f]
+    if binary:
+        print(f'{root}: skipped {binary} binary file{"s" * (binary > 1)} (a NUL byte in the first 8 KiB)')
     return files
 
 
@@ -242,7 +250,10 @@ class HFDocs:
             except ImportError:
                 raise PrepareError('--hf-dataset needs the datasets library: pip install datasets') from None
             name, config, split = self.args
-            self._dataset = datasets.load_dataset(name, config, split=split)
+            try:  # a split or config it lacks, a config not named where it has several: datasets' ValueError
+                self._dataset = datasets.load_dataset(name, config, split=split)
+            except ValueError as e:
+                raise PrepareError(f'dataset {name}: {(str(e).splitlines() or [type(e).__name__])[0]}') from None
         return self._dataset
 
     def __getstate__(self):
@@ -254,8 +265,12 @@ class HFDocs:
     def chunks(self, order, size=256):
         return [order[i:i + size] for i in range(0, len(order), size)]
 
-    def read(self, ids):
-        return self.dataset()[[int(i) for i in ids]][self.field]
+    def read(self, ids):  # a row whose field is empty (None) is an empty document; any other non-text value is an error
+        docs = self.dataset()[[int(i) for i in ids]][self.field]
+        for i, d in zip(ids, docs):
+            if not isinstance(d, (str, type(None))):
+                raise PrepareError(f'{self.where}: row {int(i)}: field {self.field!r} holds {type(d).__name__}, not text')
+        return ['' if d is None else d for d in docs]
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -351,6 +366,9 @@ def build_stdlib_bytes(train_path, val_path):
     sources as byte tokens (vocab 256), one document per file, 10% of them (seed 0) for validation."""
     root = sysconfig.get_paths()['stdlib']
     files = sorted(f for f in glob.glob(os.path.join(root, '**', '*.py'), recursive=True) if 'site-packages' not in f)
+    if len(files) < 2:  # a Python installed without its sources (.pyc only)
+        raise PrepareError(f'no byte corpus to build: {root} holds {len(files)} .py source files; set data.train_path and data.val_path '
+                           f'to .bin files (prepare.py makes them)')
     try:
         write_splits(FileDocs(files), ByteTokens(), train_path, val_path, val_fraction=0.1, force=True, progress=False)
     except OSError as e:  # a full disk: the trainer's one line (its .tmp files are gone)
@@ -471,7 +489,7 @@ def parser():
         t.add_argument('--hf-split', default='train', help="the dataset's split")
         t.add_argument('--text-field', default='text', help='the field holding the text')
         t.add_argument('--val-fraction', type=at_least(1e-9, float, 1), default=0.005, help='share of documents for val.bin')
-        t.add_argument('--seed', type=int, default=0, help='seed of the document shuffle')
+        t.add_argument('--seed', type=at_least(0), default=0, help='seed of the document shuffle')
         t.add_argument('--workers', type=at_least(1), default=os.cpu_count(), help='processes (all cores)')
         t.add_argument('--force', action='store_true', help='replace existing train.bin / val.bin')
         if name == 'tokenize':

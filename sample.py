@@ -17,8 +17,8 @@ import train, utils
 
 def tokenizer(vocab_size, encoding='gpt2'):
     """(encode, decode): raw UTF-8 bytes for a byte vocab (invalid sequences replaced), else a tiktoken encoding (GPT-2 BPE)."""
-    if vocab_size <= 256:
-        return lambda text: list(text.encode()), lambda ids: bytes(ids).decode(errors='replace')
+    if vocab_size <= 256:  # a prompt's bytes as typed, invalid UTF-8 too (Python holds those as surrogates)
+        return lambda text: list(text.encode(errors='surrogateescape')), lambda ids: bytes(ids).decode(errors='replace')
     import tiktoken  # its vocabulary is downloaded on first use
     try:
         bpe = tiktoken.get_encoding(encoding)
@@ -26,7 +26,15 @@ def tokenizer(vocab_size, encoding='gpt2'):
         raise utils.PicodoError(f"cannot load tiktoken's {encoding} vocabulary ({type(e).__name__}); it needs the network "
                                 'once, or a copy in TIKTOKEN_CACHE_DIR') from None
     # a vocab_size past GPT-2's 50257 (nanoGPT's 50304) lets the model sample ids tiktoken cannot decode: dropped
-    return lambda text: bpe.encode(text, allowed_special='all'), lambda ids: bpe.decode([i for i in ids if i < bpe.n_vocab])
+    return lambda text: bpe.encode(valid_text(text), allowed_special='all'), lambda ids: bpe.decode([i for i in ids if i < bpe.n_vocab])
+
+
+def valid_text(text):  # BPE needs text: a prompt of invalid UTF-8 bytes (held as surrogates) is an error
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise utils.PicodoError(f'the prompt {text!r} is not valid UTF-8') from None
+    return text
 
 
 def sample_token(logits, key, temperature, top_k):  # logits [B, V] -> token ids [B]
@@ -94,6 +102,8 @@ def sample(model, encode, decode, prompt, max_new_tokens, num_samples=1, tempera
         raise utils.PicodoError(f'prompt token id {max(ids)} >= model.vocab_size {model.vocab_size}')
     if not 0 <= top_k <= model.vocab_size:
         raise utils.PicodoError(f'top_k {top_k} is not in 0..{model.vocab_size} (the vocabulary size; 0 keeps all)')
+    if not -2 ** 63 <= seed < 2 ** 63:
+        raise utils.PicodoError(f'seed {seed} is not a 64-bit integer')
     if num_samples < 1 or max_new_tokens < 0:
         raise utils.PicodoError(f'num_samples {num_samples} < 1' if num_samples < 1 else f'max_new_tokens {max_new_tokens} < 0')
     if len(ids) > T - 1:
@@ -141,8 +151,9 @@ def main(argv=None):
     except utils.PicodoError as e:
         sys.exit(f'error: {e}')
     print(f'# {a.num_samples} sample(s) from step {step} of {a.checkpoint}', file=sys.stderr)
+    prompt = decode(encode(a.prompt))  # printable: invalid UTF-8 shown as U+FFFD
     for text in texts:
-        print(a.prompt + text, end='\n---------------\n')
+        print(prompt + text, end='\n---------------\n')
 
 
 if __name__ == '__main__':

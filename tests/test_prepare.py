@@ -207,6 +207,49 @@ def test_a_hugging_face_dataset_by_name_and_text_field(tmp_path, monkeypatch, en
         prepare.HFDocs('someone/texts', 'text')
 
 
+@pytest.mark.parametrize('case,message', [
+    ('split', 'error: dataset someone/texts: Unknown split "validation". Should be one of [\'train\'].'),
+    ('config', 'error: dataset someone/texts: Config name is missing.'),
+    ('not_text', "error: dataset someone/texts: row 1: field 'text' holds int, not text"),
+])
+def test_a_hugging_face_dataset_that_does_not_load_or_holds_no_text_is_one_line(tmp_path, monkeypatch, capsys, case, message):
+    """datasets' ValueErrors (a split or config it lacks, a config not named where there are several, as for wikitext)
+    were tracebacks; so was a row whose text is not a string. A row whose text is null is an empty document."""
+    (tmp_path / 'fake').mkdir()
+    (tmp_path / 'fake' / 'datasets.py').write_text(
+        'class Dataset(list):\n'
+        '    column_names = ["text"]\n'
+        '    def __getitem__(self, ids):\n'
+        '        return {"text": [list.__getitem__(self, i) for i in ids]}\n'
+        'def load_dataset(name, config=None, split="train"):\n'
+        f'    if {case!r} == "split": raise ValueError(\'Unknown split "validation". Should be one of [\\\'train\\\'].\\nmore\')\n'
+        f'    if {case!r} == "config": raise ValueError("Config name is missing.")\n'
+        f'    return Dataset(["one", {{"not_text": 7, "null": None}}.get({case!r}, "two"), "three", "four"])\n')
+    monkeypatch.syspath_prepend(str(tmp_path / 'fake'))
+    monkeypatch.delitem(sys.modules, 'datasets', raising=False)
+    args = ['bytes', '--hf-dataset', 'someone/texts', '--out', str(tmp_path / 'out'), '--workers', '1']
+    assert prepare.main(args) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == message  # after the progress bar, if it started
+    assert not os.path.exists(tmp_path / 'out') or not os.listdir(tmp_path / 'out')
+
+
+def test_a_hugging_face_row_without_text_is_an_empty_document(tmp_path, monkeypatch):
+    (tmp_path / 'fake').mkdir()
+    (tmp_path / 'fake' / 'datasets.py').write_text(
+        'class Dataset(list):\n'
+        '    column_names = ["text"]\n'
+        '    def __getitem__(self, ids):\n'
+        '        return {"text": [list.__getitem__(self, i) for i in ids]}\n'
+        'def load_dataset(name, config=None, split="train"):\n'
+        '    return Dataset(["one", None, "three", "four"])\n')
+    monkeypatch.syspath_prepend(str(tmp_path / 'fake'))
+    monkeypatch.delitem(sys.modules, 'datasets', raising=False)
+    out = tmp_path / 'out'
+    assert prepare.main(['bytes', '--hf-dataset', 'someone/texts', '--out', str(out), '--workers', '1', '--val-fraction', '0.25']) == 0
+    docs = split_documents(out / 'train.bin', prepare.ByteTokens()) + split_documents(out / 'val.bin', prepare.ByteTokens())
+    assert sorted(docs) == ['', 'four', 'one', 'three']
+
+
 def test_hugging_face_without_datasets_installed_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, 'datasets', None)  # import datasets -> ImportError
     assert prepare.main(['bytes', '--hf-dataset', 'x', '--out', str(tmp_path)]) == 1
@@ -269,6 +312,7 @@ def test_bad_input_is_one_line_and_leaves_no_bin_file(tmp_path, corpus, capsys, 
     (['inspect', 'f.bin', '--seq-len', '0'], 'argument --seq-len: 0 is not >= 1'),
     (['inspect', 'f.bin', '--vocab', '0'], 'argument --vocab: 0 is not >= 1'),
     (['inspect', 'f.bin', '--show', '-5'], 'argument --show: -5 is not >= 0'),
+    (['bytes', 'x', '--out', 'o', '--seed', '-1'], 'argument --seed: -1 is not >= 0'),  # numpy's shuffle refuses it (a traceback)
 ])
 def test_bad_numbers_are_a_usage_error_before_anything_is_made(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -368,6 +412,39 @@ def test_the_trainers_first_run_corpus_build_on_a_full_disk_is_one_error(tmp_pat
     with pytest.raises(prepare.PrepareError, match=re.escape(f'cannot build the byte corpus {train}, {val}: [Errno 28] No space left on device') + '$'):
         prepare.build_stdlib_bytes(train, val)
     assert os.listdir(tmp_path) == []
+
+
+def test_the_trainers_first_run_corpus_build_without_stdlib_sources_is_one_error(tmp_path, monkeypatch):
+    """A Python installed without its .py sources (.pyc only): one line saying what to set (it was an IndexError)."""
+    (tmp_path / 'lib').mkdir()
+    (tmp_path / 'lib' / 'os.pyc').write_bytes(b'\0compiled')
+    monkeypatch.setattr(prepare.sysconfig, 'get_paths', lambda: {'stdlib': str(tmp_path / 'lib')})
+    with pytest.raises(prepare.PrepareError, match='no byte corpus to build: .*/lib holds 0 .py source files; set data.train_path'):
+        prepare.build_stdlib_bytes(str(tmp_path / 'train.bin'), str(tmp_path / 'val.bin'))
+    assert sorted(os.listdir(tmp_path)) == ['lib']
+
+
+def test_binary_files_and_pycache_in_a_directory_are_skipped_with_a_note(tmp_path, capsys):
+    """Byte tokens use the NUL byte as end-of-text: a .pyc or an image among the texts put NULs inside documents."""
+    src = tmp_path / 'src'
+    (src / '__pycache__').mkdir(parents=True)
+    (src / 'a.py').write_text('alpha')
+    (src / 'b.txt').write_text('beta')
+    (src / '__pycache__' / 'a.cpython-311.pyc').write_bytes(b'\x00\x01compiled')
+    (src / 'logo.png').write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR')
+    assert prepare.main(['bytes', str(src), '--out', str(tmp_path / 'out'), '--workers', '1', '--val-fraction', '0.5']) == 0
+    assert f'{src}: skipped 1 binary file (a NUL byte in the first 8 KiB)' in capsys.readouterr().out
+    docs = [split_documents(tmp_path / 'out' / f, prepare.ByteTokens()) for f in ('train.bin', 'val.bin')]
+    assert sorted(docs[0] + docs[1]) == ['alpha', 'beta']
+
+
+def test_a_doc_separator_of_non_utf8_bytes_splits_at_those_bytes(tmp_path):
+    """Python holds a command-line argument's invalid UTF-8 bytes as surrogates ('\\xff' as '\\udcff'): the separator
+    is those bytes (str.encode raised on them)."""
+    path = tmp_path / 'a.txt'
+    path.write_bytes(b'one\xfftwo\xffthree')
+    docs = prepare.FileDocs([str(path)], os.fsdecode(b'\xff'))
+    assert [bytes(d) for d in docs.read(range(len(docs)))] == [b'one', b'two', b'three']
 
 
 def test_prepare_main_runs_off_the_main_thread(tmp_path):

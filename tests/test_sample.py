@@ -1,5 +1,5 @@
 """Generation: the KV cache changes nothing but the cost; sampling is reproducible; sample.py end to end."""
-import sys, types
+import os, sys, types
 from types import SimpleNamespace
 from omegaconf import OmegaConf
 import jax
@@ -53,6 +53,8 @@ def test_byte_tokenizer_replaces_invalid_utf8():
     encode, decode = sample.tokenizer(256)
     assert encode('é!') == [0xc3, 0xa9, 0x21] and decode(encode('é!')) == 'é!'
     assert decode([0x61, 0xff, 0x62]) == 'a\ufffdb'
+    # a prompt typed in Latin-1 (`--prompt $'caf\\xe9'`): Python holds the byte as a surrogate; a byte model gets the byte
+    assert encode(os.fsdecode(b'caf\xe9')) == [0x63, 0x61, 0x66, 0xe9]
 
 
 def test_larger_vocabularies_use_tiktoken_gpt2(monkeypatch):
@@ -67,6 +69,8 @@ def test_larger_vocabularies_use_tiktoken_gpt2(monkeypatch):
     monkeypatch.setitem(sys.modules, 'tiktoken', fake)
     encode, decode = sample.tokenizer(50304)
     assert asked == ['gpt2'] and encode('abc') == [3] and decode([5, 10, 12, 9]) == '<[5, 9]>'
+    with pytest.raises(sample.utils.PicodoError, match=r"^the prompt 'caf\\udce9' is not valid UTF-8$"):  # BPE encodes text
+        encode(os.fsdecode(b'caf\xe9'))
     sample.tokenizer(50304, 'p50k_base')  # data tokenized with prepare.py tokenize --encoding p50k_base: sample.py --encoding
     assert asked == ['gpt2', 'p50k_base']
 
@@ -86,7 +90,7 @@ def test_missing_gpt2_vocabulary_is_one_clear_error_and_does_not_stop_training(m
 def test_sample_py_decodes_with_gpt2_unless_told_otherwise(monkeypatch, capsys):
     asked = []
     monkeypatch.setattr(sample, 'load', lambda checkpoint, dtype: (None, OmegaConf.create({'model': {'vocab_size': 50304}}), 7))
-    monkeypatch.setattr(sample, 'tokenizer', lambda *args: asked.append(args) or (None, None))
+    monkeypatch.setattr(sample, 'tokenizer', lambda *args: asked.append(args) or (list, ''.join))  # (encode, decode) of characters
     monkeypatch.setattr(sample, 'sample', lambda *args: ['x'])
     sample.main(['ck'])
     assert asked == [(50304, 'gpt2')] and capsys.readouterr().out == '\nx\n---------------\n'
@@ -127,7 +131,8 @@ def test_sample_py_from_a_trained_checkpoint(finished_run, capsys, monkeypatch):
     for args, message in [(['--top_k', '100000'], 'top_k 100000 is not in 0..256'), (['--top_k', '-3'], 'top_k -3 is not in'),
                           (['--temperature', '-1'], 'temperature -1.0 is not finite and >= 0'),
                           (['--temperature', 'nan'], 'temperature nan is not finite and >= 0'),
-                          (['--temperature', 'inf'], 'temperature inf is not finite and >= 0'), (['--num_samples', '0'], 'num_samples 0 < 1')]:
+                          (['--temperature', 'inf'], 'temperature inf is not finite and >= 0'), (['--num_samples', '0'], 'num_samples 0 < 1'),
+                          (['--seed', str(2 ** 64)], f'seed {2 ** 64} is not a 64-bit integer')]:
         with pytest.raises(SystemExit, match=f'^error: {message}'):
             sample.main([ckpt, *args])
 
