@@ -39,7 +39,7 @@ def valid_text(text):  # BPE needs text: a prompt of invalid UTF-8 bytes (held a
 
 def sample_token(logits, key, temperature, top_k):  # logits [B, V] -> token ids [B]
     logits = logits.astype(jnp.float32)  # bf16 models give bf16 logits: sample from their fp32 values
-    if temperature == 0:
+    if np.float32(temperature) == 0:  # 0, or a temperature float32 rounds to 0 (1e-300: the argmax's 0 / 0 would be nan)
         return jnp.argmax(logits, -1)
     if top_k:
         logits = jnp.where(logits < jax.lax.top_k(logits, top_k)[0][:, -1:], -jnp.inf, logits)
