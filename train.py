@@ -186,7 +186,7 @@ any_process = lambda flag: bool(flag) if jax.process_count() == 1 else bool(proc
 
 
 def open_checkpoints(cfg, ckpt_dir, total_steps):
-    # a first launch reads ckpt.resume's checkpoint: a bad one is said before ckpt_dir is made (no empty run dir is left)
+    # a first launch reads ckpt.resume's checkpoint: a missing or empty one is said before ckpt_dir is made (no empty run dir)
     if cfg.ckpt.resume and not os.path.exists(ckpt_dir): find_checkpoint(cfg.ckpt.resume)
     # ckpt_dir, made if missing and locked while this run trains and saves: a second launch of the same run would delete its
     # unfinished checkpoint (see train) and save steps over its own. A POSIX lock: released when the process ends, however it ends.
@@ -233,8 +233,8 @@ def train(cfg, out_dir, name='run'):
         prepare.build_stdlib_bytes(cfg.data.train_path, cfg.data.val_path)
     train_tokens, val_tokens = (data.open_tokens(path, cfg.model.vocab_size, T, B) for path in (cfg.data.train_path, cfg.data.val_path))
     total_steps = cfg.train_tokens // (B * T)
-    if total_steps < 1:  # a run that trains nothing would otherwise end with exit code 0
-        raise utils.PicodoError(f'train_tokens={cfg.train_tokens} is less than one step: batch_size x seq_len = {B * T} tokens')
+    if not 1 <= total_steps < 2 ** 31:  # no step: a run would end with exit code 0; past int32: optax's schedule overflows
+        raise utils.PicodoError(f'train_tokens={cfg.train_tokens} is {total_steps} steps of batch_size x seq_len = {B * T} tokens: 1 to 2^31 - 1')
     schedule = lr_schedule(cfg.opt, total_steps)
 
     # checkpoints live under the launch directory, not in Hydra's per-run outputs/, so a re-launch finds them

@@ -22,8 +22,8 @@ mfu = lambda model_flops_per_sec, n_devices, peak: None if peak is None else mod
 
 
 def oom_error(e):  # XLA running out of memory (its first line names it): one error line saying what to change, else None
-    if re.search('RESOURCE_EXHAUSTED|out of memory', line := first_line(e), re.I):
-        return f'error: {line} (lower batch_size, raise grad_accum or set model.remat=dots)'
+    if re.search('RESOURCE_EXHAUSTED|out of memory', line := first_line(e), re.I):  # also a full disk under an async save: no advice
+        return f'error: {line}' + ' (lower batch_size, raise grad_accum or set model.remat=dots)' * ('No space left' not in line)
 
 
 def run_name(config_name, overrides):
@@ -41,8 +41,7 @@ def run_name(config_name, overrides):
 def keep_freed_memory():
     if not (importlib.util.find_spec('jax_plugins') or importlib.util.find_spec('libtpu')):  # no GPU/TPU plugin
         with contextlib.suppress(AttributeError, OSError, TypeError):  # not glibc (macOS, ...): nothing to tune
-            libc = ctypes.CDLL(None)
-            libc.mallopt(-8, 1), libc.mallopt(-4, 0), libc.mallopt(-1, -1)  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD (-1: never)
+            (libc := ctypes.CDLL(None)).mallopt(-8, 1), libc.mallopt(-4, 0), libc.mallopt(-1, -1)  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD (-1: never)
 
 
 @contextlib.contextmanager
@@ -68,8 +67,10 @@ def init_wandb(cfg, config, out_dir, run_id=None, enabled=True):
         mode = print(f'wandb: no API key for {url.netloc} or no connection to it: logging offline (upload later with `wandb sync`)') or 'offline'
     for mode in dict.fromkeys([mode, 'offline']) if enabled else ():  # other processes of a multi-host run: no wandb
         try:
-            return wandb.init(project=cfg.project, name=cfg.name, config=config, dir=out_dir, mode=mode, id=run_id, resume='allow')
-        except Exception as e:  # a bad WANDB_MODE, a rejected key, ...
+            # a server that accepts and never answers holds the run 15 s (WANDB_INIT_TIMEOUT if set), not wandb's 90
+            return wandb.init(project=cfg.project, name=cfg.name, config=config, dir=out_dir, mode=mode, id=run_id, resume='allow',
+                              settings=wandb.Settings(init_timeout=float(os.environ.get('WANDB_INIT_TIMEOUT', 15))))
+        except Exception as e:  # a bad WANDB_MODE, a rejected key, a timeout, ...
             print(f'wandb: could not start {mode} ({type(e).__name__}: {first_line(e)})')
     return types.SimpleNamespace(id=None, log=lambda *args, **kwargs: None, finish=lambda: None)
 

@@ -159,6 +159,8 @@ def test_the_wandb_mode_variable_may_be_unset_or_any_mode_wandb_takes():
     ('INTERNAL: Error dispatching computation: Out of memory allocating 256000000000 bytes.',  # XLA CPU's words
      'INTERNAL: Error dispatching computation: Out of memory allocating 256000000000 bytes. (lower batch_size, raise '
      'grad_accum or set model.remat=dots)'),
+    ('RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database: No space left on device [os_error_code=\'28\']\n...',  # orbax's save
+     'RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database: No space left on device [os_error_code=\'28\']'),  # no batch advice
     ('INTERNAL: something else\nwhile out of memory', None)])  # any other XLA error keeps its traceback
 def test_out_of_memory_is_one_line_saying_what_to_change(tmp_path, raised, line):
     """The most common failure on a GPU, a batch too big for its memory: one line, not XLA's long traceback."""

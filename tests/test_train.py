@@ -397,9 +397,10 @@ def test_the_validation_batches_are_seed_0s_whatever_the_seed(tiny_cfg, tmp_path
     assert calls == [('val.bin', 0, 0), ('val.bin', 0, 1)]
 
 
-def test_a_token_budget_below_one_step_is_an_error(tiny_cfg, tmp_path):
-    with pytest.raises(PicodoError, match=r'^train_tokens=500 is less than one step: batch_size x seq_len = 512 tokens$'):
-        train.train(tiny_cfg('train_tokens=500'), str(tmp_path))
+@pytest.mark.parametrize('tokens,steps', [(500, 0), (10 ** 20, 10 ** 20 // 512)])  # past int32 steps: optax's schedule overflowed
+def test_a_token_budget_below_one_step_or_beyond_int32_steps_is_an_error(tiny_cfg, tmp_path, tokens, steps):
+    with pytest.raises(PicodoError, match=rf'^train_tokens={tokens} is {steps} steps of batch_size x seq_len = 512 tokens: 1 to 2\^31 - 1$'):
+        train.train(tiny_cfg(f'train_tokens={tokens}'), str(tmp_path))
 
 
 def test_token_id_beyond_vocab_is_caught_before_compiling(tiny_cfg, tmp_path):

@@ -162,6 +162,24 @@ def test_a_wandb_that_cannot_start_in_its_mode_logs_offline(tmp_path, monkeypatc
     assert utils.init_wandb(make_cfg().wandb, {}, str(tmp_path)) == 'run' and modes == ['online', 'offline']
 
 
+def test_wandb_init_gives_up_after_15_s_and_goes_offline(tmp_path, monkeypatch):
+    """A server that accepts connections and never answers held wandb.init for its default 90 s (seen with a silent local
+    listener; the failed run's teardown still adds about 20 s at exit, after training): init_timeout 15 s, then offline."""
+    calls = []
+    def init(**kwargs):
+        calls.append((kwargs['mode'], kwargs['settings'].init_timeout))
+        if kwargs['mode'] != 'offline':
+            raise TimeoutError('context deadline exceeded')
+        return 'run'
+    monkeypatch.setattr(wandb, 'init', init)
+    monkeypatch.setattr(utils, 'online_ok', lambda url: True)
+    monkeypatch.setenv('WANDB_MODE', 'online')
+    assert utils.init_wandb(make_cfg().wandb, {}, str(tmp_path)) == 'run'
+    assert calls == [('online', 15), ('offline', 15)]
+    monkeypatch.setenv('WANDB_INIT_TIMEOUT', '120')  # wandb's own variable, for a slow link, still counts
+    assert utils.init_wandb(make_cfg().wandb, {}, str(tmp_path)) == 'run' and calls[2:] == [('online', 120), ('offline', 120)]
+
+
 def test_run_names_are_one_dir_and_long_override_lists_stay_apart():
     """The run name is the checkpoint dir under checkpoints/: a path in an override must not nest dirs, and two long
     override lists that differ only near their end must not share a dir (a shortened name keeps a hash of it all)."""
