@@ -369,10 +369,15 @@ def build_stdlib_bytes(train_path, val_path):
     if len(files) < 2:  # a Python installed without its sources (.pyc only)
         raise PrepareError(f'no byte corpus to build: {root} holds {len(files)} .py source files; set data.train_path and data.val_path '
                            f'to .bin files (prepare.py makes them)')
+    # SIGTERM (`timeout`, a scheduler) unwinds as exit code 143, so the .tmp files go, as prepare.main does (it killed the trainer mid-file)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = main_thread and signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         write_splits(FileDocs(files), ByteTokens(), train_path, val_path, val_fraction=0.1, force=True, progress=False)
     except OSError as e:  # a full disk: the trainer's one line (its .tmp files are gone)
         raise PrepareError(f'cannot build the byte corpus {train_path}, {val_path}: {e}') from None
+    finally:
+        main_thread and signal.signal(signal.SIGTERM, previous)
     print(f'built byte-level corpus from {len(files)} stdlib files in {root}: {train_path}, {val_path}')
 
 

@@ -1,6 +1,6 @@
 """prepare.py, the data tool: download, tokenize, bytes, inspect. Offline: a local HTTP server on 127.0.0.1 and a
 tiktoken Encoding built here stand in for the internet and GPT-2's vocabulary."""
-import concurrent.futures, http.server, os, re, shutil, signal, socket, struct, subprocess, sys, threading, time
+import concurrent.futures, glob, http.server, os, re, shutil, signal, socket, struct, subprocess, sys, threading, time
 import numpy as np
 import pytest
 import tiktoken
@@ -445,6 +445,19 @@ def test_a_doc_separator_of_non_utf8_bytes_splits_at_those_bytes(tmp_path):
     path.write_bytes(b'one\xfftwo\xffthree')
     docs = prepare.FileDocs([str(path)], os.fsdecode(b'\xff'))
     assert [bytes(d) for d in docs.read(range(len(docs)))] == [b'one', b'two', b'three']
+
+
+def test_sigterm_during_the_trainers_first_run_corpus_build_leaves_no_file(tmp_path):
+    """`timeout` or a scheduler's SIGTERM while main.py builds its corpus: exit code 143 and no half-written .tmp file (the
+    default action killed the process mid-file, leaving it for good)."""
+    code = f'import sys; sys.path.insert(0, {REPO!r}); import prepare; prepare.build_stdlib_bytes("train.bin", "val.bin")'
+    p = subprocess.Popen([sys.executable, '-c', code], cwd=tmp_path, stdin=subprocess.DEVNULL)
+    for _ in range(600):  # until a .tmp file is being written (or the build is over)
+        if glob.glob(str(tmp_path / '*.tmp')) or p.poll() is not None:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 143 and os.listdir(tmp_path) == []
 
 
 def test_prepare_main_runs_off_the_main_thread(tmp_path):
