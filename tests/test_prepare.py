@@ -207,6 +207,19 @@ def test_a_hugging_face_dataset_by_name_and_text_field(tmp_path, monkeypatch, en
         prepare.HFDocs('someone/texts', 'text')
 
 
+def fake_datasets(tmp_path, monkeypatch, load_body):
+    """A stand-in `datasets` module whose load_dataset runs `load_body` (its lines): a dataset of one "text" field."""
+    (tmp_path / 'fake').mkdir()
+    (tmp_path / 'fake' / 'datasets.py').write_text(
+        'class Dataset(list):\n'
+        '    column_names = ["text"]\n'
+        '    def __getitem__(self, ids):\n'
+        '        return {"text": [list.__getitem__(self, i) for i in ids]}\n'
+        'def load_dataset(name, config=None, split="train"):\n' + load_body)
+    monkeypatch.syspath_prepend(str(tmp_path / 'fake'))
+    monkeypatch.delitem(sys.modules, 'datasets', raising=False)
+
+
 @pytest.mark.parametrize('case,message', [
     ('split', 'error: dataset someone/texts: Unknown split "validation". Should be one of [\'train\'].'),
     ('config', 'error: dataset someone/texts: Config name is missing.'),
@@ -214,19 +227,11 @@ def test_a_hugging_face_dataset_by_name_and_text_field(tmp_path, monkeypatch, en
 ])
 def test_a_hugging_face_dataset_that_does_not_load_or_holds_no_text_is_one_line(tmp_path, monkeypatch, capsys, case, message):
     """datasets' ValueErrors (a split or config it lacks, a config not named where there are several, as for wikitext)
-    were tracebacks; so was a row whose text is not a string. A row whose text is null is an empty document."""
-    (tmp_path / 'fake').mkdir()
-    (tmp_path / 'fake' / 'datasets.py').write_text(
-        'class Dataset(list):\n'
-        '    column_names = ["text"]\n'
-        '    def __getitem__(self, ids):\n'
-        '        return {"text": [list.__getitem__(self, i) for i in ids]}\n'
-        'def load_dataset(name, config=None, split="train"):\n'
-        f'    if {case!r} == "split": raise ValueError(\'Unknown split "validation". Should be one of [\\\'train\\\'].\\nmore\')\n'
-        f'    if {case!r} == "config": raise ValueError("Config name is missing.")\n'
-        f'    return Dataset(["one", {{"not_text": 7, "null": None}}.get({case!r}, "two"), "three", "four"])\n')
-    monkeypatch.syspath_prepend(str(tmp_path / 'fake'))
-    monkeypatch.delitem(sys.modules, 'datasets', raising=False)
+    were tracebacks; so was a row whose text is not a string."""
+    fake_datasets(tmp_path, monkeypatch,
+                  f'    if {case!r} == "split": raise ValueError(\'Unknown split "validation". Should be one of [\\\'train\\\'].\\nmore\')\n'
+                  f'    if {case!r} == "config": raise ValueError("Config name is missing.")\n'
+                  '    return Dataset(["one", 7, "three", "four"])\n')
     args = ['bytes', '--hf-dataset', 'someone/texts', '--out', str(tmp_path / 'out'), '--workers', '1']
     assert prepare.main(args) == 1
     assert capsys.readouterr().err.splitlines()[-1] == message  # after the progress bar, if it started
@@ -234,16 +239,7 @@ def test_a_hugging_face_dataset_that_does_not_load_or_holds_no_text_is_one_line(
 
 
 def test_a_hugging_face_row_without_text_is_an_empty_document(tmp_path, monkeypatch):
-    (tmp_path / 'fake').mkdir()
-    (tmp_path / 'fake' / 'datasets.py').write_text(
-        'class Dataset(list):\n'
-        '    column_names = ["text"]\n'
-        '    def __getitem__(self, ids):\n'
-        '        return {"text": [list.__getitem__(self, i) for i in ids]}\n'
-        'def load_dataset(name, config=None, split="train"):\n'
-        '    return Dataset(["one", None, "three", "four"])\n')
-    monkeypatch.syspath_prepend(str(tmp_path / 'fake'))
-    monkeypatch.delitem(sys.modules, 'datasets', raising=False)
+    fake_datasets(tmp_path, monkeypatch, '    return Dataset(["one", None, "three", "four"])\n')
     out = tmp_path / 'out'
     assert prepare.main(['bytes', '--hf-dataset', 'someone/texts', '--out', str(out), '--workers', '1', '--val-fraction', '0.25']) == 0
     docs = split_documents(out / 'train.bin', prepare.ByteTokens()) + split_documents(out / 'val.bin', prepare.ByteTokens())
