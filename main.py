@@ -4,7 +4,7 @@ import os, re, signal, sys
 # crashes in XLA's threads)
 exit_now = lambda *_: (sys.stdout.flush(), os._exit(130))
 signal.signal(signal.SIGINT, exit_now)  # while the libraries load (in main(), Ctrl-C unwinds; in the loop, it checkpoints)
-import hydra
+import hydra, omegaconf
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 import train, utils
@@ -35,7 +35,7 @@ def main(cfg):
         FAILED.append(str(e))  # not e: its traceback would keep this run's arrays alive through the sweep
 
 
-if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydra's own message takes six)
+if __name__ == '__main__':  # a misspelt key on the command line: one line, and Hydra's own check (below) would not name it
     defaults, absent = OmegaConf.load(train.DEFAULTS), object()
     for key, value in (a.split('=', 1) for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
         if OmegaConf.select(defaults, key, default=absent) is absent: sys.exit(f'error: unknown config key: {key}')
@@ -43,5 +43,12 @@ if __name__ == '__main__':  # a misspelt key on the command line: one line (Hydr
         if set('=~') & set(re.sub(r'\$\{[^}]*\}|"[^"]*"|\'[^\']*\'', '', value)): sys.exit(f"error: {key}: a value holding '=' or '~' needs quotes: '{key}=\"{value}\"'")
     # WANDB_MODE overrides wandb.mode; a misspelt or empty one would only fail once the run had started ('run' means online)
     if os.environ.get('WANDB_MODE', 'online') not in [*(modes := train.CHOICES['wandb.mode']), 'run']: sys.exit(f"error: WANDB_MODE={os.environ['WANDB_MODE']!r}: one of {', '.join(modes)}, or unset")
-    main()
+    # Hydra's own errors (-cn naming no config, an override it cannot parse, a hydra.run.dir it cannot make) raised up to here
+    # and said in one line, not Hydra's several; HYDRA_FULL_ERROR=1 set by the user keeps Hydra's traceback
+    hydra_errors = () if os.environ.get('HYDRA_FULL_ERROR') == '1' else (hydra.errors.HydraException, omegaconf.errors.OmegaConfBaseException, OSError)
+    os.environ['HYDRA_FULL_ERROR'] = '1'
+    try:
+        main()
+    except hydra_errors as e:  # its first paragraph, on one line
+        sys.exit('error: ' + ' '.join(str(e).split('\n\n')[0].split()))
     sys.exit(1 if FAILED else 0)

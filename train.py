@@ -46,8 +46,7 @@ def check_config(cfg):
             and not (b := BOUNDS.get(k, ('finite and >= 0', lambda x: 0 <= x < float('inf'))))[1](get(k))]
     bad += [f'{k}={get(k)} (one of {", ".join(v)})' for k, v in CHOICES.items() if get(k) not in v]
     bad = bad or ([f'model.n_heads={cfg.model.n_heads} (must divide model.d_model={cfg.model.d_model})'] if cfg.model.d_model % cfg.model.n_heads else [])
-    if bad:
-        raise utils.PicodoError(f'bad config value: {bad[0]}')
+    if bad: raise utils.PicodoError(f'bad config value: {bad[0]}')
 
 
 def model_config(c):
@@ -98,8 +97,7 @@ def find_checkpoint(path):
     if not os.path.isdir(path): raise utils.PicodoError(f'checkpoint not found: {path}')
     manager = ocp.CheckpointManager(os.path.dirname(path) if one_step else path, options=ocp.CheckpointManagerOptions(create=False))
     step = int(os.path.basename(path)) if one_step else manager.latest_step()
-    if step not in manager.all_steps():
-        raise utils.PicodoError(f'no complete checkpoint in {path}')
+    if step not in manager.all_steps(): raise utils.PicodoError(f'no complete checkpoint in {path}')
     return manager, step
 
 
@@ -191,15 +189,13 @@ def open_checkpoints(cfg, ckpt_dir, total_steps):
     # ckpt_dir, made if missing and locked while this run trains and saves: a second launch of the same run would delete its
     # unfinished checkpoint (see train) and save steps over its own. A POSIX lock: released when the process ends, however it ends.
     with contextlib.suppress(OSError): os.makedirs(ckpt_dir, exist_ok=True)  # a file in the way, or no write access: said below
-    if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
-        raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
+    if not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)): raise utils.PicodoError(f'ckpt.dir {ckpt_dir} is not a writable directory')
     lock = open(os.path.join(ckpt_dir, f'.lock.{jax.process_index()}'), 'a')
     try:
         refused = os.lockf(lock.fileno(), os.F_TLOCK, 0)
     except (OSError, AttributeError) as e:  # held by another process; else no locks on this filesystem (or no os.lockf): no check
         refused = isinstance(e, (BlockingIOError, PermissionError))
-    if any_process(refused):
-        raise utils.PicodoError(f'{ckpt_dir} is in use by another process: the same run launched twice?')
+    if any_process(refused): raise utils.PicodoError(f'{ckpt_dir} is in use by another process: the same run launched twice?')
     # where to start: the run's own newest checkpoint (its config must match, ckpt.resume included); else ckpt.resume's (a first
     # launch, or ckpt.resume naming this run's own dir or newest step: go on with a changed config); else step 0
     saver = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep))
@@ -208,8 +204,8 @@ def open_checkpoints(cfg, ckpt_dir, total_steps):
     source, start = (saver, latest or 0) if own else find_checkpoint(resume)
     if 0 in saver.all_steps():
         raise utils.PicodoError(f'{ckpt_dir} holds a dir 0, not from this trainer (it saves from step 1): orbax would delete it: set ckpt.dir')
-    if (latest or 0) > start:  # orbax would silently skip saves up to its newest step
-        raise utils.PicodoError(f'{ckpt_dir} holds step {latest}, past step {start}: set ckpt.dir')
+    # a checkpoint past the start: orbax would silently skip saves up to its newest step
+    if (latest or 0) > start: raise utils.PicodoError(f'{ckpt_dir} holds step {latest}, past step {start}: set ckpt.dir')
     if not own and start >= total_steps:  # it would train nothing and exit 0
         raise utils.PicodoError(f'ckpt.resume {resume} is at step {start}: train_tokens={cfg.train_tokens} ends at step {total_steps}')
     return lock, saver, source, start

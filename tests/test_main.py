@@ -94,7 +94,7 @@ def test_local_run_builds_its_data_and_trains(tmp_path):
 
 @pytest.mark.parametrize('args,message', [
     (['-cn', 'colab'], 'error: data file not found: /content/fineweb_edu_gpt2_train.bin'),
-    (['opt.peak_lrr=1'], 'error: unknown config key: opt.peak_lrr\n'),  # checked before Hydra's six-line message
+    (['opt.peak_lrr=1'], 'error: unknown config key: opt.peak_lrr\n'),  # checked before Hydra's (which says 'not in struct')
     (['ckpt.resume=checkpoints/local/a=1,b=2'], "error: ckpt.resume: a value holding '=' or '~' needs quotes: "  # a run dir's name
                                                 '\'ckpt.resume="checkpoints/local/a=1,b=2"\'\n'),  # (Hydra: mismatched input '=')
     (['ckpt.dir=~/ck'], "error: ckpt.dir: a value holding '=' or '~' needs quotes: 'ckpt.dir=\"~/ck\"'\n"),  # Hydra: a lexer error
@@ -114,6 +114,27 @@ def test_bad_input_exits_nonzero_with_a_clear_line(tmp_path, args, message):
     assert r.returncode != 0
     assert message in r.stderr
     assert 'Traceback' not in r.stderr
+
+
+@pytest.mark.parametrize('args,line', [
+    (['-cn', 'colb'], "error: Cannot find primary config 'colb'. Check that it's in your config search path.\n"),  # Hydra: 7 lines
+    (['seed=1)'], "error: Error parsing override 'seed=1)' extraneous input ')' expecting <EOF> See https://hydra.cc/"),  # 5
+    (['ckpt.dir=a,b'], "error: Ambiguous value for argument 'ckpt.dir=a,b' 1. To use it as a list, use key=[value1,value2] 2. To "
+                       "use it as string, quote the value: key=\\'value1,value2\\' 3. To sweep over it, add --multirun"),  # 6
+    (['hydra.run.dir=a_file/run'], "error: [Errno 20] Not a directory: 'a_file/run'\n"),  # a 20-line traceback
+    (['hydra.run.dir=${oc.env:PICODO_UNSET_VAR}/run'], 'error: KeyError raised while resolving interpolation: "Environment '
+                                                        "variable 'PICODO_UNSET_VAR' not found\" full_key: hydra.run.dir"),  # 30
+])
+def test_hydras_own_errors_are_one_line(tmp_path, args, line):
+    """What Hydra refuses before the trainer runs (a config name, an override's syntax, its output dir) was several lines
+    of its own, or a traceback; HYDRA_FULL_ERROR=1 still gives Hydra's traceback."""
+    (tmp_path / 'a_file').write_text('')
+    r = run_main(tmp_path, *args)
+    assert r.returncode == 1 and r.stderr.startswith(line) and r.stderr.count('\n') == 1, r.stderr
+    assert os.listdir(tmp_path) == ['a_file']  # no outputs/
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), *args], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, HYDRA_FULL_ERROR='1', WANDB_MODE='disabled'), stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and 'Traceback' in r.stderr and not r.stderr.startswith('error: ')
 
 
 def test_a_config_file_without_defaults_is_one_line(tmp_path):
