@@ -49,6 +49,6 @@ if __name__ == '__main__':  # a misspelt key on the command line: one line, and 
     os.environ['HYDRA_FULL_ERROR'] = '1'
     try:
         main()
-    except hydra_errors as e:  # its first paragraph, on one line
-        sys.exit('error: ' + ' '.join(str(e).split('\n\n')[0].split()))
+    except hydra_errors as e:  # its first paragraph, on one line, and the override it could not parse if the message leaves it out
+        sys.exit('error: ' + ' '.join(str(e).split('\n\n')[0].split()) + f' (in {getattr(e, "override", "")})' * (getattr(e, 'override', '') not in str(e)))
     sys.exit(1 if FAILED else 0)

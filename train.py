@@ -1,5 +1,5 @@
 """The training loop: config in, sharded model and optimizer built, one jitted step, metrics out."""
-import contextlib, functools, glob, io, json, logging, os, shutil, signal, sys, time, types, warnings
+import contextlib, functools, glob, io, json, logging, os, re, shutil, signal, sys, time, types, warnings
 import jax, jax.numpy as jnp, numpy as np, optax, orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 from jax.experimental.multihost_utils import process_allgather
@@ -45,6 +45,8 @@ def check_config(cfg):
     bad += [f'{k}={get(k)} (must be {b[0]})' for k in default_of if k.startswith(('opt.', 'peak_flops')) and type(get(k)) in (int, float)
             and not (b := BOUNDS.get(k, ('finite and >= 0', lambda x: 0 <= x < float('inf'))))[1](get(k))]
     bad += [f'{k}={get(k)} (one of {", ".join(v)})' for k, v in CHOICES.items() if get(k) not in v]
+    # JAX segfaults on a port that is not a number, and has an IndexError for no port
+    bad += [f'dist.coordinator={c!r} (must be host:port)' for c in [get('dist.coordinator')] if isinstance(c, str) and not re.fullmatch(r'.+:\d+', c)]
     bad = bad or ([f'model.n_heads={cfg.model.n_heads} (must divide model.d_model={cfg.model.d_model})'] if cfg.model.d_model % cfg.model.n_heads else [])
     if bad: raise utils.PicodoError(f'bad config value: {bad[0]}')
 
@@ -137,8 +139,8 @@ def restore(manager, step, cfg, state, same_run=False):
 
 def save(manager, step, state, meta):  # asynchronous: the arrays are copied off the devices, then written in the background
     need, free = sum(x.nbytes for x in jax.tree.leaves(state)), shutil.disk_usage(manager.directory).free  # each array once
-    if need > free:  # a full disk would fail later, in orbax's writer thread: say so now; older checkpoints stay
-        raise utils.PicodoError(f'no room for checkpoint {step} in {manager.directory}: {need / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free')
+    # a full disk would fail later, in orbax's writer thread: say so now; older checkpoints stay
+    if need > free: raise utils.PicodoError(f'no room for checkpoint {step} in {manager.directory}: {need / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free')
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 
@@ -206,15 +208,16 @@ def open_checkpoints(cfg, ckpt_dir, total_steps):
         raise utils.PicodoError(f'{ckpt_dir} holds a dir 0, not from this trainer (it saves from step 1): orbax would delete it: set ckpt.dir')
     # a checkpoint past the start: orbax would silently skip saves up to its newest step
     if (latest or 0) > start: raise utils.PicodoError(f'{ckpt_dir} holds step {latest}, past step {start}: set ckpt.dir')
-    if not own and start >= total_steps:  # it would train nothing and exit 0
-        raise utils.PicodoError(f'ckpt.resume {resume} is at step {start}: train_tokens={cfg.train_tokens} ends at step {total_steps}')
+    # ckpt.resume's checkpoint at or past the last step: it would train nothing and exit 0
+    if not own and start >= total_steps: raise utils.PicodoError(f'ckpt.resume {resume} is at step {start}: train_tokens={cfg.train_tokens} ends at step {total_steps}')
     return lock, saver, source, start
 
 
 def train(cfg, out_dir, name='run'):
     check_config(cfg)
-    # '~/x' quoted, or in a config file: the home dir's x, not ./~/x
+    # '~/x' quoted, or in a config file: the home dir's x, not ./~/x; an empty path (`ckpt.resume=$CKPT`, CKPT unset) was ignored
     for key in ('data.train_path', 'data.val_path', 'ckpt.dir', 'ckpt.resume'):
+        if OmegaConf.select(cfg, key) == '': raise utils.PicodoError(f'{key} is empty (an unset shell variable?): leave it out for its default')
         if OmegaConf.select(cfg, key): OmegaConf.update(cfg, key, os.path.expanduser(OmegaConf.select(cfg, key)))
     init_distributed(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))

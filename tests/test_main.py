@@ -108,6 +108,10 @@ def test_local_run_builds_its_data_and_trains(tmp_path):
     (['batch_size=30'], 'error: batch_size 30 must split into grad_accum=1 micro-batches'),
     (['dist.num_processes=2', 'dist.process_id=1'], 'error: dist.* keys: cannot join the processes of the run: '),
     (['dist.process_id=1'], 'error: dist.* keys: cannot join the processes of the run: '),  # alone, it trained as one process
+    (['ckpt.resume='], 'error: ckpt.resume is empty (an unset shell variable?): leave it out for its default\n'),  # ignored: from scratch
+    (['ckpt.dir='], 'error: ckpt.dir is empty (an unset shell variable?): leave it out for its default\n'),  # ignored: checkpoints/...
+    (['dist.coordinator=localhost:notaport', 'dist.num_processes=1', 'dist.process_id=0'],  # JAX: a segfault (exit code 139)
+     "error: bad config value: dist.coordinator='localhost:notaport' (must be host:port)\n"),
 ])
 def test_bad_input_exits_nonzero_with_a_clear_line(tmp_path, args, message):
     r = run_main(tmp_path, *TINY[:-3], 'data.build_if_missing=false', *args)
@@ -116,21 +120,23 @@ def test_bad_input_exits_nonzero_with_a_clear_line(tmp_path, args, message):
     assert 'Traceback' not in r.stderr
 
 
-@pytest.mark.parametrize('args,line', [
-    (['-cn', 'colb'], "error: Cannot find primary config 'colb'. Check that it's in your config search path.\n"),  # Hydra: 7 lines
-    (['seed=1)'], "error: Error parsing override 'seed=1)' extraneous input ')' expecting <EOF> See https://hydra.cc/"),  # 5
+@pytest.mark.parametrize('args,line,culprit', [
+    (['-cn', 'colb'], "error: Cannot find primary config 'colb'. Check that it's in your config search path.\n", 'colb'),  # Hydra: 7 lines
+    (['seed=1)'], "error: Error parsing override 'seed=1)' extraneous input ')' expecting <EOF> See https://hydra.cc/", 'seed=1)'),  # 5
     (['ckpt.dir=a,b'], "error: Ambiguous value for argument 'ckpt.dir=a,b' 1. To use it as a list, use key=[value1,value2] 2. To "
-                       "use it as string, quote the value: key=\\'value1,value2\\' 3. To sweep over it, add --multirun"),  # 6
-    (['hydra.run.dir=a_file/run'], "error: [Errno 20] Not a directory: 'a_file/run'\n"),  # a 20-line traceback
+                       "use it as string, quote the value: key=\\'value1,value2\\' 3. To sweep over it, add --multirun", 'a,b'),  # 6
+    (['hydra.run.dir=a_file/run'], "error: [Errno 20] Not a directory: 'a_file/run'\n", 'a_file'),  # a 20-line traceback
     (['hydra.run.dir=${oc.env:PICODO_UNSET_VAR}/run'], 'error: KeyError raised while resolving interpolation: "Environment '
-                                                        "variable 'PICODO_UNSET_VAR' not found\" full_key: hydra.run.dir"),  # 30
+     "variable 'PICODO_UNSET_VAR' not found\" full_key: hydra.run.dir", 'hydra.run.dir'),  # 30
+    (['dist.coordinator=[::1]:1234'], "error: mismatched input ':' expecting <EOF> See https://hydra.cc/",
+     '(in dist.coordinator=[::1]:1234)\n'),  # the override, which Hydra's message leaves out, added
 ])
-def test_hydras_own_errors_are_one_line(tmp_path, args, line):
+def test_hydras_own_errors_are_one_line(tmp_path, args, line, culprit):
     """What Hydra refuses before the trainer runs (a config name, an override's syntax, its output dir) was several lines
     of its own, or a traceback; HYDRA_FULL_ERROR=1 still gives Hydra's traceback."""
     (tmp_path / 'a_file').write_text('')
     r = run_main(tmp_path, *args)
-    assert r.returncode == 1 and r.stderr.startswith(line) and r.stderr.count('\n') == 1, r.stderr
+    assert r.returncode == 1 and r.stderr.startswith(line) and r.stderr.count('\n') == 1 and culprit in r.stderr, r.stderr
     assert os.listdir(tmp_path) == ['a_file']  # no outputs/
     r = subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), *args], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, HYDRA_FULL_ERROR='1', WANDB_MODE='disabled'), stdin=subprocess.DEVNULL)
