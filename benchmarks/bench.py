@@ -13,12 +13,14 @@ with the layer scan on (the configs turn it off: unrolled layers step faster on 
 With --vs, a second step (the same overrides plus the variant's) runs in the same rounds, so the two are compared
 under the same machine noise: its figures and `speedup` under the JSON's `vs` (its tokens/s over the first's, the median of the rounds' ratios).
 --vs-xla compiles the --vs step with more XLA options; --vs-attention traces it with one of attention_bench.py's kernels,
---vs-layernorm with tokamax's LayerNorm (pip install tokamax; Triton's kernel on GPUs).
+--vs-layernorm with tokamax's LayerNorm (pip install tokamax; Triton's kernel on GPUs), --vs-loss online with the loss's
+log-sum-exp in one pass over the logits instead of XLA's two.
 """
 import argparse, contextlib, functools, json, os, platform, re, shlex, statistics, sys, time, unittest.mock
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import jax
+import jax.numpy as jnp
 import numpy as np
 from hydra import compose, initialize_config_dir
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -63,9 +65,12 @@ def parse(argv):
                    "(pallas, 'pallas[bk=64,bkv_dkv=64]', mgpu+pallas, tokamax, ...) in place of jax.nn.dot_product_attention")
     p.add_argument('--vs-layernorm', choices=['tokamax'], help="the --vs step's LayerNorm: tokamax's (Triton's kernel on "
                    "GPUs, XLA's elsewhere) in place of flax's")
+    p.add_argument('--vs-loss', choices=['online'], help="the --vs step's loss: its log-sum-exp in one pass over the logits "
+                   "(a running max and sum), not XLA's two (the max, then the sum)")
     p.add_argument('--tiny', action='store_true', help='a tiny model, one short round, for smoke tests (flags given still count)')
     args = p.parse_args(argv)
-    for flag, given in (('--vs-xla', args.vs_xla), ('--vs-attention', args.vs_attention), ('--vs-layernorm', args.vs_layernorm)):
+    for flag, given in (('--vs-xla', args.vs_xla), ('--vs-attention', args.vs_attention), ('--vs-layernorm', args.vs_layernorm),
+                        ('--vs-loss', args.vs_loss)):
         if given and args.vs is None:
             p.error(f"{flag} is for the --vs step: add --vs '' to compare the same step with and without it")
     defaults = dict(warmup=1, rounds=1, steps=1, matmul_size=128, depths='1,2') if args.tiny else dict(warmup=2, rounds=5, steps=2, depths='2,12,24')
@@ -235,6 +240,32 @@ def layer_norm(name, platform):
     return unittest.mock.patch.object(nnx.LayerNorm, '__call__', call)
 
 
+def online_lse(x):
+    """log(sum(exp(x))) over the last axis in one pass: XLA reduces (max, sum of exp(x - max)) pairs together, each
+    partial sum rescaled to the larger max, so the logits are read once (jax.nn.logsumexp reads them twice: the max,
+    then the sum). Costs a second exp per element."""
+    def combine(a, b):
+        m = jnp.maximum(a[0], b[0])
+        rescaled = lambda mi, si: jnp.where(mi == m, si, si * jnp.exp(mi - m))  # where both are -inf (padding): no exp(nan)
+        return m, rescaled(*a) + rescaled(*b)
+    x = x.astype(jnp.float32)
+    m, s = jax.lax.reduce((x, jnp.ones_like(x)), (np.float32(-np.inf), np.float32(0)), combine, (x.ndim - 1,))
+    return m + jnp.log(s)
+
+
+def loss(name):
+    """A context in which the model's loss (model.cross_entropy) takes its log-sum-exp from online_lse (name 'online');
+    the backward is the model's. Without `name`, nothing changes."""
+    if not name:
+        return contextlib.nullcontext()
+    def fwd(logits, labels):  # model._ce_fwd with the one-pass log-sum-exp
+        lse = online_lse(logits)
+        return (lse - jnp.take_along_axis(logits, labels[..., None], -1)[..., 0]).mean(), (logits, labels, lse)
+    cross_entropy = jax.custom_vjp(lambda logits, labels: fwd(logits, labels)[0])
+    cross_entropy.defvjp(fwd, gpt._ce_bwd)
+    return unittest.mock.patch.object(gpt, 'cross_entropy', cross_entropy)
+
+
 def compile_seconds(cfg, mesh, n_layers):  # with the layer scan, whatever the config says: the sweep is about its flat compile
     cfg = cfg.copy()
     cfg.model.n_layers, cfg.model.scan = n_layers, True
@@ -255,10 +286,10 @@ def run(args):
     except utils.PicodoError as e:
         raise utils.PicodoError(f'--vs {shlex.join(args.vs)!r}: {e}') from None
     vs_attention = attention(args.vs_attention, vs_cfg, devices[0].platform, devices=len(devices))  # its refusals, before any compile
-    vs_layer_norm = layer_norm(args.vs_layernorm, devices[0].platform)
+    vs_layer_norm, vs_loss = layer_norm(args.vs_layernorm, devices[0].platform), loss(args.vs_loss)
     runs = [[*build(cfg, mesh), []]]  # [step, state, batch, compile_s, times], and the variant's
     try:
-        with vs_attention, vs_layer_norm:
+        with vs_attention, vs_layer_norm, vs_loss:
             runs += [[*build(vs_cfg, mesh, args.vs_xla), []]] if vs_cfg else []
     except Exception as e:  # an option XLA does not know, a value it cannot take; a kernel that fails in the step: one line
         if args.vs_xla and 'INVALID_ARGUMENT' in utils.first_line(e):
@@ -286,7 +317,7 @@ def run(args):
     (step, state, batch, compile_s, step_times, first_step), matmul_s = runs[0], statistics.median(matmul_times)
     step_s, roofline = statistics.median(step_times), matmul_flops / matmul_s
     vs = vs_cfg and variant(args.vs, vs_cfg, runs[1][4], B * T, step_times, roofline, runs[1][3], devices) | {
-        'xla_options': args.vs_xla, 'attention': args.vs_attention, 'layernorm': args.vs_layernorm, 'first_step': runs[1][5]}
+        'xla_options': args.vs_xla, 'attention': args.vs_attention, 'layernorm': args.vs_layernorm, 'loss': args.vs_loss, 'first_step': runs[1][5]}
     model_flops = gpt.flops_per_token(c) * B * T / step_s
     peak = utils.peak_flops(devices[0].device_kind, cfg.peak_flops)
     mem = step.memory_analysis()
@@ -339,10 +370,11 @@ def table(r):
     if 'vs' in r:
         v = r['vs']
         rs = v['speedup_rounds']
-        rows += [('vs', (shlex.join(v['overrides']) or ("''" if v['xla_options'] or v['attention'] or v['layernorm'] else "'' (the same step again: the noise)"))
+        rows += [('vs', (shlex.join(v['overrides']) or ("''" if v['xla_options'] or v['attention'] or v['layernorm'] or v['loss'] else "'' (the same step again: the noise)"))
                         + (f" with XLA options {json.dumps(v['xla_options'])}" if v['xla_options'] else '')
                         + (f" with attention {v['attention']}" if v['attention'] else '')
-                        + (f" with LayerNorm {v['layernorm']}" if v['layernorm'] else '')),
+                        + (f" with LayerNorm {v['layernorm']}" if v['layernorm'] else '')
+                        + (f" with the {v['loss']} log-sum-exp" if v['loss'] else '')),
                  ('vs: tokens/s', f"{v['tokens_per_sec']:,.0f}, {v['step_ms']:,.1f} ms, compile {v['compile_s']:.1f} s"),
                  ('vs: roofline fraction, MFU', f"{v['roofline_fraction']:.3f}, {g(v['mfu'])}"),
                  ('vs: first step', first(v['first_step'])),

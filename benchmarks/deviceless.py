@@ -239,9 +239,10 @@ def compile_decode(cfg, target, n_new=16):
             raise compile_error(target, e) from None
 
 
-def compile_step(cfg, target, attention=None):
+def compile_step(cfg, target, attention=None, loss=None):
     """The training step compiled for `target` (a key of GPUS or TPUS): (compiled, the target's devices, attention); with
-    `attention`, one of attention_bench.py's kernels in place of jax.nn.dot_product_attention (bench.py --vs-attention)."""
+    `attention`, one of attention_bench.py's kernels in place of jax.nn.dot_product_attention (bench.py --vs-attention);
+    `loss` 'online': the loss's one-pass log-sum-exp (bench.py --vs-loss)."""
     mesh = target_mesh(target)
     bench.check_batch(cfg, mesh)
     c, gpu = target_model_config(cfg, target), target in GPUS
@@ -256,7 +257,7 @@ def compile_step(cfg, target, attention=None):
         step = jax.jit(lambda s, b: train.train_step(graphdef, s, b), donate_argnums=0, out_shardings=(shardings, None),
                        compiler_options=GPU_OPTIONS if gpu else None)
         try:
-            with bench.attention(attention, cfg, 'gpu' if gpu else 'tpu', c.attn_impl, '--attention', target=mesh.devices.flat[0]):
+            with bench.attention(attention, cfg, 'gpu' if gpu else 'tpu', c.attn_impl, '--attention', target=mesh.devices.flat[0]), bench.loss(loss):
                 compiled = step.lower(state, batch).compile()
         except utils.PicodoError:
             raise
@@ -273,6 +274,7 @@ def main(argv=None):
     p.add_argument('--hlo', help='also write the optimized HLO text to this file')
     p.add_argument('--decode', action='store_true', help="compile sampling's decoding (sample.generate) instead of the training step")
     p.add_argument('--attention', metavar='KERNEL', help="one of attention_bench.py's kernels in the step (pallas-tpu, pallas[bk=64], ...)")
+    p.add_argument('--loss', choices=['online'], help="the loss's log-sum-exp in one pass over the logits, as bench.py --vs-loss")
     args = p.parse_args(argv)
     try:
         cfg = bench.compose_config(args.config_name, args.overrides)
@@ -281,7 +283,7 @@ def main(argv=None):
             memory = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
             print(f'decoding compiles for {args.target} (nothing ran; jax {jax.__version__}): {memory / 2**30:.2f} GiB')
             return print(json.dumps(dict(target=args.target, decode=True, dtype=cfg.model.dtype, memory_bytes=memory)))
-        compiled, devices, attn = compile_step(cfg, args.target, args.attention)
+        compiled, devices, attn = compile_step(cfg, args.target, args.attention, args.loss)
     except utils.PicodoError as e:
         sys.exit(f'error: {e}')
     hlo, m = compiled.as_text(), compiled.memory_analysis()
@@ -290,8 +292,9 @@ def main(argv=None):
     kind, n = devices[0].device_kind, len(devices)
     B, T, peak = cfg.batch_size, cfg.model.seq_len, utils.peak_flops(kind)
     r = dict(target=args.target, device_kind=kind, devices=n, config=args.config_name, overrides=args.overrides, batch_size=B,
-             grad_accum=cfg.grad_accum, seq_len=T, attn_impl=attn, jax=jax.__version__, memory_bytes=memory)
-    print(f"{kind} x {n} (a compile, nothing ran; jax {jax.__version__}): {args.config_name} {' '.join(args.overrides)}, attention {attn}")
+             grad_accum=cfg.grad_accum, seq_len=T, attn_impl=attn, loss=args.loss, jax=jax.__version__, memory_bytes=memory)
+    print(f"{kind} x {n} (a compile, nothing ran; jax {jax.__version__}): {args.config_name} {' '.join(args.overrides)}, attention {attn}"
+          + f', the {args.loss} log-sum-exp' * bool(args.loss))
     if args.target in TPUS:  # it compiled, so it fits (libtpu refuses what does not)
         print(f'memory per device: {memory / 2**30:.2f} GiB: fits')
         print(json.dumps(r | dict(fits=True)))

@@ -37,6 +37,7 @@ def parse(argv):
     p.add_argument('--attention', metavar='KERNEL', help="the step with one of attention_bench.py's kernels in place of "
                    "jax.nn.dot_product_attention, as bench.py --vs-attention (tokamax, 'pallas[bk=64]', ...)")
     p.add_argument('--layernorm', choices=['tokamax'], help="the step with tokamax's LayerNorm, as bench.py --vs-layernorm")
+    p.add_argument('--loss', choices=['online'], help="the step with the loss's one-pass log-sum-exp, as bench.py --vs-loss")
     p.add_argument('--tiny', action='store_true', help='the tiny model of bench.py --tiny')
     args = p.parse_args(argv)
     if args.devices > jax.device_count():
@@ -180,7 +181,7 @@ def run(args):
     devices = jax.devices()[:args.devices or None]
     mesh = jax.make_mesh((len(devices),), ('data',), (jax.sharding.AxisType.Auto,), devices=devices)
     with bench.attention(args.attention, cfg, devices[0].platform, flag='--attention', devices=len(devices)), \
-            bench.layer_norm(args.layernorm, devices[0].platform):
+            bench.layer_norm(args.layernorm, devices[0].platform), bench.loss(args.loss):
         step, state, batch, compile_s = bench.build(cfg, mesh)
     ops, kinds = hlo_ops(step.as_text())
     module = re.match(r'HloModule (\S+?),', step.as_text()).group(1)
@@ -213,7 +214,7 @@ def run(args):
     top = sorted(groups.items(), key=lambda kv: -kv[1][0])[:args.top]
     op_ms, matmul_flops = sum(by_kind.values()), sum(g[2] for g in groups.values())
     model_flops = gpt.flops_per_token(train.model_config(cfg.model)) * cfg.batch_size * cfg.model.seq_len / len(devices)
-    return dict(config=args.config_name, overrides=args.overrides, attention=args.attention, layernorm=args.layernorm,
+    return dict(config=args.config_name, overrides=args.overrides, attention=args.attention, layernorm=args.layernorm, loss=args.loss,
                 device_kind=devices[0].device_kind, n_devices=len(devices), host_cpu=bench.host_cpu(),
                 step_ms=1e3 * step_s, traced_step_ms=1e3 * traced_s, op_ms_per_step=op_ms, compile_s=compile_s,
                 model_flops_per_step=model_flops, matmul_flops_per_step=matmul_flops,  # device 0's
@@ -226,7 +227,7 @@ def run(args):
 
 def table(r):
     lines = [f"{r['n_devices']} x {r['device_kind']} (host: {r['host_cpu']}), {r['config']} {' '.join(r['overrides'])}"
-             + (f", attention {r['attention']}" if r['attention'] else '') + (f", LayerNorm {r['layernorm']}" if r['layernorm'] else ''),
+             + (f", attention {r['attention']}" if r['attention'] else '') + (f", LayerNorm {r['layernorm']}" if r['layernorm'] else '') + (f", the {r['loss']} log-sum-exp" if r['loss'] else ''),
              f"step {r['step_ms']:.1f} ms ({r['traced_step_ms']:.1f} ms while traced); ops on device 0: "
              f"{r['op_ms_per_step']:.1f} ms per step",
              f"matmuls: {r['matmul_flops_per_step'] / 1e9:,.1f} GFLOP per step (model FLOPs: {r['model_flops_per_step'] / 1e9:,.1f}), "

@@ -1,6 +1,7 @@
 """The benchmark runs end to end in its tiny mode; no assertion on speed."""
 import importlib.util, json, os, re, sys, types
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import utils
@@ -225,6 +226,32 @@ def test_vs_layernorm_without_tokamax_or_without_vs_is_one_line(capsys):
         pytest.skip('tokamax is installed here')
     with pytest.raises(utils.PicodoError, match=r"^--vs-layernorm tokamax: ModuleNotFoundError: No module named 'tokamax' \(pip install tokamax\)$"):
         bench.main(['--tiny', '--depths', '', '--vs', '', '--vs-layernorm', 'tokamax'])
+
+
+def test_online_lse_is_logsumexp_in_one_reduction():
+    """bench.online_lse (--vs-loss online): jax.nn.logsumexp's values, on the model's padded logits (-inf columns), a row
+    of -inf only, logits in the thousands (no overflow), bf16 input; one reduce in its jaxpr, against logsumexp's two."""
+    x = 30 * jax.random.normal(jax.random.key(0), (6, 384))
+    x = x.at[:, 300:].set(-np.inf).at[1].set(-np.inf).at[2, :300].add(5000.)
+    for a in (x, x.astype(jnp.bfloat16)):
+        want = jax.nn.logsumexp(a.astype(jnp.float32), -1)
+        np.testing.assert_allclose(bench.online_lse(a), want, rtol=1e-6)
+    reductions = lambda f: str(jax.make_jaxpr(f)(x)).count('reduce')
+    assert (reductions(bench.online_lse), reductions(lambda a: jax.nn.logsumexp(a, -1))) == (1, 2)
+
+
+def test_vs_loss_puts_the_one_pass_log_sum_exp_in_the_variant(monkeypatch, capsys):
+    """--vs-loss online: the --vs step's loss takes its log-sum-exp from online_lse (traced in the variant only), with the
+    same first step as the model's loss; without --vs it is a usage error."""
+    calls, real = [], bench.online_lse
+    monkeypatch.setattr(bench, 'online_lse', lambda x: calls.append(x.shape) or real(x))
+    r = bench.main(['--tiny', '--depths', '', '--vs', '', '--vs-loss', 'online'])
+    assert r['vs']['loss'] == 'online' and calls == [(8, 32, 256)]  # once, in the variant: the micro-batch's logits
+    assert "\nvs                           '' with the online log-sum-exp\n" in capsys.readouterr().out
+    np.testing.assert_allclose(list(r['vs']['first_step'].values()), list(r['first_step'].values()), rtol=1e-6)
+    with pytest.raises(SystemExit):
+        bench.parse(['--vs-loss', 'online'])
+    assert "--vs-loss is for the --vs step: add --vs ''" in capsys.readouterr().err
 
 
 def test_synthetic_ids_follow_zipfs_law_in_the_vocabulary_the_same_each_call():

@@ -212,6 +212,16 @@ def test_a_tiny_gpt_compiles_for_an_h100(tmp_path, monkeypatch):
     assert '?' not in out['other_bytes_top_lines'] and any(k.startswith('train.py') for k in out['other_bytes_top_lines'])
 
 
+@pytest.mark.skipif(not HAS_PLUGIN, reason='needs jax-cuda12-plugin and jax-cuda12-pjrt (see benchmarks/deviceless.py)')
+def test_the_one_pass_log_sum_exp_reads_the_logits_once_fewer():
+    """--loss online (bench.py --vs-loss): the loss's log-sum-exp reads the logits once, not twice: one pass over the
+    [B*T, V] logits (bf16) fewer, made by bench.py's line."""
+    base, online = (json.loads(run(*TINY, *flag).stdout.strip().splitlines()[-1]) for flag in ([], ['--loss', 'online']))
+    assert online['loss'] == 'online' and any(k.startswith('benchmarks/bench.py') for k in online['other_bytes_top_lines'])
+    saved, logits, rows = base['other_bytes'] - online['other_bytes'], 8 * 64 * 256 * 2, 8 * 64
+    assert logits <= saved <= logits + 4 * 4 * rows  # and a few float32 per row (the first pass's maxes, written, then read)
+
+
 @pytest.mark.skipif(not HAS_LIBTPU, reason='needs libtpu (see benchmarks/deviceless.py)')
 def test_a_tiny_gpt_compiles_for_a_tpu_slice_and_a_batch_that_does_not_divide_is_one_line():
     r = run(*TINY, '--target', 'v5e-4')
