@@ -35,7 +35,7 @@ def main(cfg):
         FAILED.append(str(e))  # not e: its traceback would keep this run's arrays alive through the sweep
 
 
-if __name__ == '__main__':  # a misspelt key on the command line: one line, and Hydra's own check (below) would not name it
+if __name__ == '__main__':  # a misspelt key on the command line: one line naming it, before Hydra composes the config
     defaults, absent = OmegaConf.load(train.DEFAULTS), object()
     for key, value in (a.split('=', 1) for a in sys.argv[1:] if '=' in a and not a.startswith(('-', '+', '~', 'hydra'))):
         if OmegaConf.select(defaults, key, default=absent) is absent: sys.exit(f'error: unknown config key: {key}')
