@@ -10,10 +10,8 @@ from utils import PicodoError
 
 def open_tokens(path, vocab_size, seq_len, batch_size):
     """Memory-map a .bin file after checking it can feed batches of windows for this model."""
-    if not os.path.isfile(path):
-        raise PicodoError(f'data file not found: {path}')
-    if (size := os.path.getsize(path)) % 2:
-        raise PicodoError(f'{path}: odd byte size {size}, not a uint16 .bin file')
+    if not os.path.isfile(path): raise PicodoError(f'data file not found: {path}')
+    if (size := os.path.getsize(path)) % 2: raise PicodoError(f'{path}: odd byte size {size}, not a uint16 .bin file')
     if (n_windows := max(size // 2 - 1, 0) // seq_len) < batch_size:  # checked before np.memmap, which fails on empty files
         raise PicodoError(f'{path}: {size // 2} tokens give {n_windows} windows of {seq_len + 1}, fewer than one batch of {batch_size}')
     tokens = np.memmap(path, dtype='<u2', mode='r')
@@ -24,8 +22,7 @@ def open_tokens(path, vocab_size, seq_len, batch_size):
     # uint32 ids read as uint16: high halves (ids >> 16) all tiny, most low halves not; text: its bytes printable ASCII
     if (pairs[:, 1] < 4).all() and (pairs[:, 0] >= 4).mean() > 0.5 or np.isin(pairs[::8].view(np.uint8), [9, 10, 13, *range(32, 127)], kind='table').mean() > 0.9:
         raise PicodoError(f'{path}: not uint16 token ids (uint32 ids, or text?): write .bin files with prepare.py')
-    if (max_id := int(sample.max())) >= vocab_size:
-        raise PicodoError(f'{path}: token id {max_id} >= model.vocab_size {vocab_size}')
+    if (max_id := int(sample.max())) >= vocab_size: raise PicodoError(f'{path}: token id {max_id} >= model.vocab_size {vocab_size}')
     return tokens
 
 

@@ -1,5 +1,5 @@
 """Entry point: `python main.py` (configs/local.yaml) or `python main.py -cn colab opt.peak_lr=0.004`."""
-import os, re, signal, sys
+import os, re, signal, sys, traceback
 # how Ctrl-C ends the process while loading, before the loop, or a second time in it: no traceback, and no teardown (it
 # crashes in XLA's threads)
 exit_now = lambda *_: (sys.stdout.flush(), os._exit(130))
@@ -49,6 +49,8 @@ if __name__ == '__main__':  # a misspelt key on the command line: one line namin
     os.environ['HYDRA_FULL_ERROR'] = '1'
     try:
         main()
-    except hydra_errors as e:  # its first paragraph, on one line, and the override it could not parse if the message leaves it out
-        sys.exit('error: ' + ' '.join(str(e).split('\n\n')[0].split()) + f' (in {getattr(e, "override", "")})' * (getattr(e, 'override', '') not in str(e)))
+    except hydra_errors as e:  # its first paragraph on one line, with its cause's first line (OmegaConf's) and the override if it leaves it out
+        if any(frame.f_code is main.__wrapped__.__code__ for frame, _ in traceback.walk_tb(e.__traceback__)): raise  # a bug in the run: its traceback
+        cause = f': {utils.first_line(e.__cause__)}' * isinstance(e.__cause__, omegaconf.errors.OmegaConfBaseException)
+        sys.exit('error: ' + ' '.join(str(e).split('\n\n')[0].split()) + cause + f' (in {getattr(e, "override", "")})' * (getattr(e, 'override', '') not in str(e)))
     sys.exit(1 if FAILED else 0)

@@ -45,8 +45,9 @@ def check_config(cfg):
     bad += [f'{k}={get(k)} (must be {b[0]})' for k in default_of if k.startswith(('opt.', 'peak_flops')) and type(get(k)) in (int, float)
             and not (b := BOUNDS.get(k, ('finite and >= 0', lambda x: 0 <= x < float('inf'))))[1](get(k))]
     bad += [f'{k}={get(k)} (one of {", ".join(v)})' for k, v in CHOICES.items() if get(k) not in v]
-    # JAX segfaults on a port that is not a number, and has an IndexError for no port
-    bad += [f'dist.coordinator={c!r} (must be host:port)' for c in [get('dist.coordinator')] if isinstance(c, str) and not re.fullmatch(r'.+:\d+', c)]
+    # JAX segfaults on a port that is not a number, has an IndexError for no port, and waits 5 minutes on port 0 or past 65535
+    bad += [f'dist.coordinator={c!r} (must be host:port, the port 1-65535)' for c in [get('dist.coordinator')]
+            if isinstance(c, str) and not ((m := re.fullmatch(r'.+:(\d{1,5})', c)) and 1 <= int(m[1]) <= 65535)]
     bad = bad or ([f'model.n_heads={cfg.model.n_heads} (must divide model.d_model={cfg.model.d_model})'] if cfg.model.d_model % cfg.model.n_heads else [])
     if bad: raise utils.PicodoError(f'bad config value: {bad[0]}')
 
@@ -217,7 +218,7 @@ def train(cfg, out_dir, name='run'):
     check_config(cfg)
     # '~/x' quoted, or in a config file: the home dir's x, not ./~/x; an empty path (`ckpt.resume=$CKPT`, CKPT unset) was ignored
     for key in ('data.train_path', 'data.val_path', 'ckpt.dir', 'ckpt.resume'):
-        if OmegaConf.select(cfg, key) == '': raise utils.PicodoError(f'{key} is empty (an unset shell variable?): leave it out for its default')
+        if OmegaConf.select(cfg, key) == '': raise utils.PicodoError(f'{key} is empty (an unset shell variable?): leave it out, or null, for its default')
         if OmegaConf.select(cfg, key): OmegaConf.update(cfg, key, os.path.expanduser(OmegaConf.select(cfg, key)))
     init_distributed(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))

@@ -108,10 +108,10 @@ def test_local_run_builds_its_data_and_trains(tmp_path):
     (['batch_size=30'], 'error: batch_size 30 must split into grad_accum=1 micro-batches'),
     (['dist.num_processes=2', 'dist.process_id=1'], 'error: dist.* keys: cannot join the processes of the run: '),
     (['dist.process_id=1'], 'error: dist.* keys: cannot join the processes of the run: '),  # alone, it trained as one process
-    (['ckpt.resume='], 'error: ckpt.resume is empty (an unset shell variable?): leave it out for its default\n'),  # ignored: from scratch
-    (['ckpt.dir='], 'error: ckpt.dir is empty (an unset shell variable?): leave it out for its default\n'),  # ignored: checkpoints/...
+    (['ckpt.resume='], 'error: ckpt.resume is empty (an unset shell variable?): leave it out, or null, for its default\n'),  # ignored: from scratch
+    (['ckpt.dir='], 'error: ckpt.dir is empty (an unset shell variable?): leave it out, or null, for its default\n'),  # ignored: checkpoints/...
     (['dist.coordinator=localhost:notaport', 'dist.num_processes=1', 'dist.process_id=0'],  # JAX: a segfault (exit code 139)
-     "error: bad config value: dist.coordinator='localhost:notaport' (must be host:port)\n"),
+     "error: bad config value: dist.coordinator='localhost:notaport' (must be host:port, the port 1-65535)\n"),
 ])
 def test_bad_input_exits_nonzero_with_a_clear_line(tmp_path, args, message):
     r = run_main(tmp_path, *TINY[:-3], 'data.build_if_missing=false', *args)
@@ -130,6 +130,8 @@ def test_bad_input_exits_nonzero_with_a_clear_line(tmp_path, args, message):
      "variable 'PICODO_UNSET_VAR' not found\" full_key: hydra.run.dir", 'hydra.run.dir'),  # 30
     (['dist.coordinator=[::1]:1234'], "error: mismatched input ':' expecting <EOF> See https://hydra.cc/",
      '(in dist.coordinator=[::1]:1234)\n'),  # the override, which Hydra's message leaves out, added
+    (['hydra.job.chdir=notabool'], "error: Error merging override hydra.job.chdir=notabool: Value 'notabool' is not a valid "
+     'bool (type str)\n', 'notabool'),  # the cause (OmegaConf's), which Hydra printed on a line of its own
 ])
 def test_hydras_own_errors_are_one_line(tmp_path, args, line, culprit):
     """What Hydra refuses before the trainer runs (a config name, an override's syntax, its output dir) was several lines
@@ -141,6 +143,22 @@ def test_hydras_own_errors_are_one_line(tmp_path, args, line, culprit):
     r = subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), *args], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, HYDRA_FULL_ERROR='1', WANDB_MODE='disabled'), stdin=subprocess.DEVNULL)
     assert r.returncode == 1 and 'Traceback' in r.stderr and not r.stderr.startswith('error: ')
+
+
+@pytest.mark.parametrize('error', ['omegaconf.errors.ConfigKeyError("a bug")', 'OSError("unreachable")'])
+def test_a_bug_in_the_run_keeps_its_traceback(tmp_path, error):
+    """An exception from inside the run that the trainer does not know (a bug) keeps its traceback, even of a kind main.py
+    turns into one line when Hydra raises it (an OmegaConf error; an OSError from the run is one line already, by main())."""
+    main_py = os.path.join(REPO, 'main.py')
+    code = (f'import omegaconf, runpy, sys; sys.path.insert(0, {REPO!r}); import train\ndef bug(*args):\n    raise {error}\n'
+            f'train.train, sys.argv = bug, [{main_py!r}]; runpy.run_path({main_py!r}, run_name="__main__")')
+    r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, WANDB_MODE='disabled'), stdin=subprocess.DEVNULL)
+    assert r.returncode == 1
+    if error.startswith('OSError'):
+        assert r.stderr == 'error: unreachable\n'
+    else:
+        assert 'Traceback' in r.stderr and ', in bug\n' in r.stderr and r.stderr.endswith('ConfigKeyError: a bug\n'), r.stderr
 
 
 def test_a_config_file_without_defaults_is_one_line(tmp_path):

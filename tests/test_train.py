@@ -289,8 +289,10 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
                                            "'PICODO_UNSET' not found\""),  # once a traceback
     ('wandb.name=${wandb.nme}', "wandb.name: Interpolation key 'wandb.nme' not found"),
     ('opt.peak_lr="0.001"', "opt.peak_lr='0.001' (must be float)"),  # quoted: text, not the float it reads as
-    ('dist.coordinator=localhost:notaport', "dist.coordinator='localhost:notaport' (must be host:port)"),  # JAX: a segfault
-    ('dist.coordinator=notahost', "dist.coordinator='notahost' (must be host:port)"),  # JAX: an IndexError
+    ('dist.coordinator=localhost:notaport', "dist.coordinator='localhost:notaport' (must be host:port, the port 1-65535)"),  # JAX: a segfault
+    ('dist.coordinator=notahost', "dist.coordinator='notahost' (must be host:port, the port 1-65535)"),  # JAX: an IndexError
+    ('dist.coordinator=localhost:0', "dist.coordinator='localhost:0' (must be host:port, the port 1-65535)"),  # JAX: 5 minutes, then abort
+    ('dist.coordinator=localhost:65536', "dist.coordinator='localhost:65536' (must be host:port, the port 1-65535)"),  # JAX: a hang
 ])
 def test_bad_config_values_are_one_line_naming_the_key(tiny_cfg, override, message, monkeypatch):
     monkeypatch.delenv('PICODO_UNSET', raising=False)
