@@ -187,37 +187,29 @@ def test_doc_separator_splits_files_into_documents(tmp_path, block):
     assert prepare.doc_spans(str(path), b'\n\n', block) == [(0, 3), (7, 10), (12, 18)]  # one, two, \nthree
 
 
-def test_a_hugging_face_dataset_by_name_and_text_field(tmp_path, monkeypatch, encoding):
-    """`datasets` is optional: a stand-in module with the same interface plays the Hub here."""
+def fake_datasets(tmp_path, monkeypatch, load_body, field='text'):
+    """`datasets` is optional: a stand-in module with the same interface plays the Hub. Its load_dataset runs `load_body`
+    (its lines): a Dataset of rows with fields id and `field`, made from a list of the `field` values."""
     (tmp_path / 'fake').mkdir()
     (tmp_path / 'fake' / 'datasets.py').write_text(
         'class Dataset(list):\n'
-        '    column_names = ["id", "content"]\n'
+        f'    column_names = ["id", {field!r}]\n'
         '    def __getitem__(self, ids):\n'
-        '        return {"content": [list.__getitem__(self, i)["content"] for i in ids]}\n'
-        'def load_dataset(name, config=None, split="train"):\n'
-        '    assert (name, split) == ("someone/texts", "train")\n'
-        f'    return Dataset({{"id": i, "content": t}} for i, t in enumerate({DOCS!r}))\n')
+        f'        return {{{field!r}: [list.__getitem__(self, i) for i in ids]}}\n'
+        'def load_dataset(name, config=None, split="train"):\n' + load_body)
     monkeypatch.syspath_prepend(str(tmp_path / 'fake'))
+    monkeypatch.delitem(sys.modules, 'datasets', raising=False)
+
+
+def test_a_hugging_face_dataset_by_name_and_text_field(tmp_path, monkeypatch, encoding):
+    fake_datasets(tmp_path, monkeypatch, '    assert (name, split) == ("someone/texts", "train")\n'
+                  f'    return Dataset({DOCS!r})\n', field='content')
     out = str(tmp_path / 'out')
     args = ['tokenize', '--hf-dataset', 'someone/texts', '--out', out, '--val-fraction', '0.25', '--workers', '2']
     assert prepare.main(args + ['--text-field', 'content'], encoding) == 0
     assert sorted(split_documents(f'{out}/train.bin', encoding) + split_documents(f'{out}/val.bin', encoding)) == sorted(DOCS)
     with pytest.raises(prepare.PrepareError, match="no field 'text'; its fields: id, content"):
         prepare.HFDocs('someone/texts', 'text')
-
-
-def fake_datasets(tmp_path, monkeypatch, load_body):
-    """A stand-in `datasets` module whose load_dataset runs `load_body` (its lines): a dataset of one "text" field."""
-    (tmp_path / 'fake').mkdir()
-    (tmp_path / 'fake' / 'datasets.py').write_text(
-        'class Dataset(list):\n'
-        '    column_names = ["text"]\n'
-        '    def __getitem__(self, ids):\n'
-        '        return {"text": [list.__getitem__(self, i) for i in ids]}\n'
-        'def load_dataset(name, config=None, split="train"):\n' + load_body)
-    monkeypatch.syspath_prepend(str(tmp_path / 'fake'))
-    monkeypatch.delitem(sys.modules, 'datasets', raising=False)
 
 
 @pytest.mark.parametrize('case,message', [
