@@ -140,6 +140,8 @@ def test_hydras_own_errors_are_one_line(tmp_path, args, line, culprit):
     r = run_main(tmp_path, *args)
     assert r.returncode == 1 and r.stderr.startswith(line) and r.stderr.count('\n') == 1 and culprit in r.stderr, r.stderr
     assert os.listdir(tmp_path) == ['a_file']  # no outputs/
+    if culprit not in ('colb', 'a_file'):  # Hydra's traceback asked for: checked for one of its errors and one OSError
+        return
     r = subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), *args], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, HYDRA_FULL_ERROR='1', WANDB_MODE='disabled'), stdin=subprocess.DEVNULL)
     assert r.returncode == 1 and 'Traceback' in r.stderr and not r.stderr.startswith('error: ')
