@@ -77,7 +77,7 @@ chunked_attention.defvjp(chunked_fwd, chunked_bwd)
 init = lambda std, sharding: nnx.with_partitioning(nnx.initializers.normal(std), sharding)
 
 
-layer_norm = lambda c, rngs: nnx.LayerNorm(c.d_model, dtype=c.dtype, rngs=rngs, scale_init=nnx.with_partitioning(
+layer_norm = lambda c, rngs: nnx.LayerNorm(c.d_model, epsilon=1e-5, dtype=c.dtype, rngs=rngs, scale_init=nnx.with_partitioning(
     nnx.initializers.ones, ('data',)), bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('data',)))
 
 
