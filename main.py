@@ -24,7 +24,7 @@ def main(cfg):
         # the run's name: wandb.name (unresolvable: check_config says so) or its config's, then its overrides as typed: colab/opt.peak_lr=0.004
         job, wandb_name = HydraConfig.get().job, OmegaConf.select(cfg, 'wandb.name', throw_on_resolution_failure=False)
         name = utils.run_name(str(wandb_name or job.config_name), OmegaConf.to_container(job)['override_dirname'])
-        _, last = train.train(cfg, HydraConfig.get().runtime.output_dir, name)
+        _, last = train.train(cfg, HydraConfig.get().runtime.output_dir, name, sweep=HydraConfig.get().mode.name == 'MULTIRUN')
         if last.get('signal'): sys.exit(128 + last['signal'])  # stopped by a signal, as if killed by it: a sweep ends too
     except (Exception, KeyboardInterrupt) as e:  # bad input, or XLA out of memory: one line; Ctrl-C before the loop, or twice
         if 'wandb' in sys.modules: sys.modules['wandb'].finish(exit_code=1)  # failed: a sweep's next run starts its own

@@ -214,7 +214,7 @@ def open_checkpoints(cfg, ckpt_dir, total_steps):
     return lock, saver, source, start
 
 
-def train(cfg, out_dir, name='run'):
+def train(cfg, out_dir, name='run', sweep=False):
     check_config(cfg)
     # '~/x' quoted, or in a config file: the home dir's x, not ./~/x; an empty path (`ckpt.resume=$CKPT`, CKPT unset) was ignored
     for key in ('data.train_path', 'data.val_path', 'ckpt.dir', 'ckpt.resume'):
@@ -237,8 +237,9 @@ def train(cfg, out_dir, name='run'):
         raise utils.PicodoError(f'train_tokens={cfg.train_tokens} is {total_steps} steps of batch_size x seq_len = {B * T} tokens: 1 to 2^31 - 1')
     schedule = lr_schedule(cfg.opt, total_steps)
 
-    # checkpoints live under the launch directory, not in Hydra's per-run outputs/, so a re-launch finds them
-    ckpt_dir = os.path.abspath(cfg.ckpt.dir or os.path.join('checkpoints', name))
+    # checkpoints live under the launch directory, not in Hydra's per-run outputs/, so a re-launch finds them; a sweep's
+    # points each under ckpt.dir by name (one ckpt.dir for all: the second point would find the first's checkpoint)
+    ckpt_dir = os.path.abspath(os.path.join(cfg.ckpt.dir or 'checkpoints', name) if sweep or not cfg.ckpt.dir else cfg.ckpt.dir)
     lock, saver, source, start = open_checkpoints(cfg, ckpt_dir, total_steps)
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
     # source is saver: this run's own checkpoint (the config must match but for FREE_KEYS; its wandb run goes on)
