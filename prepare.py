@@ -522,7 +522,7 @@ def main(argv=None, tokenizer=None):
               'error: a worker process died (out of memory? try fewer --workers); no .bin file was written', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print('interrupted: no .bin file was left half-written (a download resumes from its .part file)', file=sys.stderr)
+        print('interrupted: no .bin file was left half-written' + ' (a download resumes from its .part file)' * (args.command == 'download'), file=sys.stderr)
         return 130
     finally:
         main_thread and signal.signal(signal.SIGTERM, previous)

@@ -97,7 +97,7 @@ def sample(model, encode, decode, prompt, max_new_tokens, num_samples=1, tempera
     if not ids or T < 2:
         raise utils.PicodoError('empty prompt' if not ids else f'model.seq_len {T} leaves no room for a prompt and a new token')
     if not 0 <= temperature < float('inf'):  # nan too; inf would make every logit nan
-        raise utils.PicodoError(f'temperature {temperature} is not finite and >= 0')
+        raise utils.PicodoError(f'temperature {temperature}: must be finite and >= 0')
     if max(ids) >= model.vocab_size:  # a non-ASCII byte for a vocab under 256, a BPE id for a small vocab: garbage logits
         raise utils.PicodoError(f'prompt token id {max(ids)} >= model.vocab_size {model.vocab_size}')
     if not 0 <= top_k <= model.vocab_size:

@@ -15,8 +15,9 @@ FREE_KEYS = ('ckpt.', 'wandb.', 'dist.', 'data.', 'log_every', 'eval_every', 'ev
              'grad_accum', 'model.remat', 'model.attn_impl', 'model.dtype')
 AT_LEAST = {'seed': 0, 'sample_tokens': 0} | dict.fromkeys(['model.vocab_size', 'model.seq_len', 'model.d_model', 'model.n_layers',
     'model.n_heads', 'batch_size', 'grad_accum', 'train_tokens', 'log_every', 'eval_every', 'eval_batches', 'ckpt.every', 'ckpt.keep'], 1)
-in_01, below_1 = ('in [0, 1]', lambda x: 0 <= x <= 1), ('in [0, 1)', lambda x: 0 <= x < 1)  # other opt.* and peak_flops: finite, >= 0
-BOUNDS = {'opt.b1': below_1, 'opt.b2': below_1, 'opt.warmup_frac': in_01, 'opt.min_lr_frac': in_01, 'opt.clip_norm': ('> 0', lambda x: x > 0)}
+in_01, below_1 = ('in [0, 1]', lambda x: 0 <= x <= 1), ('in [0, 1)', lambda x: 0 <= x < 1)  # other opt.*: finite, >= 0
+BOUNDS = {'opt.b1': below_1, 'opt.b2': below_1, 'opt.warmup_frac': in_01, 'opt.min_lr_frac': in_01, 'opt.clip_norm': ('> 0', lambda x: x > 0),
+          'peak_flops': ('finite and > 0, or null for the table', lambda x: 0 < x < float('inf'))}
 NULL_DEFAULTS = {'peak_flops': float, 'dist.num_processes': int, 'dist.process_id': int}  # the other null defaults are text
 CHOICES = {'model.dtype': ['float32', 'bfloat16', 'float16'], 'model.remat': ['none', *gpt.REMAT_POLICIES], 'model.attn_impl': ['auto', 'xla', 'cudnn', 'chunked'],
            'wandb.mode': ['online', 'offline', 'disabled', 'shared', 'dryrun']}  # WANDB_MODE, which wins, is checked in main.py
@@ -132,7 +133,7 @@ def restore(manager, step, cfg, state, same_run=False):
                     raise
     except Exception as e:  # truncated or missing files, garbled metadata, ...: orbax's error wraps TensorStore's, which names the file
         cause = e.__cause__ or e
-        raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(cause).__name__}: {utils.first_line(cause).split(" [tensorstore_spec")[0]}') from None
+        raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(cause).__name__}: {utils.first_line(cause).split(" [tensorstore_spec")[0]} (damaged? to go on from the step before, remove this one)') from None
     # no hint where ckpt.resume cannot help: a fixed key, or ckpt.resume itself (an older step of this dir: it would save over the newer)
     hint = ', or ckpt.resume to go on from it with this config' * (not differ[0].startswith((*FIXED_KEYS, 'ckpt.resume=')))
     raise utils.PicodoError(f'checkpoint {where} has {differ[0]}' + (f': another run (set ckpt.dir){hint}' if same_run else ''))
@@ -234,7 +235,7 @@ def train(cfg, out_dir, name='run', sweep=False):
     train_tokens, val_tokens = (data.open_tokens(path, cfg.model.vocab_size, T, B) for path in (cfg.data.train_path, cfg.data.val_path))
     total_steps = cfg.train_tokens // (B * T)
     if not 1 <= total_steps < 2 ** 31:  # no step: a run would end with exit code 0; past int32: optax's schedule overflows
-        raise utils.PicodoError(f'train_tokens={cfg.train_tokens} is {total_steps} steps of batch_size x seq_len = {B * T} tokens: 1 to 2^31 - 1')
+        raise utils.PicodoError(f'train_tokens={cfg.train_tokens} gives {total_steps} steps of batch_size x seq_len = {B * T} tokens (must give 1 to 2^31 - 1)')
     schedule = lr_schedule(cfg.opt, total_steps)
 
     # checkpoints live under the launch directory, not in Hydra's per-run outputs/, so a re-launch finds them; a sweep's
@@ -262,8 +263,8 @@ def train(cfg, out_dir, name='run', sweep=False):
     # weights FSDP could not split: no dimension of theirs divides over the devices
     whole = sum(x.size for x in jax.tree.leaves(state[0]) if x.sharding.is_fully_replicated) * (jax.device_count() > 1)
     if is_main and whole: print(f'warning: {whole / 1e6:.2f}M params and their Adam moments are whole on each device (the dimension FSDP splits them on does not divide over {jax.device_count()} devices)')
-    if is_main: print(f'{n_params / 1e6:.2f}M params, {total_steps} steps of {B}x{T} tokens on {jax.device_count()} {jax.devices()[0].device_kind}, '
-                      f'eval on {len(val_batches)}x{B} windows{" (all of val)" * (len(val_batches) < cfg.eval_batches)}; logging to {out_dir}, checkpoints in {ckpt_dir}')
+    if is_main: print(f'{n_params / 1e6:.2f}M params, {total_steps} step{"s" * (total_steps > 1)} of {B}x{T} tokens on {jax.device_count()} {jax.devices()[0].device_kind}, '
+                      f'eval on {len(val_batches)}x{B} of val\'s {(len(val_tokens) - 1) // T} windows; logging to {out_dir}, checkpoints in {ckpt_dir}')
 
     pending, t0, last, stopping = [], time.perf_counter(), {}, False
     bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not is_main)

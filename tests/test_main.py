@@ -93,7 +93,7 @@ def test_local_run_builds_its_data_and_trains(tmp_path):
 
 
 @pytest.mark.parametrize('args,message', [
-    (['-cn', 'colab'], 'error: data file not found: /content/fineweb_edu_gpt2_train.bin'),
+    (['-cn', 'colab'], 'error: data file not found: /content/fineweb_edu_gpt2_train.bin (prepare.py gets or makes .bin files: README, "Getting data")'),
     (['opt.peak_lrr=1'], 'error: unknown config key: opt.peak_lrr\n'),  # checked before Hydra's (which says 'not in struct')
     (['ckpt.resume=checkpoints/local/a=1,b=2'], "error: ckpt.resume: a value holding '=' or '~' needs quotes: "  # a run dir's name
                                                 '\'ckpt.resume="checkpoints/local/a=1,b=2"\'\n'),  # (Hydra: mismatched input '=')
@@ -212,7 +212,7 @@ def test_the_wandb_mode_variable_may_be_unset_or_any_mode_wandb_takes():
 def test_out_of_memory_is_one_line_saying_what_to_change(tmp_path, raised, line):
     """The most common failure on a GPU, a batch too big for its memory: one line, not XLA's long traceback."""
     code = (f'import runpy, sys, jax; sys.path.insert(0, {REPO!r}); import train\n'
-            f'def oom(*args): raise jax.errors.JaxRuntimeError({raised!r})\n'
+            f'def oom(*args, **kwargs): raise jax.errors.JaxRuntimeError({raised!r})\n'
             f'train.train = oom; sys.argv = ["main.py"]; runpy.run_path({os.path.join(REPO, "main.py")!r}, run_name="__main__")')
     r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, WANDB_MODE='disabled', HYDRA_FULL_ERROR='0'), stdin=subprocess.DEVNULL)
@@ -227,7 +227,7 @@ def test_an_os_error_in_a_run_is_one_line(tmp_path):
     """A disk that fills mid-run under metrics.jsonl (seen: OSError from log()'s print): one line, exit 1 (it was a 20-line
     traceback, printed twice)."""
     code = (f'import runpy, sys; sys.path.insert(0, {REPO!r}); import train\n'
-            f'def full(*args): raise OSError(28, "No space left on device")\n'
+            f'def full(*args, **kwargs): raise OSError(28, "No space left on device")\n'
             f'train.train = full; sys.argv = ["main.py"]; runpy.run_path({os.path.join(REPO, "main.py")!r}, run_name="__main__")')
     r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, WANDB_MODE='disabled', HYDRA_FULL_ERROR='0'), stdin=subprocess.DEVNULL)
@@ -237,7 +237,7 @@ def test_an_os_error_in_a_run_is_one_line(tmp_path):
 def test_wandb_name_names_the_run_and_its_checkpoint_dir(tmp_path):
     """wandb.name, if set, replaces the config's name in the run name (checkpoints/NAME/overrides)."""
     code = (f'import runpy, sys; sys.path.insert(0, {REPO!r}); import train\n'
-            f'train.train = lambda cfg, out_dir, name: print("name:", name) or (None, {{}})\n'
+            f'train.train = lambda cfg, out_dir, name, **kwargs: print("name:", name) or (None, {{}})\n'
             f'sys.argv = ["main.py", "wandb.name=mine", "seed=3"]; runpy.run_path({os.path.join(REPO, "main.py")!r}, run_name="__main__")')
     r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, WANDB_MODE='disabled', HYDRA_FULL_ERROR='0'), stdin=subprocess.DEVNULL)

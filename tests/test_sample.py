@@ -129,9 +129,9 @@ def test_sample_py_from_a_trained_checkpoint(finished_run, capsys, monkeypatch):
     with pytest.raises(SystemExit, match='error: checkpoint not found: .*nope'):
         sample.main([ckpt + '/nope'])
     for args, message in [(['--top_k', '100000'], 'top_k 100000 is not in 0..256'), (['--top_k', '-3'], 'top_k -3 is not in'),
-                          (['--temperature', '-1'], 'temperature -1.0 is not finite and >= 0'),
-                          (['--temperature', 'nan'], 'temperature nan is not finite and >= 0'),
-                          (['--temperature', 'inf'], 'temperature inf is not finite and >= 0'), (['--num_samples', '0'], 'num_samples 0 < 1'),
+                          (['--temperature', '-1'], 'temperature -1.0: must be finite and >= 0'),
+                          (['--temperature', 'nan'], 'temperature nan: must be finite and >= 0'),
+                          (['--temperature', 'inf'], 'temperature inf: must be finite and >= 0'), (['--num_samples', '0'], 'num_samples 0 < 1'),
                           (['--seed', str(2 ** 64)], f'seed {2 ** 64} is not a 64-bit integer')]:
         with pytest.raises(SystemExit, match=f'^error: {message}'):
             sample.main([ckpt, *args])

@@ -280,7 +280,8 @@ def test_unknown_key_in_a_config_file(tiny_cfg, tmp_path):
     ('data.train_path=null', 'data.train_path=None (must be str)'),  # keys whose default is text or null: once tracebacks
     ('ckpt.dir=[a]', "ckpt.dir=['a'] (must be str)"),
     ('peak_flops=abc', "peak_flops='abc' (must be float)"),
-    ('peak_flops=-1', 'peak_flops=-1 (must be finite and >= 0)'),
+    ('peak_flops=-1', 'peak_flops=-1 (must be finite and > 0, or null for the table)'),
+    ('peak_flops=0', 'peak_flops=0 (must be finite and > 0, or null for the table)'),  # was null's table: an MFU where none was asked for
     ('dist.process_id=x', "dist.process_id='x' (must be int)"),
     ('opt=3', 'opt=3 (a group of keys: set one as opt.KEY=VALUE)'),  # a whole group replaced: once 'opt.peak_lr=None'
     ('model=null', 'model=None (a group of keys: set one as model.KEY=VALUE)'),
@@ -384,7 +385,7 @@ def test_eval_reads_no_validation_window_twice(tiny_cfg, tmp_path, capsys):
     evals = [train.train(tiny_cfg('train_tokens=2560', f'data.val_path={val}', f'eval_batches={n}', f'ckpt.dir={tmp_path}/{n}'),
                          str(tmp_path))[1]['eval_loss'] for n in (2, 1)]
     assert evals[0] == evals[1], evals
-    assert 'eval on 1x16 windows (all of val);' in capsys.readouterr().out.splitlines()[0]
+    assert "eval on 1x16 of val's 24 windows;" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_the_validation_batches_are_seed_0s_whatever_the_seed(tiny_cfg, tmp_path, monkeypatch):
@@ -403,7 +404,7 @@ def test_the_validation_batches_are_seed_0s_whatever_the_seed(tiny_cfg, tmp_path
 
 @pytest.mark.parametrize('tokens,steps', [(500, 0), (10 ** 20, 10 ** 20 // 512)])  # past int32 steps: optax's schedule overflowed
 def test_a_token_budget_below_one_step_or_beyond_int32_steps_is_an_error(tiny_cfg, tmp_path, tokens, steps):
-    with pytest.raises(PicodoError, match=rf'^train_tokens={tokens} is {steps} steps of batch_size x seq_len = 512 tokens: 1 to 2\^31 - 1$'):
+    with pytest.raises(PicodoError, match=rf'^train_tokens={tokens} gives {steps} steps of batch_size x seq_len = 512 tokens \(must give 1 to 2\^31 - 1\)$'):
         train.train(tiny_cfg(f'train_tokens={tokens}'), str(tmp_path))
 
 
@@ -417,7 +418,7 @@ def test_building_the_default_corpus_never_overwrites_a_data_file(tiny_cfg, tmp_
     write_tokens(tmp_path / 'mine.bin', [1, 2, 3] * 1000)
     before = (tmp_path / 'mine.bin').read_bytes()
     cfg = tiny_cfg(f'data.train_path={tmp_path / "mine.bin"}', f'data.val_path={tmp_path / "vall.bin"}', 'data.build_if_missing=true')
-    with pytest.raises(PicodoError, match=f'data file not found: {tmp_path / "vall.bin"}$'):
+    with pytest.raises(PicodoError, match=re.escape(f'data file not found: {tmp_path / "vall.bin"} (prepare.py')):
         train.train(cfg, str(tmp_path))
     assert (tmp_path / 'mine.bin').read_bytes() == before and not (tmp_path / 'vall.bin').exists()
 
