@@ -189,6 +189,19 @@ class FileDocs:
         ends = np.cumsum(self.spans[order, 2] - self.spans[order, 1])
         return np.split(order, np.searchsorted(ends, np.arange(target, ends[-1], target), 'right')) if len(order) else []
 
+    def split_end(self, fraction, search=1 << 20):
+        """One document (nanoGPT's input.txt) as two: its last `fraction` of bytes, from the start of a line (the first
+        within `search` bytes of the cut, else of a UTF-8 character), and the rest. False if one part would be empty."""
+        file, start, end = self.spans[0]
+        cut = start + round((1 - fraction) * (end - start))
+        with open(self.files[file], 'rb') as f:
+            f.seek(cut)
+            after = f.read(min(search, end - cut))
+        line = after.find(b'\n') + 1
+        cut += line or next((i for i, byte in enumerate(after) if byte & 0xC0 != 0x80), len(after))
+        self.spans = np.array([[file, start, cut], [file, cut, end]], np.int64) if start < cut < end else self.spans
+        return start < cut < end
+
     def read(self, ids):
         docs = []
         for i in ids:
@@ -311,10 +324,11 @@ def token_chunks(pool, chunks, depth):
         yield pending.popleft().result()
 
 
-def write_splits(docs, tokenizer, train_path, val_path, val_fraction=0.005, seed=0, workers=1, force=False,
+def write_splits(docs, tokenizer, train_path, val_path, val_fraction=None, seed=0, workers=1, force=False,
                  progress=True):
-    """Shuffle the documents with `seed`, hold out `val_fraction` of them (at least one) for validation, and
-    stream each split's tokens, an end-of-text token before every document, to its .bin file. Both files
+    """Shuffle the documents with `seed`, hold out `val_fraction` of them (at least one; default 0.005) for validation,
+    and stream each split's tokens, an end-of-text token before every document, to its .bin file. A single document
+    (of files) is split instead: its end, `val_fraction` of it (default 0.1, as nanoGPT's input.txt), is val.bin. Both files
     are written to this process's own .tmp names and renamed only when both are complete, so processes building
     the same files at once do not clobber each other. Returns (train, val) token counts."""
     from tqdm import tqdm
@@ -322,12 +336,16 @@ def write_splits(docs, tokenizer, train_path, val_path, val_fraction=0.005, seed
         if os.path.exists(path) and not force:
             raise PrepareError(f'{path} already exists (--force replaces it)')
         make_dir(os.path.dirname(path))
-    if len(docs) < 2:
-        raise PrepareError(f'no text in {docs.where}' if not len(docs) else
-                           f'only one document in {docs.where}: need one for train and one for val')
+    one_text = len(docs) == 1 and isinstance(docs, FileDocs)
+    val_fraction = val_fraction or (0.1 if one_text else 0.005)
     if not 0 < val_fraction < 1 or workers < 1:
         raise PrepareError(f'need 0 < val fraction < 1 and workers >= 1, not {val_fraction} and {workers}')
-    order = np.random.default_rng(seed).permutation(len(docs))
+    if one_text and docs.split_end(val_fraction):
+        print(f'{docs.where}: one document: its last {val_fraction:.3g} (from a line start) is val.bin, the rest train.bin')
+    elif len(docs) < 2:
+        raise PrepareError(f'no text in {docs.where}' if not len(docs) else
+                           f'only one document in {docs.where}, too short to split: need text for train and for val')
+    order = np.array([1, 0]) if one_text else np.random.default_rng(seed).permutation(len(docs))  # one text: its end is val
     n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
     _start_worker(docs, tokenizer)
     pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context('spawn'), _start_worker,
@@ -493,7 +511,8 @@ def parser():
         t.add_argument('--hf-config', help='the dataset configuration, if it has several')
         t.add_argument('--hf-split', default='train', help="the dataset's split")
         t.add_argument('--text-field', default='text', help='the field holding the text')
-        t.add_argument('--val-fraction', type=at_least(1e-9, float, 1), default=0.005, help='share of documents for val.bin')
+        t.add_argument('--val-fraction', type=at_least(1e-9, float, 1), help='share of documents for val.bin '
+                       '(default: 0.005; of a single document, its end: 0.1 of its bytes)')
         t.add_argument('--seed', type=at_least(0), default=0, help='seed of the document shuffle')
         t.add_argument('--workers', type=at_least(1), default=os.cpu_count(), help='processes (all cores)')
         t.add_argument('--force', action='store_true', help='replace existing train.bin / val.bin')

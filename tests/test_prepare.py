@@ -259,7 +259,7 @@ def test_an_offline_tokenize_says_where_the_vocabulary_could_come_from(corpus, t
     ('missing', 'input not found: .*nowhere'),
     ('empty_dir', 'no text in'),
     ('empty_files', 'no text in'),
-    ('one_document', 'only one document'),
+    ('one_document', 'only one document in .*, too short to split'),
     ('exists', 'train.bin already exists \\(--force replaces it\\)'),
     ('val_exists', 'val.bin already exists \\(--force replaces it\\)'),
     ('unwritable', 'cannot write to output directory'),
@@ -274,7 +274,7 @@ def test_bad_input_is_one_line_and_leaves_no_bin_file(tmp_path, corpus, capsys, 
         (source / 'a.txt').write_text('')
         (source / 'b.txt').write_text('')
     elif case == 'one_document':
-        (source / 'a.txt').write_text('just me')
+        (source / 'a.txt').write_text('x')  # longer, its end is val.bin
     elif case in ('exists', 'val_exists'):
         source = corpus
         out.mkdir()
@@ -319,6 +319,18 @@ def test_train_and_val_each_get_at_least_one_document_whatever_the_fraction(tmp_
     out = tmp_path / 'out'
     assert prepare.main(['bytes', str(tmp_path / 'src'), '--out', str(out), '--val-fraction', fraction, '--workers', '1']) == 0
     assert [len(split_documents(out / f, prepare.ByteTokens())) for f in ('train.bin', 'val.bin')] == sizes
+
+
+@pytest.mark.parametrize('text,val_start', [(''.join(f'line {i}: to be or not\n' for i in range(300)), 'line 271: '),  # the line after the cut's
+                                               ('é' * 1000, 'é' * 100)], ids=['lines', 'one line of 2-byte characters'])
+def test_a_single_text_is_split_with_its_end_for_val(tmp_path, capsys, text, val_start):
+    """One file, one document (nanoGPT's input.txt): its last tenth, from a line's start (else a character's), is
+    val.bin and the rest train.bin, each after an end-of-text token; it used to be refused ('only one document')."""
+    (tmp_path / 'input.txt').write_text(text)
+    assert prepare.main(['bytes', str(tmp_path / 'input.txt'), '--out', str(tmp_path / 'out'), '--workers', '1']) == 0
+    assert 'input.txt: one document: its last 0.1 (from a line start) is val.bin' in capsys.readouterr().out
+    train, val = (split_documents(tmp_path / 'out' / f, prepare.ByteTokens()) for f in ('train.bin', 'val.bin'))
+    assert len(train) == len(val) == 1 and train[0] + val[0] == text and val[0].startswith(val_start), val[0][:20]
 
 
 def test_output_paths_without_a_directory_are_written_in_the_current_one(corpus):
@@ -486,7 +498,7 @@ def test_help_shows_each_options_default(capsys):
     with pytest.raises(SystemExit):
         prepare.main(['tokenize', '--help'])
     out = ' '.join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert '(default: 0.005)' in out and '(default: train)' in out and '(default: gpt2)' in out  # none shown before
+    assert '(default: 0.005; of a single document, its end: 0.1 of its bytes)' in out and '(default: train)' in out and '(default: gpt2)' in out  # none shown before
     assert '(default: None)' not in out and '(default: False)' not in out
 
 
