@@ -335,7 +335,6 @@ def write_splits(docs, tokenizer, train_path, val_path, val_fraction=None, seed=
     for path in (train_path, val_path):
         if os.path.exists(path) and not force:
             raise PrepareError(f'{path} already exists (--force replaces it)')
-        make_dir(os.path.dirname(path))
     one_text = len(docs) == 1 and isinstance(docs, FileDocs)
     val_fraction = val_fraction or (0.1 if one_text else 0.005)
     if not 0 < val_fraction < 1 or workers < 1:
@@ -345,6 +344,8 @@ def write_splits(docs, tokenizer, train_path, val_path, val_fraction=None, seed=
     elif len(docs) < 2:
         raise PrepareError(f'no text in {docs.where}' if not len(docs) else
                            f'only one document in {docs.where}, too short to split: need text for train and for val')
+    for path in (train_path, val_path):  # after the checks: a refused input leaves no empty --out dir
+        make_dir(os.path.dirname(path))
     order = np.array([1, 0]) if one_text else np.random.default_rng(seed).permutation(len(docs))  # one text: its end is val
     n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
     _start_worker(docs, tokenizer)
