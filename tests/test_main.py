@@ -152,7 +152,7 @@ def test_a_bug_in_the_run_keeps_its_traceback(tmp_path, error):
     """An exception from inside the run that the trainer does not know (a bug) keeps its traceback, even of a kind main.py
     turns into one line when Hydra raises it (an OmegaConf error; an OSError from the run is one line already, by main())."""
     main_py = os.path.join(REPO, 'main.py')
-    code = (f'import omegaconf, runpy, sys; sys.path.insert(0, {REPO!r}); import train\ndef bug(*args):\n    raise {error}\n'
+    code = (f'import omegaconf, runpy, sys; sys.path.insert(0, {REPO!r}); import train\ndef bug(*args, **kwargs):\n    raise {error}\n'
             f'train.train, sys.argv = bug, [{main_py!r}]; runpy.run_path({main_py!r}, run_name="__main__")')
     r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, WANDB_MODE='disabled'), stdin=subprocess.DEVNULL)

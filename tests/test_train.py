@@ -511,7 +511,7 @@ def test_one_device_holds_every_weight_whole_without_a_warning(tiny_cfg, tmp_pat
     with pytest.raises(ZeroDivisionError):
         train.train(tiny_cfg('model.d_model=36', 'model.n_heads=3', 'train_tokens=512'), str(tmp_path))
     out = capsys.readouterr().out
-    assert 'M params, 1 steps of 16x32 tokens on 1 cpu' in out and 'warning' not in out, out
+    assert 'M params, 1 step of 16x32 tokens on 1 cpu' in out and 'warning' not in out, out
 
 
 def test_paths_starting_with_a_tilde_are_in_the_home_dir(tiny_cfg, stdlib_data, tmp_path, monkeypatch):
