@@ -13,7 +13,7 @@ def open_tokens(path, vocab_size, seq_len, batch_size):
     if not os.path.isfile(path): raise PicodoError(f'data file not found: {path} (prepare.py gets or makes .bin files: README, "Getting data")')
     if (size := os.path.getsize(path)) % 2: raise PicodoError(f'{path}: odd byte size {size}, not a uint16 .bin file')
     if (n_windows := max(size // 2 - 1, 0) // seq_len) < batch_size:  # checked before np.memmap, which fails on empty files
-        raise PicodoError(f'{path}: {size // 2} tokens give {n_windows} windows of {seq_len + 1}, fewer than one batch of {batch_size}: a smaller batch_size, or more tokens (for val.bin, prepare.py --val-fraction)')
+        raise PicodoError(f'{path}: {size // 2} tokens give {n_windows} windows of {seq_len + 1}, fewer than one batch of {batch_size}: a smaller batch_size or model.seq_len, or more tokens (for val.bin, prepare.py --val-fraction)')
     tokens = np.memmap(path, dtype='<u2', mode='r')
     # checked whole up to 16M tokens, else 16 evenly spaced 1M-token chunks (cheap even for a 5 GB file), each starting at
     # an even index, so that `pairs` lines up with the 4-byte ids of a uint32 file

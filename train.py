@@ -133,7 +133,7 @@ def restore(manager, step, cfg, state, same_run=False):
                     raise
     except Exception as e:  # truncated or missing files, garbled metadata, ...: orbax's error wraps TensorStore's, which names the file
         cause = e.__cause__ or e
-        raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(cause).__name__}: {utils.first_line(cause).split(" [tensorstore_spec")[0]} (damaged? to go on from the step before, remove this one)') from None
+        raise utils.PicodoError(f'cannot restore checkpoint {where}: {type(cause).__name__}: {utils.first_line(cause).split(" [tensorstore_spec")[0]} (damaged? to go on from the step before, move this one away)') from None
     # no hint where ckpt.resume cannot help: a fixed key, or ckpt.resume itself (an older step of this dir: it would save over the newer)
     hint = ', or ckpt.resume to go on from it with this config' * (not differ[0].startswith((*FIXED_KEYS, 'ckpt.resume=')))
     raise utils.PicodoError(f'checkpoint {where} has {differ[0]}' + (f': another run (set ckpt.dir){hint}' if same_run else ''))

@@ -269,7 +269,7 @@ def test_a_damaged_checkpoint_from_the_command_line_is_one_line_naming_the_file(
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 1 and len(out.strip().splitlines()) == 1, out[-3000:]
     assert re.fullmatch(rf'error: cannot restore checkpoint {ckpt}/20: ValueError: .*Error reading .* local file "{ckpt}/20/state/(d/\w+)?": '
-                        r'Requested byte range \[\d+, \d+\) is not valid for value of size 10 \(damaged\? to go on from the step before, remove this one\)\n', out), out  # not TensorStore's spec
+                        r'Requested byte range \[\d+, \d+\) is not valid for value of size 10 \(damaged\? to go on from the step before, move this one away\)\n', out), out  # not TensorStore's spec
 
 
 def test_ctrl_c_stops_a_sweep_after_checkpointing_its_current_run(tmp_path, stdlib_data):

@@ -129,7 +129,7 @@ def test_uint16_files_with_many_zeros_or_small_ids_are_token_files(tmp_path, cas
     ('odd', 'odd byte size'),
     ('big_id', 'token id 5000 >= model.vocab_size 1000'),
     ('id_is_vocab', 'token id 1000 >= model.vocab_size 1000'),  # the boundary: ids run 0..vocab_size-1
-    ('short', 'fewer than one batch'),
+    ('short', 'fewer than one batch of 4: a smaller batch_size or model.seq_len, or more tokens'),
     ('empty', '0 tokens give 0 windows'),  # np.memmap cannot map an empty file: checked before it
     ('a dir', 'data file not found'),  # its size (4096) would pass the checks after: np.memmap's IsADirectoryError
     # once trained on, exit 0: uint32 ids are (id, 0) pairs, all < vocab; text's byte pairs are ids < 32639 < GPT-2's 50257
