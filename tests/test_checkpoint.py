@@ -53,7 +53,7 @@ def test_killed_and_stopped_runs_resume_exactly(finished_run):
     b2.send_signal(signal.SIGTERM)
     out = b2.communicate(timeout=120)[0]
     assert b2.returncode == 128 + signal.SIGTERM, out[-3000:]  # stopped, not finished: a requeue script can tell
-    assert 'resuming at step 5 of 20' in out
+    assert 'resuming at step 5 of 20' in out and f'removed {d / "b" / "10.orbax-checkpoint-tmp"}' in out  # said, not silent
     stopped = int(re.search(r'stopped after step (\d+)', out).group(1))
     assert 8 <= stopped < 20 and (d / 'b' / str(stopped)).is_dir()
 
