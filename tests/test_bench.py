@@ -212,7 +212,7 @@ def test_vs_layernorm_puts_tokamaxs_layer_norm_in_the_variant(monkeypatch, capsy
     for devices in ('1', '0'):
         calls.clear()
         r = bench.main(['--tiny', '--devices', devices, '--depths', '', '--vs', '', '--vs-layernorm', 'tokamax'])
-        # traced once, in the variant only: 2 per block and the final one, at flax's epsilon
+        # traced once, in the variant only: 2 per block and the final one, at the model's epsilon (GPT-2's 1e-5)
         assert r['vs']['layernorm'] == 'tokamax' and calls == [dict(epsilon=1e-5, implementation='xla')] * 5
         assert "\nvs                           '' with LayerNorm tokamax\n" in capsys.readouterr().out
         np.testing.assert_allclose(list(r['vs']['first_step'].values()), list(r['first_step'].values()), rtol=1e-6)
