@@ -191,8 +191,8 @@ class FileDocs:
 
     def split_end(self, fraction, search=1 << 20):
         """One document (nanoGPT's input.txt) as two: its last `fraction` of bytes, from the start of a line (the first
-        at or after the cut, within `search` bytes of it, and not the end of the text), else of a UTF-8 character, and
-        the rest. Returns where val begins ('a line start' or 'a character'), or None if one part would be empty."""
+        at or after the cut, within `search` bytes and half the val part, and not the end of the text), else of a UTF-8
+        character, and the rest. Returns where val begins ('a line start' or 'a character'), or None if one part would be empty."""
         file, start, end = self.spans[0]
         cut = start + round((1 - fraction) * (end - start))
         base = max(start, cut - 1)  # from the byte before the cut: a cut at a line's start stays there
@@ -200,7 +200,7 @@ class FileDocs:
             f.seek(base)
             after = f.read(min(search, end - base))
         line = base + after.find(b'\n') + 1 if b'\n' in after else end
-        at_line = line < end  # the text's final newline starts no line
+        at_line = line < end and line - cut <= (end - cut) // 2  # the final newline starts no line; val keeps half, at least
         cut = line if at_line else cut + next((i for i, byte in enumerate(after[cut - base:]) if byte & 0xC0 != 0x80), end - cut)
         if not start < cut < end: return None
         self.spans = np.array([[file, start, cut], [file, cut, end]], np.int64)
@@ -344,10 +344,10 @@ def write_splits(docs, tokenizer, train_path, val_path, val_fraction=None, seed=
     if not 0 < val_fraction < 1 or workers < 1:
         raise PrepareError(f'need 0 < val fraction < 1 and workers >= 1, not {val_fraction} and {workers}')
     if one_text and (begins := docs.split_end(val_fraction)):
-        print(f'{docs.where}: one document: its last {val_fraction:.3g} (from {begins}) is val.bin, the rest train.bin')
+        print(f'{docs.where}: one document: its last {val_fraction:g} (from {begins}) is val.bin, the rest train.bin')
     elif len(docs) < 2:  # no text; one dataset row; one text whose last val_fraction holds no whole character
         raise PrepareError(f'no text in {docs.where}' if not len(docs) else f'only one document in {docs.where}: need one for train and '
-                           'one for val' + f' (or a --val-fraction of it that holds a whole character: {val_fraction:g} did not)' * one_text)
+                           'one for val' + f' (or a --val-fraction that leaves a whole character on each side: {val_fraction:g} did not)' * one_text)
     for path in (train_path, val_path):  # after the checks: a refused input leaves no empty --out dir
         make_dir(os.path.dirname(path))
     order = np.array([1, 0]) if one_text else np.random.default_rng(seed).permutation(len(docs))  # one text: its end is val

@@ -248,7 +248,7 @@ def train(cfg, out_dir, name='run', sweep=False):
     # the dir is this run's now: remove a killed save's unfinished step (here, not in orbax's thread: it fails at exit after a start-up error)
     for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f'removed {tmp}: a checkpoint whose save never finished (the run was killed while writing it)')
+        print(f'removed {tmp}: a checkpoint whose save never finished (its run stopped while writing it)')
     if start: print(f'resuming at step {start} of {total_steps} from {source.directory}' + (': the run is finished, nothing to train (more tokens: ckpt.resume=that dir, a larger train_tokens)' if start >= total_steps else ''))
     if start >= total_steps: return saver.close() or (state, {})  # finished: no compile, no wandb run; the lock goes with `lock`
     train_step_fn, eval_step_fn = compile_steps(graphdef, state)

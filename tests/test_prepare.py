@@ -259,7 +259,7 @@ def test_an_offline_tokenize_says_where_the_vocabulary_could_come_from(corpus, t
     ('missing', 'input not found: .*nowhere'),
     ('empty_dir', 'no text in'),
     ('empty_files', 'no text in'),
-    ('one_document', 'only one document in .*: need one for train and one for val \\(or a --val-fraction of it that holds a whole character: 0.1 did not\\)'),
+    ('one_document', 'only one document in .*: need one for train and one for val \\(or a --val-fraction that leaves a whole character on each side: 0.1 did not\\)'),
     ('exists', 'train.bin already exists \\(--force replaces it\\)'),
     ('val_exists', 'val.bin already exists \\(--force replaces it\\)'),
     ('unwritable', 'cannot write to output directory'),
@@ -322,8 +322,9 @@ def test_train_and_val_each_get_at_least_one_document_whatever_the_fraction(tmp_
 
 @pytest.mark.parametrize('text,val_start', [(''.join(f'line {i}: to be or not\n' for i in range(300)), 'line 271: '),  # the line after the cut's
                                                ('123456789\n' * 100, '123456789\n' * 10),  # cut at a line start: kept
-                                               ('é' * 1000, 'é' * 100), ('é' * 1000 + '\n', 'é' * 99 + '\n')],  # the end's \n starts no line
-                         ids=['lines', 'equal lines', 'one line of 2-byte characters', 'the same ending in a newline'])
+                                               ('é' * 1000, 'é' * 100), ('é' * 1000 + '\n', 'é' * 99 + '\n'),  # the end's \n starts no line
+                                               ('a' * 2000 + '\ntail\n', 'a' * 195 + '\ntail\n')],  # a line start too far: val keeps half
+                         ids=['lines', 'equal lines', 'one line of 2-byte characters', 'the same ending in a newline', 'a long line'])
 def test_a_single_text_is_split_with_its_end_for_val(tmp_path, capsys, text, val_start):
     """One file, one document (nanoGPT's input.txt): its last tenth, from a line's start (else a character's), is
     val.bin and the rest train.bin, each after an end-of-text token; it used to be refused ('only one document')."""
