@@ -364,7 +364,7 @@ def write_splits(docs, tokenizer, train_path, val_path, val_fraction=None, seed=
                 chunks = docs.chunks(ids)
                 with open(tmps[-1], 'wb') as f:
                     for chunk, tokens in zip(chunks, token_chunks(pool, chunks, 2 * workers)):
-                        tokens.tofile(f)
+                        f.write(tokens)  # its '<u2' bytes; numpy's tofile(f), interrupted by SIGTERM's exit, raised a TypeError
                         counts[-1] += len(tokens)
                         bar.update(len(chunk))
         for tmp, path in zip(tmps, (train_path, val_path)):
