@@ -320,17 +320,18 @@ def test_train_and_val_each_get_at_least_one_document_whatever_the_fraction(tmp_
     assert [len(split_documents(out / f, prepare.ByteTokens())) for f in ('train.bin', 'val.bin')] == sizes
 
 
-@pytest.mark.parametrize('text,val_start', [(''.join(f'line {i}: to be or not\n' for i in range(300)), 'line 271: '),  # the line after the cut's
-                                               ('123456789\n' * 100, '123456789\n' * 10),  # cut at a line start: kept
-                                               ('é' * 1000, 'é' * 100), ('é' * 1000 + '\n', 'é' * 99 + '\n'),  # the end's \n starts no line
-                                               ('a' * 2000 + '\ntail\n', 'a' * 195 + '\ntail\n')],  # a line start too far: val keeps half
-                         ids=['lines', 'equal lines', 'one line of 2-byte characters', 'the same ending in a newline', 'a long line'])
-def test_a_single_text_is_split_with_its_end_for_val(tmp_path, capsys, text, val_start):
+@pytest.mark.parametrize('text,val_start,begins', [
+    (''.join(f'line {i}: to be or not\n' for i in range(300)), 'line 271: ', 'a line start'),  # the line after the cut's
+    ('123456789\n' * 100, '123456789\n' * 10, 'a line start'),  # a cut at a line start stays there
+    ('é' * 1000, 'é' * 100, 'a character'),
+    ('é' * 1000 + '\n', 'é' * 99 + '\n', 'a character'),  # the text's final newline starts no line
+    ('a' * 2000 + '\ntail\n', 'a' * 195 + '\ntail\n', 'a character')],  # a line start past half the val part: not used
+    ids=['lines', 'equal lines', 'one line of 2-byte characters', 'the same ending in a newline', 'a long line'])
+def test_a_single_text_is_split_with_its_end_for_val(tmp_path, capsys, text, val_start, begins):
     """One file, one document (nanoGPT's input.txt): its last tenth, from a line's start (else a character's), is
     val.bin and the rest train.bin, each after an end-of-text token; it used to be refused ('only one document')."""
     (tmp_path / 'input.txt').write_text(text)
     assert prepare.main(['bytes', str(tmp_path / 'input.txt'), '--out', str(tmp_path / 'out'), '--workers', '1']) == 0
-    begins = 'a line start' if val_start.startswith(('line', '1')) else 'a character'
     assert f'input.txt: one document: its last 0.1 (from {begins}) is val.bin' in capsys.readouterr().out
     train, val = (split_documents(tmp_path / 'out' / f, prepare.ByteTokens()) for f in ('train.bin', 'val.bin'))
     assert len(train) == len(val) == 1 and train[0] + val[0] == text and val[0].startswith(val_start), val[0][:20]
