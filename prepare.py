@@ -179,7 +179,8 @@ class FileDocs:
         sep = os.fsencode(separator) if separator else None  # the bytes as typed (non-UTF-8 ones too)
         spans = [(i, a, b) for i, f in enumerate(self.files) for a, b in doc_spans(f, sep)]
         self.spans = np.array(spans, np.int64).reshape(-1, 3)
-        self.where = inputs[0] + (f' and {len(inputs) - 1} more' if len(inputs) > 1 else '')
+        named = len({os.path.realpath(path) for path in inputs})  # a.txt a.txt: one input
+        self.where = inputs[0] + (f' and {named - 1} more' if named > 1 else '')
 
     def __len__(self):
         return len(self.spans)

@@ -337,6 +337,14 @@ def test_a_single_text_is_split_with_its_end_for_val(tmp_path, capsys, text, val
     assert len(train) == len(val) == 1 and train[0] + val[0] == text and val[0].startswith(val_start), val[0][:20]
 
 
+def test_a_text_named_twice_is_one_input_in_the_messages(tmp_path, capsys):
+    """`prepare.py bytes input.txt input.txt` is one text, split as one; its line said 'input.txt and 1 more'."""
+    (tmp_path / 'input.txt').write_text('to be or not\n' * 100)
+    path = str(tmp_path / 'input.txt')
+    assert prepare.main(['bytes', path, path, '--out', str(tmp_path / 'out'), '--workers', '1']) == 0
+    assert f'{path}: one document: its last 0.1 (from a line start) is val.bin' in capsys.readouterr().out
+
+
 def test_output_paths_without_a_directory_are_written_in_the_current_one(corpus):
     """`python main.py data.train_path=train.bin data.val_path=val.bin` builds its first-run corpus under those bare
     names: their directory is '', the current one."""
