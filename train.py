@@ -245,8 +245,9 @@ def train(cfg, out_dir, name='run', sweep=False):
     graphdef, state = create_state(cfg, mesh, make_optimizer(cfg.opt, schedule))
     # source is saver: this run's own checkpoint (the config must match but for FREE_KEYS; its wandb run goes on)
     state, meta = restore(source, start, cfg, state, same_run=source is saver) if start else (state, {})
-    # the dir is this run's now: remove a killed save's unfinished step (here, not in orbax's thread: it fails at exit after a start-up error)
-    for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):
+    # the dir is this run's now: remove a killed save's unfinished step (here, not in orbax's thread: it fails at exit after a
+    # start-up error), on process 0 only (every host sees ckpt.dir; another process removing it first, process 0 said nothing)
+    for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')) if jax.process_index() == 0 else []:
         shutil.rmtree(tmp, ignore_errors=True)
         print(f'removed {tmp}: a checkpoint whose save never finished (its run stopped while writing it)')
     if start: print(f'resuming at step {start} of {total_steps} from {source.directory}' + (': the run is finished, nothing to train (more tokens: ckpt.resume=that dir, a larger train_tokens)' if start >= total_steps else ''))

@@ -39,9 +39,11 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(tmp
     args = [*TINY, 'log_every=1', 'train_tokens=2048', f'data.train_path={stdlib_data[0]}', f'data.val_path={stdlib_data[1]}',
             'ckpt.every=2', 'ckpt.keep=2']
     coordinator = f'127.0.0.1:{free_port()}'
-    wait([launch(tmp_path / f'p{i}', 4, [*args, f'dist.coordinator={coordinator}', 'dist.num_processes=2',
-                                         f'dist.process_id={i}', f'ckpt.dir={tmp_path}/ckpt2']) for i in range(2)]
-         + [launch(tmp_path / 'single', 8, [*args, f'ckpt.dir={tmp_path}/ckpt1'])])
+    (tmp_path / 'ckpt2' / '3.orbax-checkpoint-tmp-1').mkdir(parents=True)  # a killed save's leftover: removed, said once
+    outs = wait([launch(tmp_path / f'p{i}', 4, [*args, f'dist.coordinator={coordinator}', 'dist.num_processes=2',
+                                                f'dist.process_id={i}', f'ckpt.dir={tmp_path}/ckpt2']) for i in range(2)]
+                + [launch(tmp_path / 'single', 8, [*args, f'ckpt.dir={tmp_path}/ckpt1'])])
+    assert ['removed ' in out for out in outs] == [True, False, False], outs  # by whichever process got there first
     assert not (tmp_path / 'p1' / 'metrics.jsonl').exists()  # only process 0 logs
     multi, one = train_losses(tmp_path / 'p0'), train_losses(tmp_path / 'single')
     assert len(multi) == len(one) == 4
