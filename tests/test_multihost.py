@@ -43,7 +43,7 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(tmp
     outs = wait([launch(tmp_path / f'p{i}', 4, [*args, f'dist.coordinator={coordinator}', 'dist.num_processes=2',
                                                 f'dist.process_id={i}', f'ckpt.dir={tmp_path}/ckpt2']) for i in range(2)]
                 + [launch(tmp_path / 'single', 8, [*args, f'ckpt.dir={tmp_path}/ckpt1'])])
-    assert ['removed ' in out for out in outs] == [True, False, False], outs  # by whichever process got there first
+    assert ['removed ' in out for out in outs] == [True, False, False], outs  # process 0's alone (it came from whichever process got there first)
     assert not (tmp_path / 'p1' / 'metrics.jsonl').exists()  # only process 0 logs
     multi, one = train_losses(tmp_path / 'p0'), train_losses(tmp_path / 'single')
     assert len(multi) == len(one) == 4
