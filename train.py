@@ -277,7 +277,9 @@ def train(cfg, out_dir, name='run', sweep=False):
 
         def log(record):  # metrics.jsonl first: a wandb that fails mid-run (its service killed, ...) must not stop training
             print(json.dumps(record), file=log_file, flush=True)
-            with contextlib.suppress(Exception): run.log(record, step=record['step'])
+            # wandb from the step its run resumed at (starting_step): a relaunch from a checkpoint older than the last log re-logs
+            # steps wandb holds (with the same values), and wandb refused each with a warning line
+            with contextlib.suppress(Exception): record['step'] < getattr(run, 'starting_step', 0) or run.log(record, step=record['step'])
 
         train_step_fn = train_step_fn.lower(state, jax.ShapeDtypeStruct((A, B // A, T + 1), jnp.int32, sharding=batch_sharding)).compile()
         say(f'compiled the training step in {time.perf_counter() - t0:.1f} s')

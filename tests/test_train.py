@@ -468,6 +468,17 @@ def test_a_wandb_that_fails_mid_run_stops_neither_training_nor_checkpoints(tiny_
     assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [5, 10, 10]  # 2 logs, 1 eval
 
 
+def test_a_resumed_wandb_run_gets_no_step_it_already_has(tiny_cfg, tmp_path, monkeypatch):
+    """A run killed after logging past its last checkpoint resumes its wandb run, which starts at the step after its last
+    (wandb's starting_step); the steps before it, logged again from the checkpoint (the same values), go to
+    metrics.jsonl only: wandb refused each with a warning line ('Tried to log to step 5 that is less than the current step')."""
+    logged = []
+    run = types.SimpleNamespace(id='x', starting_step=6, log=lambda record, step: logged.append(step), finish=lambda: None)
+    monkeypatch.setattr(train.utils, 'init_wandb', lambda *args: run)
+    train.train(tiny_cfg('train_tokens=5120', f'ckpt.dir={tmp_path / "ckpt"}'), str(tmp_path))
+    assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [5, 10, 10] and logged == [10, 10]
+
+
 def test_eval_batches_stop_before_a_file_of_whole_windows_wraps(tiny_cfg, tmp_path, monkeypatch):
     """A validation file of exactly 2 batches of T tokens holds 2B-1 windows of T+1 (the last lacks its final target):
     one batch is evaluated, not a second wrapping into another epoch's order. Stopped once they are loaded."""
