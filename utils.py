@@ -8,9 +8,9 @@ class PicodoError(Exception):
 
 # Peak dense bf16 FLOP/s per JAX device (vendor figures; fp16 on GPUs without bf16: T4, V100); first match in device_kind wins.
 # TPU v2/v3 expose each core as a device (half a chip); v4 and later expose whole chips.
-PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L40S', 362e12),
-              ('L40', 181e12), ('L4', 121e12), ('T4', 65e12), ('V100', 125e12), ('TPU v2', 22.5e12), ('TPU v3', 61.5e12), ('TPU v4', 275e12),
-              ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5', 459e12), ('TPU v6', 918e12)]
+PEAK_FLOPS = [('GB200', 2.5e15), ('B200', 2.25e15), ('B100', 1.75e15), ('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12),
+              ('A100', 312e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12), ('T4', 65e12), ('V100', 125e12), ('TPU v2', 22.5e12),
+              ('TPU v3', 61.5e12), ('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5', 459e12), ('TPU v6', 918e12)]
 
 
 # the config's override, else the table, else None (CPU, Apple...)

@@ -104,6 +104,7 @@ def test_peak_flops_first_match_wins_and_unknown_chips_have_none():
     assert utils.peak_flops('NVIDIA H100 PCIe') == 756e12  # the PCIe card's dense bf16 peak, not the SXM's
     assert utils.peak_flops('NVIDIA H100 NVL') == 835e12
     assert utils.peak_flops('NVIDIA L4') == 121e12
+    assert utils.peak_flops('NVIDIA B200') == 2.25e15 and utils.peak_flops('NVIDIA GB200') == 2.5e15  # GB200's GPU: 1,200 W, not HGX's 1,000
     assert utils.peak_flops('NVIDIA L40S') == 362e12 and utils.peak_flops('NVIDIA L40') == 181e12  # not the L4's
     assert utils.peak_flops('TPU v5 lite') == utils.peak_flops('TPU v5e') == 197e12 and utils.peak_flops('TPU v5p') == 459e12
     assert utils.peak_flops('cpu') is None and utils.peak_flops('cpu', 1e12) == 1e12
