@@ -114,7 +114,7 @@ def restore(manager, step, cfg, state, same_run=False):
         saved, now = (flatten(c) for c in (meta['config'], OmegaConf.to_container(cfg, resolve=True)))
         # the fixed keys first; to go on with the same run, also every key but the free ones (ckpt.resume is not free)
         keys = FIXED_KEYS + [k for k in now if not k.startswith(FREE_KEYS) or k == 'ckpt.resume'] if same_run else FIXED_KEYS
-        differ = [f'{k}={saved.get(k)} but the config says {now[k]}' for k in keys if saved.get(k) != now[k]]
+        differ = [f'{k}={json.dumps(saved.get(k))} but the config says {json.dumps(now[k])}' for k in keys if saved.get(k) != now[k]]  # as YAML writes true, null
         if not differ:
             # A failed read is noisy after the fact: orbax closes its event loop with other reads still in flight. As those
             # end (within ms), TensorStore's threads print tracebacks to stderr ("event loop is closed"): sent into nothing

@@ -95,7 +95,7 @@ def test_a_relaunch_of_a_run_begun_from_ckpt_resume_goes_on_from_its_own_checkpo
     assert not (tmp_path / 'run2' / 'wandb').exists()  # finished: no compile, no wandb run (it logged an empty one)
     other = shutil.copytree(a, tmp_path / 'other')
     before = {p: os.path.getmtime(p) for p in glob.glob(f'{other}/**', recursive=True)}
-    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {other}/20 has ckpt.resume=None but the config says {a}: another run')):
+    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {other}/20 has ckpt.resume=null but the config says \"{a}\": another run')):
         train.train(tiny_cfg('train_tokens=10240', 'ckpt.every=5', f'ckpt.resume={a}', f'ckpt.dir={other}'), str(tmp_path / 'run3'))
     assert {p: os.path.getmtime(p) for p in glob.glob(f'{other}/**', recursive=True)} == before
 
@@ -340,7 +340,7 @@ def test_restore_lets_free_keys_change_and_names_a_changed_parameter_tree(tiny_c
     state, meta = train.restore(manager, step, moved, ({'w': np.zeros(2, np.float32)},), same_run=True)
     np.testing.assert_array_equal(state[0]['w'], [5, 5])
     assert meta['step'] == 5
-    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {tmp_path}/ckpt/5 has model.scan=False but the config says True')):
+    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {tmp_path}/ckpt/5 has model.scan=false but the config says true')):
         train.restore(manager, step, tiny_cfg('model.scan=true'), ({'w': np.zeros(2, np.float32)},))
 
 
@@ -375,7 +375,7 @@ def test_ckpt_resume_of_a_step_in_its_own_ckpt_dir(tiny_cfg, tmp_path, monkeypat
             train.train(branch, str(tmp_path))
         assert restored == [(20, False), (25, True)]  # its own, as the same run: restore checks the config
     # no 'or ckpt.resume to go on' hint: ckpt.resume is what changed
-    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {ckpt}/25 has ckpt.resume={ckpt}/20 but the config says {ckpt}/15: another run (set ckpt.dir)') + '$'):
+    with pytest.raises(PicodoError, match=re.escape(f'checkpoint {ckpt}/25 has ckpt.resume=\"{ckpt}/20\" but the config says \"{ckpt}/15\": another run (set ckpt.dir)') + '$'):
         train.train(tiny_cfg('train_tokens=12800', f'ckpt.dir={ckpt}', f'ckpt.resume={ckpt}/15'), str(tmp_path))
     assert sorted(os.listdir(ckpt)) == ['.lock.0', '15', '20', '25']
 
