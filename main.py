@@ -51,6 +51,8 @@ if __name__ == '__main__':  # a misspelt key on the command line: one line namin
         main()
     except hydra_errors as e:  # its first paragraph on one line, with its cause's first line (OmegaConf's) and the override if it leaves it out
         if any(frame.f_code is main.__wrapped__.__code__ for frame, _ in traceback.walk_tb(e.__traceback__)): raise  # a bug in the run: its traceback
-        cause = f': {utils.first_line(e.__cause__)}' * isinstance(e.__cause__, omegaconf.errors.OmegaConfBaseException)
+        # an OmegaConf cause's first line; an OSError with an errno here is Hydra's, making the run's output dir (a missing
+        # config is an OSError too, without one)
+        cause = f': {utils.first_line(e.__cause__)}' * isinstance(e.__cause__, omegaconf.errors.OmegaConfBaseException) + ' (making the run dir: hydra.run.dir, or hydra.sweep.dir with -m)' * bool(isinstance(e, OSError) and e.errno)
         sys.exit('error: ' + ' '.join(str(e).split('\n\n')[0].split()) + cause + f' (in {getattr(e, "override", "")})' * (getattr(e, 'override', '') not in str(e)))
     sys.exit(1 if FAILED else 0)

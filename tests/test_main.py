@@ -125,7 +125,8 @@ def test_bad_input_exits_nonzero_with_a_clear_line(tmp_path, args, message):
     (['seed=1)'], "error: Error parsing override 'seed=1)' extraneous input ')' expecting <EOF> See https://hydra.cc/", 'seed=1)'),  # 5
     (['ckpt.dir=a,b'], "error: Ambiguous value for argument 'ckpt.dir=a,b' 1. To use it as a list, use key=[value1,value2] 2. To "
                        "use it as string, quote the value: key=\\'value1,value2\\' 3. To sweep over it, add --multirun", 'a,b'),  # 6
-    (['hydra.run.dir=a_file/run'], "error: [Errno 20] Not a directory: 'a_file/run'\n", 'a_file'),  # a 20-line traceback
+    (['hydra.run.dir=a_file/run'], "error: [Errno 20] Not a directory: 'a_file/run' (making the run dir: hydra.run.dir, or "
+                                   "hydra.sweep.dir with -m)\n", 'a_file'),  # a 20-line traceback
     (['hydra.run.dir=${oc.env:PICODO_UNSET_VAR}/run'], 'error: KeyError raised while resolving interpolation: "Environment '
      "variable 'PICODO_UNSET_VAR' not found\" full_key: hydra.run.dir", 'hydra.run.dir'),  # 30
     (['dist.coordinator=[::1]:1234'], "error: mismatched input ':' expecting <EOF> See https://hydra.cc/",
